@@ -1,0 +1,337 @@
+"""Causal depthwise conv1d (+ SiLU) in Triton: forward, hand-written backward, decode step.
+
+For input x (b,l,d) channels-last (any strides), weight (d,w), bias (d,), with u the
+pre-activation and "in(t)" the input at time t (``initial_state`` for t < 0)::
+
+    u[t, c]  = bias[c] + sum_k weight[c, k] * in(t - (w-1) + k)[c] * same(t - (w-1) + k, t)
+    y[t, c]  = silu(u[t, c])   (or u with activation=None)
+
+where same(s, t) = 1 when s and t lie in one sequence (``seq_idx`` segment; the initial state
+belongs to the first). Backward, with du = dy * silu'(u), silu'(u) = sig(u) (1 + u (1 - sig(u)))::
+
+    dx[s, c]     = sum_k weight[c, k] * du[s + (w-1) - k, c] * same(s, s + (w-1) - k)
+    dweight[c,k] = sum_t du[t, c] * in(t - (w-1) + k)[c] * same(...)
+    dbias[c]     = sum_t du[t, c]
+    d initial    = dx at the negative times -(w-1) .. -1
+
+The backward is one kernel per tile of positions: du at the w shifted positions s + (w-1) - k
+is recomputed from x (hits in cache) instead of being written to memory and read back. dweight and
+dbias are reduced per tile into small fp32 partial buffers, summed on the host.
+``final_state`` (the last w-1 inputs) is sliced with torch ops outside the kernels, so autograd
+handles its gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .naive import check_conv1d_inputs, check_conv1d_update_inputs
+
+Tensor = torch.Tensor
+
+BLOCK_L = 64
+BLOCK_D = 128
+
+
+def _segment_ids(seq_idx: Tensor) -> Tensor:
+    """(b,l) int32: number of changes of seq_idx up to each position (first sequence = 0)."""
+    changed = torch.zeros_like(seq_idx, dtype=torch.int32)
+    changed[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int32)
+    return changed.cumsum(dim=1, dtype=torch.int32)
+
+
+@triton.jit
+def _input_at(x_ptr, init_ptr, b, pos, offs_c, c_mask, seqlen,
+              s_xb, s_xl, s_xd, s_ib, s_id, s_ij,
+              WIDTH: tl.constexpr, HAS_INIT: tl.constexpr):
+    """in(pos) for a vector of times ``pos`` (BLOCK_L,) and channels (BLOCK_D,), fp32."""
+    from_x = (pos >= 0) & (pos < seqlen)
+    val = tl.load(x_ptr + b * s_xb + pos[:, None] * s_xl + offs_c[None, :] * s_xd,
+                  mask=from_x[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+    if HAS_INIT:
+        from_init = (pos < 0) & (pos >= -(WIDTH - 1))
+        init_val = tl.load(init_ptr + b * s_ib + offs_c[None, :] * s_id
+                           + (pos + WIDTH - 1)[:, None] * s_ij,
+                           mask=from_init[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        val += init_val
+    return val
+
+
+@triton.jit
+def _segment_at(seg_ptr, b, pos, seqlen, s_sb, s_sl):
+    """Segment id of each time in ``pos``; times before 0 belong to segment 0."""
+    inside = (pos >= 0) & (pos < seqlen)
+    return tl.load(seg_ptr + b * s_sb + tl.minimum(tl.maximum(pos, 0), seqlen - 1) * s_sl,
+                   mask=inside, other=0)
+
+
+@triton.jit
+def _preactivation(x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, b, t, offs_c, c_mask, seqlen,
+                   s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl,
+                   BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, WIDTH: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """u[t, c] for a tile of times t (BLOCK_L,) and channels (BLOCK_D,), fp32."""
+    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SEQ:
+        seg_t = _segment_at(seg_ptr, b, t, seqlen, s_sb, s_sl)
+    for k in tl.static_range(WIDTH):
+        src = t - (WIDTH - 1) + k
+        val = _input_at(x_ptr, init_ptr, b, src, offs_c, c_mask, seqlen,
+                        s_xb, s_xl, s_xd, s_ib, s_id, s_ij, WIDTH, HAS_INIT)
+        if HAS_SEQ:
+            same = _segment_at(seg_ptr, b, src, seqlen, s_sb, s_sl) == seg_t
+            val = tl.where(same[:, None], val, 0.0)
+        w_k = tl.load(w_ptr + offs_c * s_wd + k * s_wk, mask=c_mask, other=0.0).to(tl.float32)
+        acc += val * w_k[None, :]
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, y_ptr,
+    seqlen, dim,
+    s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl, s_yb, s_yl, s_yd,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, WIDTH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+):
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    c_mask = offs_c < dim
+    u = _preactivation(x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, b, t, offs_c, c_mask, seqlen,
+                       s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl,
+                       BLOCK_L, BLOCK_D, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ)
+    if SILU:
+        u = u * tl.sigmoid(u)
+    tl.store(y_ptr + b * s_yb + t[:, None] * s_yl + offs_c[None, :] * s_yd,
+             u.to(y_ptr.dtype.element_ty), mask=(t < seqlen)[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, dy_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
+    seqlen, dim, n_tiles, first_pos, out_first_pos,
+    s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl,
+    s_dyb, s_dyl, s_dyd, s_dxb, s_dxl, s_dxd,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, WIDTH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    ACCUMULATE_PARAMS: tl.constexpr,
+):
+    """dx for positions s = first_pos + tile, stored at row s - out_first_pos of dx. With
+    first_pos = out_first_pos = -(w-1) and one tile this is the gradient of the initial state
+    (rows 0..w-2 of a (b, w-1, d) buffer; ACCUMULATE_PARAMS off)."""
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2)
+    s = first_pos + pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    c_mask = offs_c < dim
+    if HAS_SEQ:
+        seg_s = _segment_at(seg_ptr, b, s, seqlen, s_sb, s_sl)
+    dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    for shift in tl.static_range(WIDTH):
+        t = s + shift                                # the output reading s through tap k
+        k = WIDTH - 1 - shift
+        t_ok = (t >= 0) & (t < seqlen)
+        dy = tl.load(dy_ptr + b * s_dyb + t[:, None] * s_dyl + offs_c[None, :] * s_dyd,
+                     mask=t_ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        if SILU:
+            u = _preactivation(x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, b, t, offs_c, c_mask,
+                               seqlen, s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb,
+                               s_sl, BLOCK_L, BLOCK_D, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ)
+            sig = tl.sigmoid(u)
+            du = dy * sig * (1.0 + u * (1.0 - sig))
+        else:
+            du = dy
+        w_k = tl.load(w_ptr + offs_c * s_wd + k * s_wk, mask=c_mask, other=0.0).to(tl.float32)
+        contrib = du * w_k[None, :]
+        if HAS_SEQ:
+            same = _segment_at(seg_ptr, b, t, seqlen, s_sb, s_sl) == seg_s
+            contrib = tl.where(same[:, None], contrib, 0.0)
+        dx += contrib
+        if ACCUMULATE_PARAMS:
+            if shift == 0:
+                # here t == s: du at this tile's own outputs -> dweight, dbias partials
+                part = (b * n_tiles + pid_l) * (WIDTH + 1)
+                for j in tl.static_range(WIDTH):
+                    src = s - (WIDTH - 1) + j
+                    val = _input_at(x_ptr, init_ptr, b, src, offs_c, c_mask, seqlen,
+                                    s_xb, s_xl, s_xd, s_ib, s_id, s_ij, WIDTH, HAS_INIT)
+                    if HAS_SEQ:
+                        same_j = _segment_at(seg_ptr, b, src, seqlen, s_sb, s_sl) == seg_s
+                        val = tl.where(same_j[:, None], val, 0.0)
+                    tl.store(dw_part_ptr + (part + j) * dim + offs_c, tl.sum(du * val, axis=0),
+                             mask=c_mask)
+                tl.store(db_part_ptr + (b * n_tiles + pid_l) * dim + offs_c, tl.sum(du, axis=0),
+                         mask=c_mask)
+    if ACCUMULATE_PARAMS:
+        out_mask = (s >= 0) & (s < seqlen)
+    else:
+        out_mask = s < 0
+    tl.store(dx_ptr + b * s_dxb + (s - out_first_pos)[:, None] * s_dxl + offs_c[None, :] * s_dxd,
+             dx.to(dx_ptr.dtype.element_ty), mask=out_mask[:, None] & c_mask[None, :])
+
+
+def _launch_meta(dim):
+    block_d = min(BLOCK_D, triton.next_power_of_2(dim))
+    return block_d, triton.cdiv(dim, block_d)
+
+
+class _CausalConv1dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_state, segments, silu):
+        batch, seqlen, dim = x.shape
+        width = weight.shape[1]
+        y = torch.empty(batch, seqlen, dim, device=x.device, dtype=x.dtype)
+        block_d, n_d = _launch_meta(dim)
+        init = initial_state if initial_state is not None else x
+        s_init = initial_state.stride() if initial_state is not None else (0, 0, 0)
+        seg = segments if segments is not None else x
+        s_seg = segments.stride() if segments is not None else (0, 0)
+        _conv_fwd_kernel[(triton.cdiv(seqlen, BLOCK_L), n_d, batch)](
+            x, init, weight, bias if bias is not None else weight, seg, y,
+            seqlen, dim, *x.stride(), *s_init, *weight.stride(), *s_seg, *y.stride(),
+            BLOCK_L=BLOCK_L, BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None,
+            HAS_INIT=initial_state is not None, HAS_SEQ=segments is not None, SILU=silu,
+            num_warps=4)
+        ctx.save_for_backward(x, weight, bias, initial_state, segments)
+        ctx.silu = silu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, initial_state, segments = ctx.saved_tensors
+        batch, seqlen, dim = x.shape
+        width = weight.shape[1]
+        block_d, n_d = _launch_meta(dim)
+        n_tiles = triton.cdiv(seqlen, BLOCK_L)
+        dx = torch.empty(batch, seqlen, dim, device=x.device, dtype=x.dtype)
+        dw_part = torch.empty(batch, n_tiles, width + 1, dim, device=x.device, dtype=torch.float32)
+        db_part = torch.empty(batch, n_tiles, dim, device=x.device, dtype=torch.float32)
+        init = initial_state if initial_state is not None else x
+        s_init = initial_state.stride() if initial_state is not None else (0, 0, 0)
+        seg = segments if segments is not None else x
+        s_seg = segments.stride() if segments is not None else (0, 0)
+        common = dict(BLOCK_L=BLOCK_L, BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None,
+                      HAS_INIT=initial_state is not None, HAS_SEQ=segments is not None,
+                      SILU=ctx.silu, num_warps=4)
+        args = (x, init, weight, bias if bias is not None else weight, seg, dy)
+        _conv_bwd_kernel[(n_tiles, n_d, batch)](
+            *args, dx, dw_part, db_part, seqlen, dim, n_tiles, 0, 0,
+            *x.stride(), *s_init, *weight.stride(), *s_seg, *dy.stride(), *dx.stride(),
+            ACCUMULATE_PARAMS=True, **common)
+        d_init = None
+        if initial_state is not None and ctx.needs_input_grad[3] and width == 1:
+            d_init = torch.zeros_like(initial_state)
+        elif initial_state is not None and ctx.needs_input_grad[3]:
+            d_init_blc = torch.empty(batch, width - 1, dim, device=x.device, dtype=torch.float32)
+            block_init = max(16, triton.next_power_of_2(width - 1))
+            _conv_bwd_kernel[(1, n_d, batch)](
+                *args, d_init_blc, dw_part, db_part, seqlen, dim, 1, -(width - 1), -(width - 1),
+                *x.stride(), *s_init, *weight.stride(), *s_seg, *dy.stride(),
+                *d_init_blc.stride(), ACCUMULATE_PARAMS=False, **{**common, "BLOCK_L": block_init})
+            d_init = d_init_blc.transpose(1, 2).to(initial_state.dtype)
+        dw = dw_part[:, :, :width].sum((0, 1)).t().to(weight.dtype)
+        db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+        return dx, dw, db, d_init, None, None
+
+
+def causal_conv1d_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    activation: str | None = "silu",
+    seq_idx: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """Causal depthwise conv1d (+ SiLU) on Triton; contract of ``matmamba.ops.causal_conv1d``.
+    x (b,l,d) may be a strided view (no copy is made). Returns y (b,l,d) contiguous in x.dtype
+    [, final_state (b,d,w-1) in x.dtype]."""
+    batch, seqlen, dim, width, use_silu = check_conv1d_inputs(
+        x, weight, bias, activation, seq_idx, initial_state)
+    if x.dtype == torch.float64:
+        raise TypeError("causal_conv1d_triton runs in float32, float16 or bfloat16; use "
+                        "impl='torch' or 'naive' for float64")
+    segments = _segment_ids(seq_idx) if seq_idx is not None else None
+    y = _CausalConv1dFunction.apply(x, weight, bias, initial_state, segments, use_silu)
+    if not return_final_state:
+        return y
+    history = width - 1
+    past = (initial_state.transpose(1, 2).to(x.dtype) if initial_state is not None
+            else x.new_zeros(batch, history, dim))
+    last_inputs = torch.cat([past, x], dim=1)[:, seqlen:]            # (b, w-1, d)
+    if segments is not None:
+        seg_padded = torch.cat([segments.new_zeros(batch, history), segments], dim=1)[:, seqlen:]
+        keep = (seg_padded == segments[:, -1:]).to(x.dtype)
+        last_inputs = last_inputs * keep[:, :, None]
+    return y, last_inputs.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode step
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _conv_update_kernel(
+    x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, dim,
+    s_xb, s_xd, s_sb, s_sd, s_sj, s_wd, s_wk, s_yb, s_yd,
+    BLOCK_D: tl.constexpr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+):
+    """y = act(bias + sum_{k<w-1} w[:,k] state[:,k] + w[:,w-1] x); state <- [state[:,1:], x]."""
+    b = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    c_mask = offs_c < dim
+    x_new = tl.load(x_ptr + b * s_xb + offs_c * s_xd, mask=c_mask, other=0.0)
+    acc = x_new.to(tl.float32) * tl.load(w_ptr + offs_c * s_wd + (WIDTH - 1) * s_wk,
+                                         mask=c_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    state_row = state_ptr + b * s_sb + offs_c * s_sd
+    for k in tl.static_range(WIDTH - 1):
+        past = tl.load(state_row + k * s_sj, mask=c_mask, other=0.0)
+        acc += past.to(tl.float32) * tl.load(w_ptr + offs_c * s_wd + k * s_wk, mask=c_mask,
+                                             other=0.0).to(tl.float32)
+        if k > 0:
+            tl.store(state_row + (k - 1) * s_sj, past, mask=c_mask)
+    if WIDTH > 1:
+        tl.store(state_row + (WIDTH - 2) * s_sj, x_new.to(state_ptr.dtype.element_ty),
+                 mask=c_mask)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y_ptr + b * s_yb + offs_c * s_yd, acc.to(y_ptr.dtype.element_ty), mask=c_mask)
+
+
+def causal_conv1d_update_triton(
+    x: Tensor,
+    conv_state: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    activation: str | None = "silu",
+):
+    """One decode step on Triton; conv_state (b,d,w-1) updated in place. Returns y (b,d).
+
+    A decode step is not differentiated: when autograd would need to track it, this falls back
+    to the torch implementation."""
+    batch, dim, width, use_silu = check_conv1d_update_inputs(x, conv_state, weight, bias,
+                                                             activation)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias)):
+        from .torch_impl import causal_conv1d_update_torch
+        return causal_conv1d_update_torch(x, conv_state, weight, bias, activation=activation)
+    y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
+    block_d = min(1024, triton.next_power_of_2(dim))
+    _conv_update_kernel[(batch, triton.cdiv(dim, block_d))](
+        x, conv_state, weight, bias if bias is not None else weight, y, dim,
+        *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
+        BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None, SILU=use_silu, num_warps=4)
+    return y

@@ -1,0 +1,190 @@
+"""Gated RMSNorm in Triton: forward and hand-written backward.
+
+Per row and per group of ``group_size`` channels (default: the whole row), s(z) = silu(z)::
+
+    norm_before_gate=False (Mamba2):  v = x s(z);  r = rsqrt(mean(v^2) + eps);  out = v r w
+    norm_before_gate=True:            v = x;       r = rsqrt(mean(v^2) + eps);  out = v r w s(z)
+
+Backward, with n = v r the normalised values and g_n the gradient reaching n::
+
+    False: g_n = dout w;          dw = sum_rows dout n
+    True:  g_n = dout w s(z);     dw = sum_rows dout s(z) n;   dz = dout n w s'(z)
+    dv = r (g_n - n mean(g_n n))      (the RMSNorm Jacobian, per group)
+    False: dx = dv s(z);  dz = dv x s'(z)         True: dx = dv
+    s'(z) = sig(z) (1 + z (1 - sig(z)))
+
+One program handles a run of rows for one group; it keeps 1/rms per (row, group) for the
+backward and accumulates dw over its rows into a small fp32 partial buffer summed on the host.
+x and z may be strided views (last axis contiguous): rows are addressed with their own stride.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .naive import check_rmsnorm_inputs
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def _rmsnorm_fwd_kernel(
+    x_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr,
+    n_rows, rows_per_program, group_size, n_groups, eps,
+    s_xr, s_zr, s_or,
+    BLOCK: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grp = tl.program_id(1)
+    cols = grp * group_size + tl.arange(0, BLOCK)
+    col_mask = tl.arange(0, BLOCK) < group_size
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    row_start = pid * rows_per_program
+    for row in range(row_start, tl.minimum(row_start + rows_per_program, n_rows)):
+        v = tl.load(x_ptr + row * s_xr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + row * s_zr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            gate = z * tl.sigmoid(z)
+            if not NORM_BEFORE_GATE:
+                v = v * gate
+        rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / group_size + eps)
+        out = v * rstd * w
+        if HAS_Z:
+            if NORM_BEFORE_GATE:
+                out = out * gate
+        tl.store(out_ptr + row * s_or + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
+        tl.store(rstd_ptr + row * n_groups + grp, rstd)
+
+
+@triton.jit
+def _rmsnorm_bwd_kernel(
+    x_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dx_ptr, dz_ptr, dw_part_ptr,
+    n_rows, rows_per_program, group_size, n_groups, dim,
+    s_xr, s_zr, s_dor, s_dxr, s_dzr,
+    BLOCK: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grp = tl.program_id(1)
+    cols = grp * group_size + tl.arange(0, BLOCK)
+    col_mask = tl.arange(0, BLOCK) < group_size
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    for row in range(row_start, tl.minimum(row_start + rows_per_program, n_rows)):
+        x = tl.load(x_ptr + row * s_xr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + row * s_dor + cols, mask=col_mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row * n_groups + grp)
+        v = x
+        if HAS_Z:
+            z = tl.load(z_ptr + row * s_zr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(z)
+            gate = z * sig
+            gate_grad = sig * (1.0 + z * (1.0 - sig))
+            if not NORM_BEFORE_GATE:
+                v = x * gate
+        n = v * rstd
+        if HAS_Z and NORM_BEFORE_GATE:
+            g_n = dout * w * gate
+            dw_acc += dout * gate * n
+            tl.store(dz_ptr + row * s_dzr + cols,
+                     (dout * n * w * gate_grad).to(dz_ptr.dtype.element_ty), mask=col_mask)
+        else:
+            g_n = dout * w
+            dw_acc += dout * n
+        dv = rstd * (g_n - n * (tl.sum(g_n * n, axis=0) / group_size))
+        if HAS_Z and not NORM_BEFORE_GATE:
+            tl.store(dz_ptr + row * s_dzr + cols,
+                     (dv * x * gate_grad).to(dz_ptr.dtype.element_ty), mask=col_mask)
+            dx = dv * gate
+        else:
+            dx = dv
+        tl.store(dx_ptr + row * s_dxr + cols, dx.to(dx_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(dw_part_ptr + pid * dim + cols, dw_acc, mask=col_mask)
+
+
+def _as_rows(t: Tensor) -> Tensor:
+    """(..., d) -> (rows, d) with a contiguous last axis; a view whenever the strides allow."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, t.shape[-1])
+
+
+def _launch(n_rows: int, device: torch.device, n_groups: int) -> tuple[int, int]:
+    """(rows per program, programs): enough programs to fill the GPU, few dw partial rows."""
+    target = 4 * (torch.cuda.get_device_properties(device).multi_processor_count
+                  if device.type == "cuda" else 2)
+    programs = max(1, min(n_rows, triton.cdiv(target, n_groups)))
+    rows_per_program = triton.cdiv(max(n_rows, 1), programs)
+    return rows_per_program, triton.cdiv(max(n_rows, 1), rows_per_program)
+
+
+def _warps(block: int) -> int:
+    return 1 if block <= 256 else 4 if block <= 2048 else 8
+
+
+class _GatedRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, z, weight, eps, norm_before_gate, group_size):
+        shape = x.shape
+        x2 = _as_rows(x)
+        z2 = _as_rows(z) if z is not None else None
+        n_rows, dim = x2.shape
+        n_groups = dim // group_size
+        out = torch.empty(n_rows, dim, device=x.device, dtype=x.dtype)
+        rstd = torch.empty(n_rows, n_groups, device=x.device, dtype=torch.float32)
+        block = triton.next_power_of_2(group_size)
+        rows_per_program, programs = _launch(n_rows, x.device, n_groups)
+        if n_rows > 0:
+            _rmsnorm_fwd_kernel[(programs, n_groups)](
+                x2, z2 if z2 is not None else x2, weight, out, rstd,
+                n_rows, rows_per_program, group_size, n_groups, eps,
+                x2.stride(0), z2.stride(0) if z2 is not None else 0, out.stride(0),
+                BLOCK=block, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate,
+                num_warps=_warps(block))
+        ctx.save_for_backward(x2, z2, weight, rstd)
+        ctx.config = (shape, norm_before_gate, group_size, z is not None)
+        return out.view(shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, z2, weight, rstd = ctx.saved_tensors
+        shape, norm_before_gate, group_size, has_z = ctx.config
+        dout2 = _as_rows(dout)
+        n_rows, dim = x2.shape
+        n_groups = dim // group_size
+        dx = torch.empty(n_rows, dim, device=x2.device, dtype=x2.dtype)
+        dz = torch.empty(n_rows, dim, device=x2.device, dtype=z2.dtype) if has_z else None
+        block = triton.next_power_of_2(group_size)
+        rows_per_program, programs = _launch(n_rows, x2.device, n_groups)
+        dw_part = torch.zeros(programs, dim, device=x2.device, dtype=torch.float32)
+        if n_rows > 0:
+            _rmsnorm_bwd_kernel[(programs, n_groups)](
+                x2, z2 if has_z else x2, weight, rstd, dout2, dx, dz if has_z else dx, dw_part,
+                n_rows, rows_per_program, group_size, n_groups, dim,
+                x2.stride(0), z2.stride(0) if has_z else 0, dout2.stride(0), dx.stride(0),
+                dz.stride(0) if has_z else 0,
+                BLOCK=block, HAS_Z=has_z, NORM_BEFORE_GATE=norm_before_gate,
+                num_warps=_warps(block))
+        dw = dw_part.sum(0).to(weight.dtype)
+        return (dx.view(shape), dz.view(shape) if has_z else None, dw, None, None, None)
+
+
+def gated_rmsnorm_triton(
+    x: Tensor,
+    z: Tensor | None,
+    weight: Tensor,
+    *,
+    eps: float = 1e-5,
+    norm_before_gate: bool = False,
+    group_size: int | None = None,
+) -> Tensor:
+    """Gated RMSNorm on Triton; contract of ``matmamba.ops.gated_rmsnorm``. x, z (..., d) may
+    be strided views; the result is contiguous in x.dtype."""
+    group_size = check_rmsnorm_inputs(x, z, weight, group_size)
+    if x.dtype == torch.float64:
+        raise TypeError("gated_rmsnorm_triton runs in float32, float16 or bfloat16; use "
+                        "impl='torch' or 'naive' for float64")
+    return _GatedRMSNormFunction.apply(x, z, weight, float(eps), bool(norm_before_gate),
+                                       group_size)

@@ -1,0 +1,843 @@
+"""SSD (Mamba2) chunked scan in Triton, forward and hand-written backward.
+
+Notation, per batch row b and head h (group g = h // (nheads // ngroups) gives B and C); the
+sequence is cut into chunks of Q positions; inside chunk c, t and s are positions 0..Q-1::
+
+    dt'_t   = clamp(softplus(dt_t + dt_bias) or dt_t + dt_bias, lo, hi)      (0 on padding)
+    a_t     = dt'_t A                       log-decay of one step (<= 0 for A < 0)
+    Lam_t   = a_0 + ... + a_t               chunk-local cumulative log-decay ("Lambda")
+    xt_s    = dt'_s x_s                     the input as written into the state
+    L_ts    = exp(Lam_t - Lam_s)  for s <= t in the same sequence, else 0
+    H0      = state entering the chunk (P x N), G = gradient w.r.t. the state leaving it
+
+Forward (four launches)::
+
+    K0  CB[t, s]   = C_t . B_s                                  per (b, chunk, group), fp32
+    K1  S_c        = sum_s exp(Lam_end - Lam_s) xt_s B_s^T      per (b, chunk, head), fp32
+                     (also writes dt' and Lam for the other kernels)
+    K2  H0_{c+1}   = exp(Lam_end_c) H0_c + S_c                  sequential over chunks, fp32
+    K3  y_t        = exp(Lam_t) C_t H0^T + sum_s L_ts CB_ts xt_s + D x_t
+
+Backward (three launches plus reductions of small partial sums)::
+
+    B1  dS_c       = sum_t exp(Lam_t) dy_t C_t^T                what chunk c's outputs ask of H0
+    B2  G_{c-1}    = exp(Lam_end_c) G_c + dS_c                  reverse pass;  d initial = G_{-1}
+    B3  per head:  dxt_s = sum_t L_ts CB_ts dy_t + exp(Lam_end - Lam_s) G B_s
+                   Z_ts  = L_ts CB_ts (dy_t . xt_s)
+                   dLam_t = rowsum(Z)_t - colsum(Z)_t + dy_t . y_inter_t - xt_t . dxt_state_t
+                            (+ <G, H_end> at the chunk's last position)
+                   da_s  = sum_{t >= s} dLam_t;  ddt'_s = x_s . dxt_s + A da_s;  dA = sum da dt'
+                   dx_s  = dt'_s dxt_s + D dy_s
+    B4  per group (loops over its heads, sums them):
+                   W_ts  = sum_h L^h_ts (dy^h_t . xt^h_s)
+                   dC_t  = W B + sum_h exp(Lam^h_t) dy^h_t H0^h
+                   dB_s  = W^T C + sum_h exp(Lam^h_end - Lam^h_s) xt^h_s G^h
+
+The identity behind dLam: Lam_t multiplies every term that C_t reads (so dLam_t gets C_t . dC_t)
+and divides every term that xt_t writes (so it loses xt_t . dxt_t); the chunk's end decay scales
+the whole leaving state, hence <G, H_end>.
+
+``seq_idx`` (packed sequences) zeroes every factor that crosses a change of sequence, exactly as
+``matmamba.ops.ssd.chunked`` does: pairs in different sequences, contributions to the chunk state
+from positions outside the chunk's last sequence, and the entering state for positions (and chunk
+ends) in a later sequence than the position just before the chunk.
+
+Matrix products run in the input dtype (bf16 / fp16 tensor cores, fp32 accumulation); for
+float32 inputs they run in full fp32 ("ieee"). States, cumulative decays and all reductions are
+fp32. The state entering each chunk is stored in the input dtype for the output and gradient
+products (as mamba_ssm does).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .naive import check_ssd_inputs
+
+Tensor = torch.Tensor
+
+# Chunk length used by the kernels. The result does not depend on it (up to rounding); the
+# ``chunk_size`` argument of ssd_scan is accepted for signature parity. 64 keeps every Q x Q tile
+# in registers; MATMAMBA_SSD_CHUNK=128 trades bigger tiles for half the state traffic.
+_DEFAULT_CHUNK = 64
+
+
+def _chunk_length() -> int:
+    value = int(os.environ.get("MATMAMBA_SSD_CHUNK", _DEFAULT_CHUNK))
+    if value not in (16, 32, 64, 128):
+        raise ValueError(f"MATMAMBA_SSD_CHUNK must be 16, 32, 64 or 128; got {value}")
+    return value
+
+
+def _pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(n))
+
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _dot_config(dtype: torch.dtype):
+    """(operand dtype, input_precision) for tl.dot given the dtype of x."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return _TL_DTYPE[dtype], "tf32"  # precision flag unused for 16-bit operands
+    return tl.float32, "ieee"
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softplus(v):
+    # softplus(v) = log(1 + exp(v)), linear above 20 (torch.nn.functional.softplus's threshold).
+    # log1p(e) computed as log(u) * e / (u - 1) with u = 1 + e: exact to rounding for tiny e.
+    e = tl.exp(tl.minimum(v, 20.0))
+    u = 1.0 + e
+    log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    return tl.where(v > 20.0, v, log1p_e)
+
+
+@triton.jit
+def _discretize_dt(dt_raw_ptrs, bias_ptr, h, mask, HAS_BIAS: tl.constexpr,
+                   SOFTPLUS: tl.constexpr, dt_lo, dt_hi):
+    """dt' = clamp(softplus?(dt + dt_bias)), 0 where ``mask`` is False. Returns (dt', pre) where
+    pre is the value before softplus (needed by the backward)."""
+    pre = tl.load(dt_raw_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        pre += tl.load(bias_ptr + h).to(tl.float32)
+    if SOFTPLUS:
+        val = _softplus(pre)
+    else:
+        val = pre
+    val = tl.minimum(tl.maximum(val, dt_lo), dt_hi)
+    return tl.where(mask, val, 0.0), pre
+
+
+@triton.jit
+def _seq_masks(seq_ptr, stride_seq_b, stride_seq_l, b, chunk_start, t_idx, seqlen,
+               Q: tl.constexpr):
+    """For a chunk: (seq id per position, seq id of the chunk's last position, seq id of the
+    position before the chunk (position 0's for the first chunk)). Padding takes the last id."""
+    base = seq_ptr + b * stride_seq_b
+    seq_t = tl.load(base + tl.minimum(t_idx, seqlen - 1) * stride_seq_l)
+    seq_end = tl.load(base + tl.minimum(chunk_start + Q - 1, seqlen - 1) * stride_seq_l)
+    seq_prev = tl.load(base + tl.maximum(chunk_start - 1, 0) * stride_seq_l)
+    return seq_t, seq_end, seq_prev
+
+
+# ----------------------------------------------------------------------------------------------
+# K0: CB[b, c, g, t, s] = C_t . B_s  (fp32), shared by every head of the group
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cb_kernel(
+    C_ptr, B_ptr, CB_ptr,
+    seqlen, ngroups, dstate,
+    s_cb, s_cl, s_cg, s_cn,
+    s_bb, s_bl, s_bg, s_bn,
+    Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    c = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // ngroups
+    g = bg % ngroups
+    nchunks = tl.num_programs(0)
+    t_idx = c * Q + tl.arange(0, Q)
+    valid = t_idx < seqlen
+    offs_n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((Q, Q), dtype=tl.float32)
+    for n0 in range(0, dstate, BLOCK_N):
+        n_mask = (n0 + offs_n) < dstate
+        c_tile = tl.load(C_ptr + b * s_cb + g * s_cg + t_idx[:, None] * s_cl
+                         + (n0 + offs_n)[None, :] * s_cn,
+                         mask=valid[:, None] & n_mask[None, :], other=0.0)
+        b_tile = tl.load(B_ptr + b * s_bb + g * s_bg + t_idx[None, :] * s_bl
+                         + (n0 + offs_n)[:, None] * s_bn,
+                         mask=valid[None, :] & n_mask[:, None], other=0.0)   # (N, Q): B^T
+        acc += tl.dot(c_tile.to(DOT_DTYPE), b_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
+    offs_q = tl.arange(0, Q)
+    out = CB_ptr + ((b * nchunks + c) * ngroups + g) * Q * Q
+    tl.store(out + offs_q[:, None] * Q + offs_q[None, :], acc)
+
+
+# ----------------------------------------------------------------------------------------------
+# K1: dt', Lam and the chunk's own contribution to the state
+#     S_c[p, n] = sum_s exp(Lam_end - Lam_s) [seq_s == seq_end] dt'_s x_s[p] B_s[n]
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_state_fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, seq_ptr,
+    dtp_ptr, lam_ptr, S_ptr,
+    seqlen, nheads, heads_per_group, headdim, dstate, padded_len, dt_lo, dt_hi,
+    s_xb, s_xl, s_xh, s_xp,
+    s_dtb, s_dtl, s_dth,
+    s_bb, s_bl, s_bg, s_bn,
+    s_seqb, s_seql,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    nchunks = tl.num_programs(0)
+    b = bh // nheads
+    h = bh % nheads
+    g = h // heads_per_group
+    t_idx = c * Q + tl.arange(0, Q)
+    valid = t_idx < seqlen
+
+    dtp, _ = _discretize_dt(dt_ptr + b * s_dtb + h * s_dth + t_idx * s_dtl, dt_bias_ptr, h,
+                            valid, HAS_BIAS, SOFTPLUS, dt_lo, dt_hi)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    lam = tl.cumsum(dtp * A, axis=0)
+    if pid_n == 0:
+        row = (b * nheads + h) * padded_len + t_idx
+        tl.store(dtp_ptr + row, dtp)
+        tl.store(lam_ptr + row, lam)
+    lam_end = tl.sum(dtp * A, axis=0)  # = Lam at the last position (padding adds nothing)
+    weight = tl.exp(lam_end - lam) * dtp
+    if HAS_SEQ:
+        seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
+                                              seqlen, Q)
+        weight = tl.where(seq_t == seq_end, weight, 0.0)
+
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_mask = offs_p < headdim
+    n_mask = offs_n < dstate
+    # (P, Q): x^T scaled per position
+    x_t = tl.load(x_ptr + b * s_xb + h * s_xh + t_idx[None, :] * s_xl + offs_p[:, None] * s_xp,
+                  mask=valid[None, :] & p_mask[:, None], other=0.0).to(tl.float32)
+    x_t = x_t * weight[None, :]
+    b_tile = tl.load(B_ptr + b * s_bb + g * s_bg + t_idx[:, None] * s_bl + offs_n[None, :] * s_bn,
+                     mask=valid[:, None] & n_mask[None, :], other=0.0)
+    state = tl.dot(x_t.to(DOT_DTYPE), b_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
+    out = S_ptr + ((b * nchunks + c) * nheads + h) * headdim * dstate
+    tl.store(out + offs_p[:, None] * dstate + offs_n[None, :], state,
+             mask=p_mask[:, None] & n_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# K2 / B2: passing the state (or its gradient) across chunks, fp32, one flat block of P*N each
+#   forward:  H0_0 = initial;  H0_{c+1} = keep_c exp(Lam_end_c) H0_c + S_c;  final = H0_nchunks
+#   backward: G_last = d final;  G_{c-1} = keep_c exp(Lam_end_c) G_c + dS_c;  d initial = G_{-1}
+#   keep_c = [seq at chunk c's end == seq before chunk c]
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _state_pass_kernel(
+    src_ptr, out_ptr, start_ptr, final_ptr, lam_ptr, seq_ptr,
+    seqlen, nheads, state_size, padded_len, nchunks,
+    s_seqb, s_seql,
+    Q: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr, HAS_SEQ: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < state_size
+    if HAS_START:
+        carry = tl.load(start_ptr + bh * state_size + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(nchunks):
+        if REVERSE:
+            c = nchunks - 1 - i
+        else:
+            c = i
+        chunk_slot = ((b * nchunks + c) * nheads + h) * state_size
+        # forward: the state entering chunk c; backward: the gradient of the state leaving it
+        tl.store(out_ptr + chunk_slot + offs, carry.to(out_ptr.dtype.element_ty), mask=mask)
+        local = tl.load(src_ptr + chunk_slot + offs, mask=mask, other=0.0)
+        scale = tl.exp(tl.load(lam_ptr + bh * padded_len + c * Q + Q - 1))
+        if HAS_SEQ:
+            seq_base = seq_ptr + b * s_seqb
+            seq_end = tl.load(seq_base + tl.minimum(c * Q + Q - 1, seqlen - 1) * s_seql)
+            seq_prev = tl.load(seq_base + tl.maximum(c * Q - 1, 0) * s_seql)
+            scale = tl.where(seq_end == seq_prev, scale, 0.0)
+        carry = scale * carry + local
+    tl.store(final_ptr + bh * state_size + offs, carry, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# K3: y_t = exp(Lam_t) [seq_t == seq_prev] C_t H0^T + sum_{s<=t} L_ts CB_ts dt'_s x_s + D x_t
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_out_fwd_kernel(
+    x_ptr, C_ptr, CB_ptr, H0_ptr, dtp_ptr, lam_ptr, D_ptr, seq_ptr, y_ptr,
+    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len,
+    s_xb, s_xl, s_xh, s_xp,
+    s_cb, s_cl, s_cg, s_cn,
+    s_yb, s_yl, s_yh, s_yp,
+    s_seqb, s_seql,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_SEQ: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    nchunks = tl.num_programs(0)
+    b = bh // nheads
+    h = bh % nheads
+    g = h // heads_per_group
+    offs_q = tl.arange(0, Q)
+    t_idx = c * Q + offs_q
+    valid = t_idx < seqlen
+    offs_p = tl.arange(0, BLOCK_P)
+    p_mask = offs_p < headdim
+    offs_n = tl.arange(0, BLOCK_N)
+
+    row = bh * padded_len + t_idx
+    lam = tl.load(lam_ptr + row)
+    dtp = tl.load(dtp_ptr + row)
+    from_start = tl.exp(lam)
+    pair_ok = offs_q[:, None] >= offs_q[None, :]
+    if HAS_SEQ:
+        seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
+                                              seqlen, Q)
+        from_start = tl.where(seq_t == seq_prev, from_start, 0.0)
+        # seq ids along the other axis (same values, column layout)
+        pair_ok = pair_ok & (seq_t[:, None] == seq_t[None, :])
+
+    # Inter-chunk: C (Q, N) @ H0^T (N, P)
+    acc = tl.zeros((Q, BLOCK_P), dtype=tl.float32)
+    h0_base = H0_ptr + ((b * nchunks + c) * nheads + h) * headdim * dstate
+    for n0 in range(0, dstate, BLOCK_N):
+        n_mask = (n0 + offs_n) < dstate
+        c_tile = tl.load(C_ptr + b * s_cb + g * s_cg + t_idx[:, None] * s_cl
+                         + (n0 + offs_n)[None, :] * s_cn,
+                         mask=valid[:, None] & n_mask[None, :], other=0.0)
+        h0_t = tl.load(h0_base + offs_p[None, :] * dstate + (n0 + offs_n)[:, None],
+                       mask=p_mask[None, :] & n_mask[:, None], other=0.0)
+        acc += tl.dot(c_tile.to(DOT_DTYPE), h0_t.to(DOT_DTYPE), input_precision=DOT_PREC)
+    acc = acc * from_start[:, None]
+
+    # Intra-chunk: (CB o L) (Q, Q) @ xt (Q, P)
+    cb = tl.load(CB_ptr + ((b * nchunks + c) * ngroups + g) * Q * Q
+                 + offs_q[:, None] * Q + offs_q[None, :])
+    seg = tl.where(pair_ok, lam[:, None] - lam[None, :], float("-inf"))
+    scores = cb * tl.exp(seg)
+    x_tile = tl.load(x_ptr + b * s_xb + h * s_xh + t_idx[:, None] * s_xl
+                     + offs_p[None, :] * s_xp,
+                     mask=valid[:, None] & p_mask[None, :], other=0.0).to(tl.float32)
+    xt = x_tile * dtp[:, None]
+    acc += tl.dot(scores.to(DOT_DTYPE), xt.to(DOT_DTYPE), input_precision=DOT_PREC)
+
+    if HAS_D:
+        if D_PER_CHANNEL:
+            d_skip = tl.load(D_ptr + h * headdim + offs_p, mask=p_mask, other=0.0).to(tl.float32)
+            acc += x_tile * d_skip[None, :]
+        else:
+            acc += x_tile * tl.load(D_ptr + h).to(tl.float32)
+    tl.store(y_ptr + b * s_yb + h * s_yh + t_idx[:, None] * s_yl + offs_p[None, :] * s_yp,
+             acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & p_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# B1: dS_c[p, n] = sum_t exp(Lam_t) [seq_t == seq_prev] dy_t[p] C_t[n]
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_dstate_bwd_kernel(
+    dy_ptr, C_ptr, lam_ptr, seq_ptr, dS_ptr,
+    seqlen, nheads, heads_per_group, headdim, dstate, padded_len,
+    s_dyb, s_dyl, s_dyh, s_dyp,
+    s_cb, s_cl, s_cg, s_cn,
+    s_seqb, s_seql,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    nchunks = tl.num_programs(0)
+    b = bh // nheads
+    h = bh % nheads
+    g = h // heads_per_group
+    t_idx = c * Q + tl.arange(0, Q)
+    valid = t_idx < seqlen
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_mask = offs_p < headdim
+    n_mask = offs_n < dstate
+
+    from_start = tl.exp(tl.load(lam_ptr + bh * padded_len + t_idx))
+    if HAS_SEQ:
+        seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
+                                              seqlen, Q)
+        from_start = tl.where(seq_t == seq_prev, from_start, 0.0)
+    dy_t = tl.load(dy_ptr + b * s_dyb + h * s_dyh + t_idx[None, :] * s_dyl
+                   + offs_p[:, None] * s_dyp,
+                   mask=valid[None, :] & p_mask[:, None], other=0.0).to(tl.float32)  # (P, Q)
+    dy_t = dy_t * from_start[None, :]
+    c_tile = tl.load(C_ptr + b * s_cb + g * s_cg + t_idx[:, None] * s_cl + offs_n[None, :] * s_cn,
+                     mask=valid[:, None] & n_mask[None, :], other=0.0)
+    dS = tl.dot(dy_t.to(DOT_DTYPE), c_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
+    out = dS_ptr + ((b * nchunks + c) * nheads + h) * headdim * dstate
+    tl.store(out + offs_p[:, None] * dstate + offs_n[None, :], dS,
+             mask=p_mask[:, None] & n_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# B3: per head: dx, d dt (raw), and per-chunk partial sums of dA, dD, d dt_bias
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_bwd_dx_kernel(
+    x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, dy_ptr,
+    CB_ptr, H0_ptr, G_ptr, dtp_ptr, lam_ptr,
+    dx_ptr, ddt_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
+    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, dt_lo, dt_hi,
+    s_xb, s_xl, s_xh, s_xp,
+    s_dtb, s_dtl, s_dth,
+    s_bb, s_bl, s_bg, s_bn,
+    s_cb, s_cl, s_cg, s_cn,
+    s_dyb, s_dyl, s_dyh, s_dyp,
+    s_dxb, s_dxl, s_dxh, s_dxp,
+    s_ddtb, s_ddtl, s_ddth,
+    s_seqb, s_seql,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_SEQ: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    nchunks = tl.num_programs(0)
+    b = bh // nheads
+    h = bh % nheads
+    g = h // heads_per_group
+    offs_q = tl.arange(0, Q)
+    t_idx = c * Q + offs_q
+    valid = t_idx < seqlen
+    offs_p = tl.arange(0, BLOCK_P)
+    p_mask = offs_p < headdim
+    offs_n = tl.arange(0, BLOCK_N)
+    tile_mask = valid[:, None] & p_mask[None, :]
+
+    row = bh * padded_len + t_idx
+    lam = tl.load(lam_ptr + row)
+    dtp = tl.load(dtp_ptr + row)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    lam_end = tl.sum(dtp * A, axis=0)
+    from_start = tl.exp(lam)                 # exp(Lam_t): entering state -> position t
+    to_end = tl.exp(lam_end - lam)           # exp(Lam_end - Lam_s): position s -> leaving state
+    keep_start = lam_end * 0.0 + 1.0         # [seq at chunk end == seq before chunk]
+    pair_ok = offs_q[:, None] >= offs_q[None, :]
+    if HAS_SEQ:
+        seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
+                                              seqlen, Q)
+        from_start = tl.where(seq_t == seq_prev, from_start, 0.0)
+        to_end = tl.where(seq_t == seq_end, to_end, 0.0)
+        keep_start = tl.where(seq_end == seq_prev, 1.0, 0.0)
+        pair_ok = pair_ok & (seq_t[:, None] == seq_t[None, :])
+
+    # State terms, N in blocks:  B G^T -> dxt_state,  C H0^T -> y_inter,  <G, H0>
+    state_slot = ((b * nchunks + c) * nheads + h) * headdim * dstate
+    bg_acc = tl.zeros((Q, BLOCK_P), dtype=tl.float32)
+    ch_acc = tl.zeros((Q, BLOCK_P), dtype=tl.float32)
+    g_dot_h0 = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+    for n0 in range(0, dstate, BLOCK_N):
+        n_mask = (n0 + offs_n) < dstate
+        qn_mask = valid[:, None] & n_mask[None, :]
+        np_mask = n_mask[:, None] & p_mask[None, :]
+        state_offs = offs_p[None, :] * dstate + (n0 + offs_n)[:, None]        # (N, P) view
+        b_tile = tl.load(B_ptr + b * s_bb + g * s_bg + t_idx[:, None] * s_bl
+                         + (n0 + offs_n)[None, :] * s_bn, mask=qn_mask, other=0.0)
+        c_tile = tl.load(C_ptr + b * s_cb + g * s_cg + t_idx[:, None] * s_cl
+                         + (n0 + offs_n)[None, :] * s_cn, mask=qn_mask, other=0.0)
+        g_t = tl.load(G_ptr + state_slot + state_offs, mask=np_mask, other=0.0)
+        h0_t = tl.load(H0_ptr + state_slot + state_offs, mask=np_mask, other=0.0)
+        bg_acc += tl.dot(b_tile.to(DOT_DTYPE), g_t.to(DOT_DTYPE), input_precision=DOT_PREC)
+        ch_acc += tl.dot(c_tile.to(DOT_DTYPE), h0_t.to(DOT_DTYPE), input_precision=DOT_PREC)
+        g_dot_h0 += g_t.to(tl.float32) * h0_t.to(tl.float32)
+    dxt_state = bg_acc * to_end[:, None]
+    y_inter = ch_acc * from_start[:, None]
+
+    x_tile = tl.load(x_ptr + b * s_xb + h * s_xh + t_idx[:, None] * s_xl + offs_p[None, :] * s_xp,
+                     mask=tile_mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + b * s_dyb + h * s_dyh + t_idx[:, None] * s_dyl
+                 + offs_p[None, :] * s_dyp, mask=tile_mask, other=0.0).to(tl.float32)
+    xt = x_tile * dtp[:, None]
+
+    # Intra-chunk
+    cb = tl.load(CB_ptr + ((b * nchunks + c) * ngroups + g) * Q * Q
+                 + offs_q[:, None] * Q + offs_q[None, :])
+    seg = tl.where(pair_ok, lam[:, None] - lam[None, :], float("-inf"))
+    scores = cb * tl.exp(seg)                                                   # [t, s]
+    dxt = tl.dot(tl.trans(scores).to(DOT_DTYPE), dy.to(DOT_DTYPE), input_precision=DOT_PREC)
+    dxt += dxt_state
+    dy_xt = tl.dot(dy.to(DOT_DTYPE), tl.trans(xt).to(DOT_DTYPE), input_precision=DOT_PREC)
+    z = scores * dy_xt                                                          # Z[t, s]
+
+    # d Lam_t, then d a_s = sum_{t >= s} d Lam_t
+    xt_dxt_state = tl.sum(xt * dxt_state, axis=1)
+    leaving = keep_start * tl.exp(lam_end) * tl.sum(tl.sum(g_dot_h0, axis=1), axis=0) \
+        + tl.sum(xt_dxt_state, axis=0)                                          # <G, H_end>
+    d_lam = tl.sum(z, axis=1) - tl.sum(z, axis=0) + tl.sum(dy * y_inter, axis=1) - xt_dxt_state
+    d_lam += tl.where(offs_q == Q - 1, leaving, 0.0)
+    d_a = tl.sum(d_lam, axis=0) - tl.cumsum(d_lam, axis=0) + d_lam
+
+    d_dtp = tl.sum(dxt * x_tile, axis=1) + A * d_a
+    tl.store(dA_part_ptr + bh * nchunks + c, tl.sum(tl.where(valid, d_a * dtp, 0.0), axis=0))
+
+    dx = dxt * dtp[:, None]
+    if HAS_D:
+        if D_PER_CHANNEL:
+            d_skip = tl.load(D_ptr + h * headdim + offs_p, mask=p_mask, other=0.0).to(tl.float32)
+            dx += dy * d_skip[None, :]
+            tl.store(dD_part_ptr + (bh * nchunks + c) * headdim + offs_p,
+                     tl.sum(dy * x_tile, axis=0), mask=p_mask)
+        else:
+            dx += dy * tl.load(D_ptr + h).to(tl.float32)
+            tl.store(dD_part_ptr + bh * nchunks + c, tl.sum(tl.sum(dy * x_tile, axis=1), axis=0))
+    tl.store(dx_ptr + b * s_dxb + h * s_dxh + t_idx[:, None] * s_dxl + offs_p[None, :] * s_dxp,
+             dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
+
+    # Through clamp and softplus back to the raw dt (and dt_bias).
+    dtp_again, pre = _discretize_dt(dt_ptr + b * s_dtb + h * s_dth + t_idx * s_dtl,
+                                    dt_bias_ptr, h, valid, HAS_BIAS, SOFTPLUS, dt_lo, dt_hi)
+    if SOFTPLUS:
+        sp = _softplus(pre)
+        d_pre = tl.where(pre > 20.0, d_dtp, d_dtp / (1.0 + tl.exp(-pre)))
+    else:
+        sp = pre
+        d_pre = d_dtp
+    d_pre = tl.where((sp >= dt_lo) & (sp <= dt_hi) & valid, d_pre, 0.0)
+    tl.store(ddt_ptr + b * s_ddtb + h * s_ddth + t_idx * s_ddtl,
+             d_pre.to(ddt_ptr.dtype.element_ty), mask=valid)
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + bh * nchunks + c, tl.sum(d_pre, axis=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# B4: per group (its heads summed): dB, dC
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_bwd_dbdc_kernel(
+    x_ptr, B_ptr, C_ptr, seq_ptr, dy_ptr, H0_ptr, G_ptr, dtp_ptr, lam_ptr,
+    dB_part_ptr, dC_part_ptr,
+    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, heads_per_split,
+    s_xb, s_xl, s_xh, s_xp,
+    s_bb, s_bl, s_bg, s_bn,
+    s_cb, s_cl, s_cg, s_cn,
+    s_dyb, s_dyl, s_dyh, s_dyp,
+    s_seqb, s_seql,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    c = tl.program_id(0)
+    bg = tl.program_id(1)
+    pid_ns = tl.program_id(2)
+    nchunks = tl.num_programs(0)
+    n_blocks = tl.cdiv(dstate, BLOCK_N)
+    pid_n = pid_ns % n_blocks
+    split = pid_ns // n_blocks
+    b = bg // ngroups
+    g = bg % ngroups
+    offs_q = tl.arange(0, Q)
+    t_idx = c * Q + offs_q
+    valid = t_idx < seqlen
+    offs_p = tl.arange(0, BLOCK_P)
+    p_mask = offs_p < headdim
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < dstate
+    tile_mask = valid[:, None] & p_mask[None, :]
+    qn_mask = valid[:, None] & n_mask[None, :]
+
+    pair_ok = offs_q[:, None] >= offs_q[None, :]
+    from_start_ok = valid
+    to_end_ok = valid
+    if HAS_SEQ:
+        seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
+                                              seqlen, Q)
+        pair_ok = pair_ok & (seq_t[:, None] == seq_t[None, :])
+        from_start_ok = from_start_ok & (seq_t == seq_prev)
+        to_end_ok = to_end_ok & (seq_t == seq_end)
+
+    w_acc = tl.zeros((Q, Q), dtype=tl.float32)
+    dc_acc = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
+    first_head = g * heads_per_group + split * heads_per_split
+    last_head = tl.minimum(first_head + heads_per_split, (g + 1) * heads_per_group)
+    for h in range(first_head, last_head):
+        bh = b * nheads + h
+        row = bh * padded_len + t_idx
+        lam = tl.load(lam_ptr + row)
+        dtp = tl.load(dtp_ptr + row)
+        lam_end = tl.load(lam_ptr + bh * padded_len + c * Q + Q - 1)
+        from_start = tl.where(from_start_ok, tl.exp(lam), 0.0)
+        to_end = tl.where(to_end_ok, tl.exp(lam_end - lam), 0.0)
+        x_tile = tl.load(x_ptr + b * s_xb + h * s_xh + t_idx[:, None] * s_xl
+                         + offs_p[None, :] * s_xp, mask=tile_mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + b * s_dyb + h * s_dyh + t_idx[:, None] * s_dyl
+                     + offs_p[None, :] * s_dyp, mask=tile_mask, other=0.0).to(tl.float32)
+        xt = x_tile * dtp[:, None]
+        seg = tl.where(pair_ok, lam[:, None] - lam[None, :], float("-inf"))
+        dy_xt = tl.dot(dy.to(DOT_DTYPE), tl.trans(xt).to(DOT_DTYPE), input_precision=DOT_PREC)
+        w_acc += tl.exp(seg) * dy_xt
+        state_slot = ((b * nchunks + c) * nheads + h) * headdim * dstate
+        state_offs = offs_p[:, None] * dstate + offs_n[None, :]                 # (P, N)
+        pn_mask = p_mask[:, None] & n_mask[None, :]
+        h0 = tl.load(H0_ptr + state_slot + state_offs, mask=pn_mask, other=0.0)
+        g_st = tl.load(G_ptr + state_slot + state_offs, mask=pn_mask, other=0.0)
+        dc_acc += tl.dot((dy * from_start[:, None]).to(DOT_DTYPE), h0.to(DOT_DTYPE),
+                         input_precision=DOT_PREC)
+        db_acc += tl.dot((xt * to_end[:, None]).to(DOT_DTYPE), g_st.to(DOT_DTYPE),
+                         input_precision=DOT_PREC)
+
+    b_tile = tl.load(B_ptr + b * s_bb + g * s_bg + t_idx[:, None] * s_bl + offs_n[None, :] * s_bn,
+                     mask=qn_mask, other=0.0)
+    c_tile = tl.load(C_ptr + b * s_cb + g * s_cg + t_idx[:, None] * s_cl + offs_n[None, :] * s_cn,
+                     mask=qn_mask, other=0.0)
+    w_low = w_acc.to(DOT_DTYPE)
+    dc_acc += tl.dot(w_low, b_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
+    db_acc += tl.dot(tl.trans(w_low), c_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
+    # partial buffers: (splits, b, l, g, n) fp32
+    base = (((split * (tl.num_programs(1) // ngroups) + b) * seqlen + t_idx[:, None]) * ngroups
+            + g) * dstate + offs_n[None, :]
+    tl.store(dB_part_ptr + base, db_acc, mask=qn_mask)
+    tl.store(dC_part_ptr + base, dc_acc, mask=qn_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+
+def _num_warps(Q: int, block_p: int) -> int:
+    return 8 if Q >= 128 or block_p >= 128 else 4
+
+
+def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus, dt_lo, dt_hi,
+                 Q):
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    heads_per_group = nheads // ngroups
+    nchunks = max(1, triton.cdiv(seqlen, Q))
+    padded_len = nchunks * Q
+    dev = x.device
+    dot_dtype, dot_prec = _dot_config(x.dtype)
+    state_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    block_p = _pow2(headdim)
+    block_n_full = _pow2(dstate)
+    block_n = min(block_n_full, 128)
+    warps = _num_warps(Q, block_p)
+    seq_arg = seq_idx if seq_idx is not None else x
+    s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
+
+    dtp = torch.empty(batch, nheads, padded_len, device=dev, dtype=torch.float32)
+    lam = torch.empty_like(dtp)
+    CB = torch.empty(batch, nchunks, ngroups, Q, Q, device=dev, dtype=torch.float32)
+    chunk_states = torch.empty(batch, nchunks, nheads, headdim, dstate, device=dev,
+                               dtype=torch.float32)
+    entering = torch.empty(batch, nchunks, nheads, headdim, dstate, device=dev,
+                           dtype=state_dtype)
+    final_state = torch.empty(batch, nheads, headdim, dstate, device=dev, dtype=torch.float32)
+    y = torch.empty(batch, seqlen, nheads, headdim, device=dev, dtype=x.dtype)
+
+    _cb_kernel[(nchunks, batch * ngroups)](
+        C, B, CB, seqlen, ngroups, dstate, *C.stride(), *B.stride(),
+        Q=Q, BLOCK_N=block_n, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, num_warps=warps)
+    block_n_state = min(block_n_full, 64)
+    _chunk_state_fwd_kernel[(nchunks, batch * nheads, triton.cdiv(dstate, block_n_state))](
+        x, dt, A, dt_bias if dt_bias is not None else A, B, seq_arg,
+        dtp, lam, chunk_states,
+        seqlen, nheads, heads_per_group, headdim, dstate, padded_len, dt_lo, dt_hi,
+        *x.stride(), *dt.stride(), *B.stride(), *s_seq,
+        Q=Q, BLOCK_P=block_p, BLOCK_N=block_n_state, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None,
+        DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, num_warps=4)
+    state_size = headdim * dstate
+    block_flat = min(1024, triton.next_power_of_2(state_size))
+    _state_pass_kernel[(triton.cdiv(state_size, block_flat), batch * nheads)](
+        chunk_states, entering, initial_state if initial_state is not None else chunk_states,
+        final_state, lam, seq_arg,
+        seqlen, nheads, state_size, padded_len, nchunks, *s_seq,
+        Q=Q, BLOCK=block_flat, HAS_START=initial_state is not None,
+        HAS_SEQ=seq_idx is not None, REVERSE=False, num_warps=4)
+    _chunk_out_fwd_kernel[(nchunks, batch * nheads)](
+        x, C, CB, entering, dtp, lam, D if D is not None else A, seq_arg, y,
+        seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len,
+        *x.stride(), *C.stride(), *y.stride(), *s_seq,
+        Q=Q, BLOCK_P=block_p, BLOCK_N=min(block_n_full, 64), HAS_D=D is not None,
+        D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_SEQ=seq_idx is not None,
+        DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, num_warps=warps)
+    return y, final_state, (dtp, lam, CB, entering)
+
+
+def _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, device) -> int:
+    """How many programs share one group's heads in B4: enough programs to fill the GPU."""
+    programs = batch * nchunks * ngroups * n_blocks
+    if device.type != "cuda":
+        return min(2, heads_per_group)  # exercise the split path under the interpreter
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(heads_per_group, triton.cdiv(4 * sms, programs)))
+
+
+def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs):
+    (x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dtp, lam, CB, entering) = saved
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    heads_per_group = nheads // ngroups
+    nchunks = entering.shape[1]
+    padded_len = nchunks * Q
+    dev = x.device
+    dot_dtype, dot_prec = _dot_config(x.dtype)
+    block_p = _pow2(headdim)
+    block_n_full = _pow2(dstate)
+    warps = _num_warps(Q, block_p)
+    seq_arg = seq_idx if seq_idx is not None else x
+    s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
+
+    # B1: what each chunk's outputs ask of its entering state
+    d_local = torch.empty(batch, nchunks, nheads, headdim, dstate, device=dev,
+                          dtype=torch.float32)
+    block_n_state = min(block_n_full, 64)
+    _chunk_dstate_bwd_kernel[(nchunks, batch * nheads, triton.cdiv(dstate, block_n_state))](
+        dy, C, lam, seq_arg, d_local,
+        seqlen, nheads, heads_per_group, headdim, dstate, padded_len,
+        *dy.stride(), *C.stride(), *s_seq,
+        Q=Q, BLOCK_P=block_p, BLOCK_N=block_n_state, HAS_SEQ=seq_idx is not None,
+        DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, num_warps=4)
+
+    # B2: reverse pass; G[c] = gradient of the state leaving chunk c
+    leaving_grad = torch.empty_like(entering)
+    d_initial = torch.empty(batch, nheads, headdim, dstate, device=dev, dtype=torch.float32)
+    state_size = headdim * dstate
+    block_flat = min(1024, triton.next_power_of_2(state_size))
+    _state_pass_kernel[(triton.cdiv(state_size, block_flat), batch * nheads)](
+        d_local, leaving_grad, d_final if d_final is not None else d_local, d_initial, lam,
+        seq_arg, seqlen, nheads, state_size, padded_len, nchunks, *s_seq,
+        Q=Q, BLOCK=block_flat, HAS_START=d_final is not None,
+        HAS_SEQ=seq_idx is not None, REVERSE=True, num_warps=4)
+
+    # B3: per head
+    dx = torch.empty(batch, seqlen, nheads, headdim, device=dev, dtype=x.dtype)
+    ddt = torch.empty(batch, seqlen, nheads, device=dev, dtype=dt.dtype)
+    dA_part = torch.empty(batch, nheads, nchunks, device=dev, dtype=torch.float32)
+    per_channel = D is not None and D.dim() == 2
+    dD_part = torch.empty(batch, nheads, nchunks, *((headdim,) if per_channel else ()),
+                          device=dev, dtype=torch.float32)
+    dbias_part = torch.empty(batch, nheads, nchunks, device=dev, dtype=torch.float32)
+    _chunk_bwd_dx_kernel[(nchunks, batch * nheads)](
+        x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A,
+        seq_arg, dy, CB, entering, leaving_grad, dtp, lam,
+        dx, ddt, dA_part, dD_part, dbias_part,
+        seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, dt_lo, dt_hi,
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(),
+        *ddt.stride(), *s_seq,
+        Q=Q, BLOCK_P=block_p, BLOCK_N=min(block_n_full, 64),
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None,
+        DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, num_warps=warps)
+
+    # B4: per group
+    block_n_bc = min(block_n_full, 128 if Q <= 64 else 64)
+    n_blocks = triton.cdiv(dstate, block_n_bc)
+    splits = _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, dev)
+    heads_per_split = triton.cdiv(heads_per_group, splits)
+    splits = triton.cdiv(heads_per_group, heads_per_split)
+    dB_part = torch.empty(splits, batch, seqlen, ngroups, dstate, device=dev, dtype=torch.float32)
+    dC_part = torch.empty_like(dB_part)
+    _chunk_bwd_dbdc_kernel[(nchunks, batch * ngroups, n_blocks * splits)](
+        x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, dB_part, dC_part,
+        seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, heads_per_split,
+        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *s_seq,
+        Q=Q, BLOCK_P=block_p, BLOCK_N=block_n_bc, HAS_SEQ=seq_idx is not None,
+        DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, num_warps=8 if Q >= 64 else 4)
+    dB = (dB_part[0] if splits == 1 else dB_part.sum(0)).to(B.dtype)
+    dC = (dC_part[0] if splits == 1 else dC_part.sum(0)).to(C.dtype)
+
+    dA = dA_part.sum((0, 2)).to(A.dtype) if needs["A"] else None
+    dD = dD_part.sum((0, 2)).to(D.dtype) if D is not None and needs["D"] else None
+    d_bias = dbias_part.sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None and needs["dt_bias"] else None
+    d_init = d_initial.to(initial_state.dtype) if initial_state is not None else None
+    return dx, ddt, dA, dB, dC, dD, d_bias, d_init
+
+
+class _SSDScanFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus, dt_lo,
+                dt_hi, Q):
+        y, final_state, (dtp, lam, CB, entering) = _ssd_forward(
+            x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus, dt_lo, dt_hi, Q)
+        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx,
+                              dtp, lam, CB, entering)
+        ctx.config = (dt_softplus, dt_lo, dt_hi, Q)
+        return y, final_state
+
+    @staticmethod
+    def backward(ctx, dy, d_final):
+        saved = ctx.saved_tensors
+        dt_softplus, dt_lo, dt_hi, Q = ctx.config
+        needs = {"A": ctx.needs_input_grad[2], "D": ctx.needs_input_grad[5],
+                 "dt_bias": ctx.needs_input_grad[6]}
+        if dy is None:
+            dy = torch.zeros_like(saved[0])
+        if d_final is not None:
+            d_final = d_final.contiguous()
+        dx, ddt, dA, dB, dC, dD, d_bias, d_init = _ssd_backward(
+            dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs)
+        return dx, ddt, dA, dB, dC, dD, d_bias, d_init, None, None, None, None, None
+
+
+def ssd_scan_triton(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    chunk_size: int = 256,
+    D: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    initial_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """SSD scan on Triton kernels; same contract as ``matmamba.ops.ssd.naive.ssd_scan_naive``.
+
+    Inputs may be strided views (any strides); float32, float16 and bfloat16. ``chunk_size`` is
+    accepted for signature parity: the kernels use their own chunk (see ``_chunk_length``).
+    Returns y (b,l,h,p) in x.dtype [, final_state (b,h,p,n) float32].
+    """
+    check_ssd_inputs(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_limit=dt_limit,
+                     initial_state=initial_state, seq_idx=seq_idx, chunk_size=chunk_size)
+    if x.dtype == torch.float64:
+        raise TypeError("ssd_scan_triton runs in float32, float16 or bfloat16; use impl='torch' "
+                        "or 'naive' for float64")
+    dt_lo, dt_hi = (float(v) for v in dt_limit)
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    if seq_idx is not None:
+        # Segment ids (number of changes so far): equal exactly where no boundary lies between.
+        changed = torch.zeros_like(seq_idx, dtype=torch.int32)
+        changed[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int32)
+        seq_idx = changed.cumsum(dim=1, dtype=torch.int32)
+    y, final_state = _SSDScanFunction.apply(
+        x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, bool(dt_softplus), dt_lo, dt_hi,
+        _chunk_length())
+    return (y, final_state) if return_final_state else y
