@@ -220,3 +220,24 @@ def test_flops_fall_with_width_and_per_layer_mixes_lie_between():
     assert quarter < mix < full
     vis = create_model("vision_tiny")
     assert vis.flops_per_image(32) < vis.flops_per_image()
+
+
+@pytest.mark.parametrize("width", [12, [32, 12, 4]])
+def test_extracted_dense_submodel_is_exactly_the_nested_one(width, tmp_path):
+    model = tiny_lm(seed=5)
+    dense = model.extract(width)
+    assert dense.config.layer_nheads == model.layer_heads(width)
+    assert sum(p.numel() for p in dense.parameters()) == model.num_params(width)
+    ids = torch.randint(0, 61, (2, 11))
+    assert rel_err(dense(ids).logits, model(ids, width=width).logits) < 1e-12
+    dense.float().save_pretrained(tmp_path / "dense")
+    again = matmamba.load_model(tmp_path / "dense")
+    assert again.config.layer_nheads == dense.config.layer_nheads
+    assert torch.allclose(again(ids).logits, dense(ids).logits)
+    vis = tiny_vision(seed=6).eval()
+    vdense = vis.extract(width).eval()
+    assert sum(p.numel() for p in vdense.parameters()) == vis.num_params(width)
+    images = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert rel_err(vdense(images), vis(images, width=width)) < 1e-12
+    with pytest.raises(ValueError, match="invalid width 32"):
+        vdense(images, width=32) if width == 12 else vdense(images, width=[32, 32, 32])

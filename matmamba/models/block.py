@@ -97,6 +97,7 @@ class MatMamba2(nn.Module):
         bias: bool = False,
         conv_bias: bool = True,
         chunk_size: int = 256,
+        nheads: int | None = None,
         layer_idx: int | None = None,
         device=None,
         dtype=None,
@@ -112,13 +113,17 @@ class MatMamba2(nn.Module):
             raise ValueError("rmsnorm=False is not supported: the nested block normalises over the used width")
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
-        self.d_inner = expand * d_model
         # The published models fix headdim = d_model / 32 (64 heads at full width).
         self.headdim = headdim if headdim is not None else d_model // 32
-        if self.headdim <= 0 or self.d_inner % self.headdim:
-            raise ValueError(f"headdim={self.headdim} must be positive and divide expand*d_model={self.d_inner} "
+        if self.headdim <= 0 or (expand * d_model) % self.headdim:
+            raise ValueError(f"headdim={self.headdim} must be positive and divide expand*d_model={expand * d_model} "
                              f"(default headdim is d_model // 32, so d_model must be >= 32)")
-        self.nheads = self.d_inner // self.headdim
+        # nheads < expand*d_model/headdim builds a narrower dense block: an exported submodel.
+        full_heads = expand * d_model // self.headdim
+        self.nheads = full_heads if nheads is None else nheads
+        if not 0 < self.nheads <= full_heads:
+            raise ValueError(f"nheads={nheads} must be in [1, {full_heads}] (expand*d_model/headdim)")
+        self.d_inner = self.nheads * self.headdim
         self.ngroups = ngroups
         if self.nheads % ngroups:
             raise ValueError(f"ngroups={ngroups} must divide the number of heads {self.nheads}")
@@ -156,8 +161,17 @@ class MatMamba2(nn.Module):
         self.register_load_state_dict_pre_hook(_convert_published_on_load)
 
     # ------------------------------------------------------------------ widths
+    @property
+    def max_width(self) -> int:
+        """The widest width this block holds (d_model, unless it is an exported narrower block)."""
+        return self.d_inner // self.expand if self.d_inner % self.expand == 0 else self.d_inner / self.expand
+
     def valid_widths(self) -> list[int]:
-        return valid_widths(self.d_model, self.expand, self.headdim)
+        return valid_widths(self.d_model, self.expand, self.headdim, int(self.max_width))
+
+    def resolve_heads(self, width: int | None = None, mrl_level: int | None = None) -> int:
+        """How many heads a call with these arguments uses."""
+        return self.heads_for_width(self.resolve_width(width, mrl_level))
 
     def resolve_width(self, width: int | None = None, mrl_level: int | None = None) -> int:
         """The width this call uses (see the class docstring for precedence)."""
@@ -166,11 +180,11 @@ class MatMamba2(nn.Module):
         if width is None and mrl_level is not None:
             width = width_from_mrl_level(mrl_level, self.d_model)
         if width is None:
-            width = self.d_model
-        return check_width(width, self.d_model, self.expand, self.headdim)
+            return self.max_width  # all heads
+        return check_width(width, self.d_model, self.expand, self.headdim, int(self.max_width))
 
-    def heads_for_width(self, width: int) -> int:
-        return self.expand * width // self.headdim
+    def heads_for_width(self, width: int | float) -> int:
+        return int(self.expand * width) // self.headdim
 
     @property
     def _gn(self) -> int:
@@ -200,15 +214,14 @@ class MatMamba2(nn.Module):
                              f"got {tuple(u.shape)}")
         if not u.is_floating_point():
             raise ValueError(f"MatMamba2 expects a floating-point input, got {u.dtype}")
-        width = self.resolve_width(width, mrl_level)
-        k = self.heads_for_width(width)
+        k = self.resolve_heads(width, mrl_level)
         conv_state = ssm_state = None
         if inference_params is not None:
             conv_state, ssm_state = self._states_from_cache(inference_params, u.shape[0])
             if inference_params.seqlen_offset > 0:
                 if u.shape[1] != 1:
                     raise ValueError("after the prompt, decoding takes one token per call")
-                return self.step(u, conv_state, ssm_state, width=width)
+                return self._step(u, conv_state, ssm_state, k)
 
         b, l, _ = u.shape
         P, gn = self.headdim, self._gn
@@ -270,7 +283,9 @@ class MatMamba2(nn.Module):
     def step(self, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
              width: int | None = None, mrl_level: int | None = None) -> torch.Tensor:
         """One token: u (b, 1, d_model). Updates the width's prefix of both states in place."""
-        k = self.heads_for_width(self.resolve_width(width, mrl_level))
+        return self._step(u, conv_state, ssm_state, self.resolve_heads(width, mrl_level))
+
+    def _step(self, u, conv_state, ssm_state, k: int) -> torch.Tensor:
         b = u.shape[0]
         P, gn = self.headdim, self._gn
         rows = self._in_proj_rows(k)
@@ -292,10 +307,31 @@ class MatMamba2(nn.Module):
         out = F.linear(y, self.out_proj.weight[:, : k * P], self.out_proj.bias)
         return out.unsqueeze(1)
 
+    # ------------------------------------------------------------------ export
+    def dense_state_dict(self, heads: int) -> dict[str, torch.Tensor]:
+        """The weights of the first ``heads`` heads as a dense block (``MatMamba2(..., nheads=heads)``)."""
+        k, P, gn, H = heads, self.headdim, self._gn, self.nheads
+        if not 0 < k <= H:
+            raise ValueError(f"heads must be in [1, {H}], got {heads}")
+        rows = torch.cat([torch.arange(2 * gn + k), torch.arange(2 * gn + H, 2 * gn + H + 2 * k * P)])
+        rows = rows.to(self.in_proj.weight.device)
+        channels = self._conv_channels(k)
+        sd = {"in_proj.weight": self.in_proj.weight.index_select(0, rows),
+              "conv_weight": self.conv_weight[:channels], "dt_bias": self.dt_bias[:k], "A_log": self.A_log[:k],
+              "D": self.D[: k * P] if self.D_has_hdim else self.D[:k], "norm.weight": self.norm.weight[: k * P],
+              "out_proj.weight": self.out_proj.weight[:, : k * P]}
+        if self.in_proj.bias is not None:
+            sd["in_proj.bias"] = self.in_proj.bias.index_select(0, rows)
+        if self.conv_bias is not None:
+            sd["conv_bias"] = self.conv_bias[:channels]
+        if self.out_proj.bias is not None:
+            sd["out_proj.bias"] = self.out_proj.bias
+        return {name: t.detach().clone() for name, t in sd.items()}
+
     # ----------------------------------------------------------------- counting
     def num_params(self, width: int | None = None) -> int:
         """Parameters of the dense block that width ``width`` is (what an export has)."""
-        k = self.heads_for_width(self.resolve_width(width))
+        k = self.resolve_heads(width)
         P, gn, D = self.headdim, self._gn, self.d_model
         rows = 2 * gn + k + 2 * k * P
         n = rows * D + (rows if self.in_proj.bias is not None else 0)
@@ -313,7 +349,7 @@ class MatMamba2(nn.Module):
         C h (2PN), i.e. 5PN per head per token. The chunked kernels do more (intra-chunk
         products), but this is the model's work, the number to compare submodels by.
         """
-        k = self.heads_for_width(self.resolve_width(width))
+        k = self.resolve_heads(width)
         P, gn, D, N = self.headdim, self._gn, self.d_model, self.d_state
         proj = 2 * D * (2 * gn + k + 2 * k * P) + 2 * k * P * D
         conv = 2 * self._conv_channels(k) * self.d_conv
@@ -365,7 +401,7 @@ class MatMamba2(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, headdim={self.headdim}, "
                 f"nheads={self.nheads}, ngroups={self.ngroups}, expand={self.expand}, "
-                f"widths={self.valid_widths()[0]}..{self.d_model} step {self.valid_widths()[0]}")
+                f"widths={self.valid_widths()[0]}..{self.max_width} step {self.valid_widths()[0]}")
 
 
 def _convert_published_on_load(module: MatMamba2, state_dict, prefix, local_metadata, strict,

@@ -123,14 +123,21 @@ class ConfigBase:
         self.widths = [int(w) for w in self.widths]
         for w in self.widths:
             check_width(w, d_model, expand, self.resolved_headdim)
+        if self.layer_nheads is not None:
+            full = expand * d_model // self.resolved_headdim
+            self.layer_nheads = [int(k) for k in self.layer_nheads]
+            if len(self.layer_nheads) != self.n_layer or not all(0 < k <= full for k in self.layer_nheads):
+                raise ValueError(f"layer_nheads must list n_layer={self.n_layer} head counts in [1, {full}], "
+                                 f"got {self.layer_nheads}")
 
     @property
     def resolved_headdim(self) -> int:
         return self.headdim if self.headdim is not None else self.d_model // 32
 
-    def block_kwargs(self) -> dict[str, Any]:
+    def block_kwargs(self, layer: int) -> dict[str, Any]:
         return dict(d_state=self.d_state, d_conv=self.d_conv, expand=self.expand, headdim=self.headdim,
-                    ngroups=self.ngroups, chunk_size=self.chunk_size, dt_limit=tuple(self.dt_limit))
+                    ngroups=self.ngroups, chunk_size=self.chunk_size, dt_limit=tuple(self.dt_limit),
+                    nheads=None if self.layer_nheads is None else self.layer_nheads[layer])
 
 
 class NestedModelMixin:
@@ -158,9 +165,9 @@ class NestedModelMixin:
         if width is None:
             return [{"mrl_level": mrl_level}] * c.n_layer if mrl_level is not None else [{}] * c.n_layer
         widths = per_layer_widths(width, None, c.n_layer, c.d_model)
-        for i, w in enumerate(widths):
+        for i, (layer, w) in enumerate(zip(self.layers, widths)):
             try:
-                check_width(w, c.d_model, c.expand, c.resolved_headdim)
+                layer.mixer.resolve_width(w)
             except ValueError as e:
                 raise ValueError(f"layer {i}: {e}") from None
         return [{"width": int(w)} for w in widths]
@@ -175,6 +182,27 @@ class NestedModelMixin:
         for layer, kw in zip(self.layers, kwargs):
             layer.mixer.mixnmatch = "width" in kw
             layer.mixer.mixnmatch_dims = kw.get("width", self.config.d_model)
+
+    def layer_heads(self, width=None) -> list[int]:
+        """Heads each layer uses for ``width`` (int, per-layer list, or None for each layer's own)."""
+        return [layer.mixer.resolve_heads(kw.get("width")) for layer, kw in
+                zip(self.layers, self._layer_kwargs(width, None))]
+
+    def extract(self, width=None):
+        """A standalone dense model of exactly the submodel at ``width`` (int or per-layer list).
+
+        Its blocks are plain MatMamba2 blocks with as many heads as the width uses (``layer_nheads``
+        in its config); at full width it computes what this model computes at ``width``.
+        """
+        config = dataclasses.replace(self.config, layer_nheads=self.layer_heads(width), widths=[])
+        dense = type(self)(config).to(device=next(self.parameters()).device,
+                                      dtype=next(self.parameters()).dtype)
+        state = {k: v for k, v in self.state_dict().items() if ".mixer." not in k}
+        for i, (layer, k) in enumerate(zip(self.layers, config.layer_nheads)):
+            mixer_prefix = _layer_prefix(dense, i) + "mixer."
+            state.update({mixer_prefix + name: t for name, t in layer.mixer.dense_state_dict(k).items()})
+        dense.load_state_dict(state, strict=True)
+        return dense
 
     # ---------------------------------------------------------------- counting
     def _block_widths(self, width) -> list[int | None]:
@@ -255,6 +283,13 @@ class NestedModelMixin:
         model = cls(cls.config_class.from_dict(config_dict))
         model.load_state_dict(load_weights_file(directory), strict=strict)
         return model.to(map_location) if map_location is not None else model
+
+
+def _layer_prefix(model: nn.Module, i: int) -> str:
+    for name, module in model.named_modules():
+        if module is model.layers[i]:
+            return name + "."
+    raise KeyError(i)
 
 
 _INTERNAL_BLOCK_KEYS = {"in_proj.weight", "in_proj.bias", "conv_weight", "conv_bias", "dt_bias", "A_log", "D",

@@ -40,6 +40,7 @@ class MatMambaConfig(ConfigBase):
     tie_embeddings: bool = True
     initializer_range: float = 0.02
     widths: list[int] | None = None  # the widths trained jointly (default D, D/2, D/4, D/8)
+    layer_nheads: list[int] | None = None  # heads per layer of an exported dense submodel (None: all)
 
     def __post_init__(self):
         self._check_block_shape()
@@ -62,7 +63,7 @@ class MixerModel(nn.Module):
         self.embedding = nn.Embedding(c.padded_vocab_size, c.d_model, **factory)
         norm_cls = RMSNorm if c.rms_norm else nn.LayerNorm
         self.layers = nn.ModuleList(
-            ResidualBlock(c.d_model, MatMamba2(c.d_model, layer_idx=i, **c.block_kwargs(), **factory),
+            ResidualBlock(c.d_model, MatMamba2(c.d_model, layer_idx=i, **c.block_kwargs(i), **factory),
                           norm_cls(c.d_model, eps=c.norm_epsilon, **factory),
                           residual_in_fp32=c.residual_in_fp32)
             for i in range(c.n_layer))

@@ -42,6 +42,7 @@ class MatMamba2VisionConfig(ConfigBase):
     pool: str = "cls"  # "cls" (last token) or "mean" (patch tokens); "avg" is the published alias
     head_bias_init: float | None = None  # the published recipes set -6.9 (= log(1/1000))
     widths: list[int] | None = None  # the widths trained jointly (default D, D/2, D/4, D/8)
+    layer_nheads: list[int] | None = None  # heads per layer of an exported dense submodel (None: all)
 
     def __post_init__(self):
         self._check_block_shape()
@@ -81,7 +82,7 @@ class MatMamba2Vision(NestedModelMixin, nn.Module):
         self.layers = nn.ModuleList(
             ResidualBlock(
                 c.d_model,
-                MatMamba2(c.d_model, layer_idx=i, proj_drop_rate=c.proj_drop_rate, **c.block_kwargs(), **factory),
+                MatMamba2(c.d_model, layer_idx=i, proj_drop_rate=c.proj_drop_rate, **c.block_kwargs(i), **factory),
                 norm_cls(c.d_model, eps=c.norm_epsilon, **factory),
                 drop_path=drop_paths[i], residual_in_fp32=c.residual_in_fp32)
             for i in range(c.n_layer))

@@ -19,20 +19,21 @@ def width_step(expand: int, headdim: int) -> int:
     return headdim // gcd(expand, headdim)
 
 
-def valid_widths(d_model: int, expand: int, headdim: int) -> list[int]:
+def valid_widths(d_model: int, expand: int, headdim: int, max_width: int | None = None) -> list[int]:
+    """Valid widths up to ``max_width`` (default d_model; less for an exported, narrower block)."""
     step = width_step(expand, headdim)
-    return list(range(step, d_model + 1, step))
+    return list(range(step, (d_model if max_width is None else max_width) + 1, step))
 
 
-def describe_valid_widths(d_model: int, expand: int, headdim: int) -> str:
-    widths = valid_widths(d_model, expand, headdim)
+def describe_valid_widths(d_model: int, expand: int, headdim: int, max_width: int | None = None) -> str:
+    widths = valid_widths(d_model, expand, headdim, max_width)
     step = width_step(expand, headdim)
     shown = ", ".join(map(str, widths)) if len(widths) <= 8 else (
         ", ".join(map(str, widths[:4])) + ", ..., " + ", ".join(map(str, widths[-2:])))
-    return f"multiples of {step} from {step} to {d_model} ({shown})"
+    return f"multiples of {step} from {step} to {widths[-1] if widths else step} ({shown})"
 
 
-def check_width(width, d_model: int, expand: int, headdim: int) -> int:
+def check_width(width, d_model: int, expand: int, headdim: int, max_width: int | None = None) -> int:
     """Return ``width`` as an int if valid, else raise a ValueError naming the valid widths."""
     if isinstance(width, bool) or not isinstance(width, int):
         try:
@@ -43,14 +44,15 @@ def check_width(width, d_model: int, expand: int, headdim: int) -> int:
             pass
         if hasattr(width, "item") and getattr(width, "ndim", 1) == 0:
             width = int(width.item())
+    valid = describe_valid_widths(d_model, expand, headdim, max_width)
     if isinstance(width, bool) or not isinstance(width, int):
         raise ValueError(f"width must be an int, got {width!r} ({type(width).__name__}); "
-                         f"valid widths for d_model={d_model}: {describe_valid_widths(d_model, expand, headdim)}")
-    if width <= 0 or width > d_model or (expand * width) % headdim != 0:
+                         f"valid widths for d_model={d_model}: {valid}")
+    limit = d_model if max_width is None else max_width
+    if width <= 0 or width > limit or (expand * width) % headdim != 0:
         raise ValueError(
             f"invalid width {width} for d_model={d_model}, expand={expand}, headdim={headdim}: "
-            f"expand*width must be a positive multiple of headdim and width <= d_model. "
-            f"Valid widths: {describe_valid_widths(d_model, expand, headdim)}")
+            f"expand*width must be a positive multiple of headdim and width <= {limit}. Valid widths: {valid}")
     return width
 
 
