@@ -105,7 +105,7 @@ def test_torch_matches_naive_values_and_gradients_float64(case, strided):
     assert final.shape == (batch, dim, width - 1)
     if width > 1:
         assert rel_err(final, final_ref) < 1e-12
-    for name, g, g_ref in zip(leaves, grads, grads_ref):
+    for name, g, g_ref in zip(leaves, grads, grads_ref, strict=True):
         assert rel_err(g, g_ref) < 1e-12, f"gradient of {name}"
 
 
@@ -164,7 +164,7 @@ def test_update_torch_matches_naive_gradients_and_float32_state():
         state = inputs["initial_state"].clone()
         y = fn(x, state, weight, inputs["bias"], activation="silu")
         grads.append(torch.autograd.grad(y.square().sum(), [x, weight]))
-    for g, g_ref in zip(grads[1], grads[0]):
+    for g, g_ref in zip(grads[1], grads[0], strict=True):
         assert rel_err(g, g_ref) < 1e-13
     # float32 state, bfloat16 token: the state keeps its dtype, y takes the token's
     state32 = inputs["initial_state"].float()

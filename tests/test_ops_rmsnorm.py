@@ -31,17 +31,17 @@ def test_naive_by_hand():
     silu = [v / (1 + math.exp(-v)) for v in z]
     tensors = [torch.tensor(v, dtype=torch.float64) for v in (x, z, w)]
 
-    gated = [a * s for a, s in zip(x, silu)]  # norm_before_gate=False, two groups of 2
+    gated = [a * s for a, s in zip(x, silu, strict=True)]  # norm_before_gate=False, two groups of 2
     expected = []
     for group in (gated[:2], gated[2:]):
         scale = 1 / math.sqrt(sum(v * v for v in group) / 2 + eps)
         expected += [v * scale for v in group]
-    expected = [v * wc for v, wc in zip(expected, w)]
+    expected = [v * wc for v, wc in zip(expected, w, strict=True)]
     out = gated_rmsnorm_naive(*tensors, eps=eps, group_size=2)
     assert out.tolist() == pytest.approx(expected, rel=1e-14)
 
     scale = 1 / math.sqrt(sum(v * v for v in x) / 4 + eps)  # norm_before_gate=True, one group
-    expected = [v * scale * wc * s for v, wc, s in zip(x, w, silu)]
+    expected = [v * scale * wc * s for v, wc, s in zip(x, w, silu, strict=True)]
     out = gated_rmsnorm_naive(*tensors, eps=eps, norm_before_gate=True)
     assert out.tolist() == pytest.approx(expected, rel=1e-14)
 
@@ -59,7 +59,7 @@ def test_torch_matches_naive_values_and_gradients_float64(group_size, norm_befor
         results.append((out, torch.autograd.grad((out * grad_out).sum(), leaves)))
     (out_ref, grads_ref), (out, grads) = results
     assert rel_err(out, out_ref) < 1e-13
-    for g, g_ref in zip(grads, grads_ref):
+    for g, g_ref in zip(grads, grads_ref, strict=True):
         assert rel_err(g, g_ref) < 1e-12
 
 

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from matmamba.ops import get_default_impl, ssd_scan, use_impl
 from matmamba.ops._dispatch import resolve_impl
@@ -166,7 +165,7 @@ def test_chunked_matches_naive_values_and_gradients_float64(case):
         y, final = call_scan(fn, inputs, **options, **extra)
         loss = (y * grad_y).sum() + (final * grad_state).sum()
         grads = torch.autograd.grad(loss, list(inputs.values()))
-        results[name] = (y, final, dict(zip(inputs, grads)))
+        results[name] = (y, final, dict(zip(inputs, grads, strict=True)))
 
     (y_ref, final_ref, grads_ref), (y, final, grads) = results["naive"], results["torch"]
     assert y.dtype == torch.float64 and final.dtype == torch.float64
@@ -192,7 +191,7 @@ def test_float32_chunked_close_to_float64_naive():
     grad_y = torch.randn_like(y_ref)
     grads_ref = torch.autograd.grad((y_ref * grad_y).sum() + final_ref.sum(), list(inputs64.values()))
     grads = torch.autograd.grad((y * grad_y.float()).sum() + final.sum(), list(inputs32.values()))
-    for name, g, g_ref in zip(inputs64, grads, grads_ref):
+    for name, g, g_ref in zip(inputs64, grads, grads_ref, strict=True):
         assert rel_err(g, g_ref) < 1e-4, f"gradient of {name}"
 
 
@@ -381,6 +380,26 @@ def test_dispatch_forced_triton_without_module_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "matmamba.ops.ssd.triton_impl", None)  # makes the import fail
     with pytest.raises(RuntimeError, match="matmamba.ops.ssd.triton_impl could not be imported"):
         call_scan(ssd_scan, _good(), impl="triton")
+
+
+def test_dispatch_auto_picks_triton_on_cuda_and_falls_back_when_missing(monkeypatch):
+    """Simulated CUDA: "auto" calls the Triton module's function when it imports, torch otherwise."""
+    import types
+
+    from matmamba.ops import _dispatch
+
+    monkeypatch.delenv("MATMAMBA_IMPL", raising=False)
+    monkeypatch.setattr(_dispatch, "_all_on_cuda", lambda tensors: True)
+    calls = []
+    fake = types.ModuleType("matmamba.ops.ssd.triton_impl")
+    fake.ssd_scan_triton = lambda *args, **kwargs: calls.append(sorted(kwargs)) or "from triton"
+    monkeypatch.setitem(sys.modules, "matmamba.ops.ssd.triton_impl", fake)
+    assert call_scan(ssd_scan, _good(), chunk_size=4) == "from triton"
+    assert "impl" not in calls[0] and "chunk_size" in calls[0]  # same signature minus impl
+    with use_impl("torch"):
+        assert isinstance(call_scan(ssd_scan, _good(), chunk_size=4), torch.Tensor)
+    monkeypatch.setitem(sys.modules, "matmamba.ops.ssd.triton_impl", None)  # module missing
+    assert resolve_impl("ssd", "auto", [torch.zeros(1)]) == "torch"
 
 
 def test_dispatch_naive_and_torch_agree_through_public_function():

@@ -67,7 +67,7 @@ def test_torch_matches_naive_values_state_and_gradients_float64(ngroups, D_shape
         results.append((y, state, grads))
     (y_ref, state_ref, grads_ref), (y, state, grads) = results
     assert rel_err(y, y_ref) < 1e-13 and rel_err(state, state_ref) < 1e-13
-    for name, g, g_ref in zip(leaves, grads, grads_ref):
+    for name, g, g_ref in zip(leaves, grads, grads_ref, strict=True):
         assert rel_err(g, g_ref) < 1e-12, f"gradient of {name}"
 
 

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from matmamba import ops
 from matmamba.models.widths import check_width, valid_widths, width_from_mrl_level
 
+CPU_CHUNK_SIZE = 64
+
 
 @dataclass
 class InferenceParams:
@@ -244,8 +246,11 @@ class MatMamba2(nn.Module):
         x = conv_out[..., 2 * gn :].unflatten(-1, (k, P))
 
         A = -torch.exp(self.A_log[:k].float())
+        # The chunk size changes only rounding. The torch scan's cost per token grows with it, so on
+        # the CPU a short chunk is several times faster; the GPU kernels use the configured one.
+        chunk_size = self.chunk_size if u.is_cuda else min(self.chunk_size, CPU_CHUNK_SIZE)
         y = ops.ssd_scan(
-            x, dt, A, B, C, chunk_size=self.chunk_size, D=self._D(k), dt_bias=self.dt_bias[:k],
+            x, dt, A, B, C, chunk_size=chunk_size, D=self._D(k), dt_bias=self.dt_bias[:k],
             dt_softplus=True, dt_limit=self.dt_limit, seq_idx=seq_idx,
             return_final_state=ssm_state is not None)
         if ssm_state is not None:

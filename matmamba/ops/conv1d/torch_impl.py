@@ -53,7 +53,7 @@ def causal_conv1d_torch(
         y = y.transpose(1, 2)
     else:
         segments = segment_ids(seq_idx)  # 0 for the first sequence, which owns the initial state
-        segments_padded = F.pad(segments, (history, 0), value=0)  # (b, l+w-1)
+        segments_padded = torch.cat([segments.new_zeros(batch, history), segments], dim=1)  # (b, l+w-1)
         taps = padded.unfold(1, width, 1)  # (b,l,d,w): taps[:, t, :, k] = padded[:, t + k]
         tap_segments = segments_padded.unfold(1, width, 1)  # (b,l,w)
         same_sequence = (tap_segments == segments[:, :, None]).to(dtype)  # (b,l,w)

@@ -80,7 +80,8 @@ def ssd_scan_chunked(
     initial_state (b,h,p,n), seq_idx (b,l). Returns y (b,l,h,p) in x.dtype and, with
     ``return_final_state``, the final state (b,h,p,n) in float32 (float64 for float64 inputs).
     ``l`` need not be a multiple of ``chunk_size``: the tail is padded with dt' = 0 and x = 0
-    (a step that neither decays nor writes the state) and cropped from the output.
+    (a step that neither decays nor writes the state) and cropped from the output; when
+    ``l < chunk_size`` the chunk shrinks to ``l``.
     """
     batch, seqlen, nheads, headdim, ngroups, dstate = check_ssd_inputs(
         x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_limit=dt_limit,
@@ -89,7 +90,8 @@ def ssd_scan_chunked(
     dtype = compute_dtype_for(x, dt, A, B, C, D, dt_bias, initial_state)
     device = x.device
     heads_per_group = nheads // ngroups
-    Q = chunk_size
+    # A sequence shorter than one chunk is a single chunk of its own length (same result, less work).
+    Q = max(1, min(chunk_size, seqlen))
     nchunks = max(1, -(-seqlen // Q))
     pad = nchunks * Q - seqlen
 
@@ -104,11 +106,13 @@ def ssd_scan_chunked(
         B_c = F.pad(B_c, (0, 0, 0, 0, 0, pad))
         C_c = F.pad(C_c, (0, 0, 0, 0, 0, pad))
 
-    # Chunked layouts; heads split as (group, head-within-group) so B and C are never copied
-    # per head:  x (b,c,Q,g,r,p)  step (b,c,g,r,Q)  B, C (b,c,Q,g,n)  with r = heads per group.
-    x_chunks = x_c.reshape(batch, nchunks, Q, ngroups, heads_per_group, headdim)
-    B_chunks = B_c.reshape(batch, nchunks, Q, ngroups, dstate)
-    C_chunks = C_c.reshape(batch, nchunks, Q, ngroups, dstate)
+    # Chunked layouts, heads split as (group g, head-within-group r) so that B and C are shared
+    # by broadcasting, never copied per head; time-in-chunk next to the feature axis so that
+    # every contraction below is a batched matmul:
+    #   x (b,c,g,r,Q,p)   step (b,c,g,r,Q)   B, C (b,c,g,Q,n)
+    x_chunks = x_c.reshape(batch, nchunks, Q, ngroups, heads_per_group, headdim).permute(0, 1, 3, 4, 2, 5)
+    B_chunks = B_c.reshape(batch, nchunks, Q, ngroups, dstate).transpose(2, 3)
+    C_chunks = C_c.reshape(batch, nchunks, Q, ngroups, dstate).transpose(2, 3)
     step_chunks = step.reshape(batch, nchunks, Q, ngroups, heads_per_group).permute(0, 1, 3, 4, 2)
     log_decay = step_chunks * A.to(dtype).reshape(ngroups, heads_per_group)[:, :, None]  # a_t
     decay_from_chunk_start = torch.exp(log_decay.cumsum(dim=-1))  # exp(a_s + ... + a_i)
@@ -117,11 +121,11 @@ def ssd_scan_chunked(
     # Which decay factors are allowed to be non-zero.
     lower = torch.ones(Q, Q, dtype=torch.bool, device=device).tril()  # j <= i
     pair_mask = lower[None, None, None, None]  # (1,1,1,1,Q,Q), broadcast over (b,c,g,r)
-    from_start_mask = end_keep_mask = None
     if seq_idx is not None:
         segments = segment_ids(seq_idx)
         if pad:
-            segments = F.pad(segments, (0, pad), mode="replicate")  # padding stays in the last seq
+            # the padded tail stays in the row's last sequence
+            segments = torch.cat([segments, segments[:, -1:].expand(batch, pad)], dim=1)
         seg_chunks = segments.reshape(batch, nchunks, Q)
         # Segment of the position just before each chunk; the initial state counts as segment 0.
         seg_before_chunk = torch.cat(
@@ -137,16 +141,14 @@ def ssd_scan_chunked(
     # decay[..., i, j] = exp(a_{j+1} + ... + a_i) where allowed, else 0.        (b,c,g,r,Q,Q)
     decay = torch.exp(stable_segsum(log_decay).masked_fill(~pair_mask, -math.inf))
 
-    # 1) Intra-chunk:  y_i += sum_j (C_i . B_j) decay(i, j) dt'_j x_j
-    C_dot_B = torch.einsum("bcign,bcjgn->bcgij", C_chunks, B_chunks)  # (b,c,g,Q,Q)
-    weights = C_dot_B[:, :, :, None] * decay * step_chunks[..., None, :]  # (b,c,g,r,Q,Q)
-    y = torch.einsum("bcgrij,bcjgrp->bcigrp", weights, x_chunks)
+    # 1) Intra-chunk:  y_i = sum_j (C_i . B_j) decay(i, j) (dt'_j x_j)
+    x_scaled = x_chunks * step_chunks[..., None]  # dt'_j x_j                        (b,c,g,r,Q,p)
+    C_dot_B = C_chunks @ B_chunks.transpose(-1, -2)  # (b,c,g,Q,Q), shared by the group's heads
+    y = (C_dot_B[:, :, :, None] * decay) @ x_scaled  # (b,c,g,r,Q,p)
 
-    # 2) What each chunk adds to the state by its end:  sum_j decay(Q-1, j) dt'_j x_j B_j^T
-    decay_to_chunk_end = decay[..., -1, :]  # (b,c,g,r,Q)
-    chunk_states = torch.einsum(
-        "bcgrj,bcjgrp,bcjgn->bcgrpn", decay_to_chunk_end * step_chunks, x_chunks, B_chunks
-    )
+    # 2) What each chunk adds to the state by its end:  sum_j decay(Q-1, j) (dt'_j x_j) B_j^T
+    decay_to_chunk_end = decay[..., -1, :, None]  # (b,c,g,r,Q,1)
+    chunk_states = (x_scaled * decay_to_chunk_end).transpose(-1, -2) @ B_chunks[:, :, :, None]  # (b,c,g,r,p,n)
 
     # 3) Pass the state across chunks (float32 or float64), keeping the state entering each chunk.
     if initial_state is None:
@@ -160,11 +162,11 @@ def ssd_scan_chunked(
     states_entering = torch.stack(states_entering, dim=1)  # (b,c,g,r,p,n)
 
     # 4) Output from the entering state:  y_i += exp(a_s + ... + a_i) state_in C_i
-    y = y + torch.einsum(
-        "bcgri,bcgrpn,bcign->bcigrp", decay_from_chunk_start, states_entering, C_chunks
-    )
+    from_state = C_chunks[:, :, :, None] @ states_entering.transpose(-1, -2)  # (b,c,g,r,Q,p)
+    y = y + decay_from_chunk_start[..., None] * from_state
 
-    y = y.reshape(batch, nchunks * Q, nheads, headdim)[:, :seqlen]
+    # (b,c,g,r,Q,p) -> (b,c,Q,g,r,p) -> (b,l,h,p)
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(batch, nchunks * Q, nheads, headdim)[:, :seqlen]
     if D is not None:
         D_c = D.to(dtype)
         y = y + (D_c[:, None] if D_c.dim() == 1 else D_c) * x_c[:, :seqlen]
