@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+STAGES = ("ssd", "conv", "rmsnorm", "state_update", "long", "block", "models", "decode", "compile")
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 RESULTS: list[dict] = []
@@ -471,7 +472,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=None, help="write all results here")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
-    parser.add_argument("--skip", default="", help="comma list of: ops,long,block,models,decode,compile")
+    parser.add_argument("--skip", default="", help="comma list of stages to skip: " + ",".join(STAGES))
+    parser.add_argument("--only", default="", help="comma list of stages to run (default: all)")
+    parser.add_argument("--dtypes", default="fp32,fp16,bf16", help="op checks in these dtypes")
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="exercise this script on the CPU under TRITON_INTERPRET=1 (fp32/fp16 only)")
     args = parser.parse_args()
@@ -487,7 +490,8 @@ def main():
         env = dict(torch=torch.__version__, triton=triton.__version__,
                    device=torch.cuda.get_device_name(),
                    capability=".".join(map(str, torch.cuda.get_device_capability())))
-        dtypes = [torch.float32, torch.float16, torch.bfloat16]
+        by_name = {v: k for k, v in DTYPE_NAME.items()}
+        dtypes = [by_name[d] for d in args.dtypes.split(",")]
         autocasts = (None, torch.bfloat16)
     else:
         env = dict(torch=torch.__version__, triton=triton.__version__, device="cpu (interpreter)")
@@ -495,9 +499,11 @@ def main():
         autocasts = (None,)
     print("environment:", env, flush=True)
     t0 = time.time()
-    stages = [("ops", lambda: (check_ssd(dtypes, dev, args.quick), check_conv(dtypes, dev, args.quick),
-                               check_rmsnorm(dtypes, dev, args.quick),
-                               check_state_update(dtypes, dev, args.quick))),
+    only = set(filter(None, args.only.split(",")))
+    stages = [("ssd", lambda: check_ssd(dtypes, dev, args.quick)),
+              ("conv", lambda: check_conv(dtypes, dev, args.quick)),
+              ("rmsnorm", lambda: check_rmsnorm(dtypes, dev, args.quick)),
+              ("state_update", lambda: check_state_update(dtypes, dev, args.quick)),
               ("long", lambda: check_long_bf16(dev)),
               ("block", lambda: check_block(dev, args.quick, autocasts)),
               ("models", lambda: check_models(dev)),
@@ -505,7 +511,7 @@ def main():
               ("compile", lambda: check_compile(dev))]
     timings = {}
     for name, stage in stages:
-        if name in skip:
+        if name in skip or (only and name not in only):
             continue
         start = time.time()
         stage()

@@ -257,12 +257,11 @@ class NestedWidthModule(L.LightningModule):
             chosen = rng.sample(self.widths, k)
         return sorted(chosen, reverse=True)
 
-    def _backward_context(self, final: bool):
-        """DDP: skip the built-in gradient sync when we all-reduce ourselves."""
+    def _disable_ddp_sync(self) -> None:
+        """DDP: turn off the all-reduce inside backward when we all-reduce once per step ourselves."""
         model = self.trainer.strategy.model
         if self._manual_grad_sync and hasattr(model, "require_backward_grad_sync"):
             model.require_backward_grad_sync = False
-        return contextlib.nullcontext()
 
     def width_loss(self, width: int, output: torch.Tensor, target: Any, teacher: torch.Tensor | None):
         loss = self.task_loss(output, target)
@@ -279,7 +278,6 @@ class NestedWidthModule(L.LightningModule):
         scale = 1.0 / self.accumulate
         teacher = None
         total = 0.0
-        self._backward_context(final=False)
         for width in widths:
             output = self.forward_width(inputs, width)
             loss = self.width_loss(width, output, target, teacher)
@@ -385,6 +383,7 @@ class NestedWidthModule(L.LightningModule):
         self._pending_rng = states[rank]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._disable_ddp_sync()
         if self._pending_rng is not None:
             _set_rng_state(self._pending_rng)
             self._pending_rng = None
@@ -399,15 +398,23 @@ class NestedWidthModule(L.LightningModule):
 
 
 def _get_rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors and plain Python values, so checkpoints load with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
@@ -436,9 +443,8 @@ class VisionClassificationModule(NestedWidthModule):
         top_k: Sequence[int] = (1,),
         **kwargs: Any,
     ) -> None:
-        self._top_k = sorted({int(k) for k in top_k})
         super().__init__(name, **kwargs)
-        self.save_hyperparameters()
+        self._top_k = sorted({int(k) for k in top_k})
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
         n_classes = self.net.config.n_classes
@@ -452,7 +458,8 @@ class VisionClassificationModule(NestedWidthModule):
             self.mixup_fn = Mixup(**dict(mixup), label_smoothing=label_smoothing, num_classes=n_classes)
 
     def val_metric_names(self) -> list[str]:
-        return ["loss"] + ["acc" if k == 1 else f"acc{k}" for k in self._top_k]
+        top_k = sorted({int(k) for k in self.hparams.top_k})
+        return ["loss"] + ["acc" if k == 1 else f"acc{k}" for k in top_k]
 
     def check_data_compat(self, datamodule) -> None:
         c = self.net.config

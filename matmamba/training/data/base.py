@@ -74,7 +74,7 @@ class NestedDataModule(L.LightningDataModule):
         self.check_data()
 
     def setup(self, stage: str | None = None) -> None:
-        trainer = self._trainer
+        trainer = self.trainer
         if trainer is not None:
             self.rank, self.world_size = trainer.global_rank, trainer.world_size
             if self.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
@@ -154,7 +154,7 @@ class NestedDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------- resume
     def _processed_batches(self) -> int:
-        trainer = self._trainer
+        trainer = self.trainer
         if trainer is None:
             return self._resumed_batches
         return trainer.fit_loop.epoch_loop.batch_progress.total.processed

@@ -1,0 +1,617 @@
+#!/usr/bin/env python
+"""Benchmark of the Triton kernels and the MatMamba2 block against mamba_ssm's Triton path.
+
+Timing: CUDA events around each call, warm-up first, the median of many runs (and the spread,
+(max-min)/median of the middle half, printed beside it). Baseline in the same process and run:
+
+- SSD alone: ``mamba_ssm``'s ``mamba_chunk_scan_combined`` (chunk 256) and, for the forward,
+  flash-linear-attention's ``chunk_simple_gla`` on the same scan core (q = C, k = B,
+  v = x dt', g = A dt', scale 1; its inputs prepared outside the timed region).
+- The block: the published MatMamba2 forward at each width (gather the width's rows of in_proj
+  and conv with ``torch.cat``, PyTorch's conv1d + SiLU, ``mamba_chunk_scan_combined``,
+  ``mamba_ssm``'s gated RMSNorm, out_proj), on the same weights as ours.
+- Decoding: ``mamba_ssm``'s ``selective_state_update`` against ours for the state update op,
+  and the full 24-layer step against its bytes-moved floor.
+
+All block cases: bf16 autocast, fp32 weights, forward + backward of a random cotangent, input
+gradient included. Peak memory is ``max_memory_allocated`` during one call minus what was
+allocated before it. JSON goes to ``--json``; a table is printed last.
+
+mamba_ssm / fla-core are imported from wherever Python finds them (scripts/gpu_visit.sh installs
+the wheels to /tmp/site). ``selective_scan_cuda`` is replaced by an empty module and the
+``mamba_ssm`` package's __init__ is bypassed (it imports CUDA extensions the Mamba2 Triton path
+does not need).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, REPO)
+
+RESULTS: list[dict] = []
+META: dict = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def bench(fn, warmup=3, reps=20, min_ms=200.0):
+    """Median ms of fn() over CUDA events (reps grows so the total is >= min_ms)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    once = max(start.elapsed_time(end), 1e-3)
+    reps = max(reps, min(200, int(min_ms / once)))
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    median = statistics.median(times)
+    q1, q3 = times[len(times) // 4], times[(3 * len(times)) // 4]
+    return dict(ms=median, spread=(q3 - q1) / median if median else 0.0, reps=reps)
+
+
+def peak_mb(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def save(path):
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(meta=META, results=RESULTS), f, indent=1, default=str)
+
+
+def add(case, shape, ours=None, base=None, base_name="", note="", **extra):
+    ratio = (base["ms"] / ours["ms"]) if (ours and base) else None
+    row = dict(case=case, shape=shape, ours_ms=ours["ms"] if ours else None,
+               ours_spread=ours["spread"] if ours else None,
+               base_ms=base["ms"] if base else None, base_name=base_name,
+               speedup=ratio, note=note, **extra)
+    RESULTS.append(row)
+    print(f"  {case:<34} {shape:<36} ours {fmt(row['ours_ms'])} ms  {base_name or 'base'} "
+          f"{fmt(row['base_ms'])} ms  x{fmt(ratio, 2)}  {note}", flush=True)
+
+
+def fmt(v, digits=3):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines
+# ---------------------------------------------------------------------------------------------
+
+
+def import_baselines():
+    """(mamba module dict or None, fla chunk_simple_gla or None, reasons)."""
+    reasons = {}
+    mamba = None
+    try:
+        sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None:
+            raise ImportError("mamba_ssm is not installed")
+        if "mamba_ssm" not in sys.modules:
+            pkg = types.ModuleType("mamba_ssm")
+            pkg.__path__ = list(spec.submodule_search_locations)
+            sys.modules["mamba_ssm"] = pkg
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        import importlib.metadata as md
+        mamba = dict(scan=mamba_chunk_scan_combined, rmsnorm=rmsnorm_fn,
+                     state_update=selective_state_update)
+        try:
+            META["mamba_ssm"] = md.version("mamba_ssm")
+        except Exception:  # noqa: BLE001
+            META["mamba_ssm"] = "unknown"
+    except Exception as error:  # noqa: BLE001
+        reasons["mamba_ssm"] = f"{type(error).__name__}: {error}"
+    fla = None
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+        fla = chunk_simple_gla
+        import importlib.metadata as md
+        try:
+            META["fla_core"] = md.version("fla-core")
+        except Exception:  # noqa: BLE001
+            META["fla_core"] = "unknown"
+    except Exception as error:  # noqa: BLE001
+        reasons["fla"] = f"{type(error).__name__}: {error}"
+    return mamba, fla, reasons
+
+
+class PublishedBlock:
+    """The published MatMamba2 forward at a width, on mamba_ssm kernels, from a published-layout
+    state dict: the width's rows are gathered (copies) every call, as the published code does."""
+
+    def __init__(self, sd: dict, d_model, d_state, headdim, mamba, d_conv=4, expand=2, ngroups=1):
+        self.sd = {k: v for k, v in sd.items()}
+        self.D, self.N, self.P, self.mamba = d_model, d_state, headdim, mamba
+        self.E = expand * d_model
+        self.H = self.E // headdim
+        self.GN = ngroups * d_state
+        self.ngroups = ngroups
+        self.d_conv = d_conv
+
+    def params(self):
+        return [v for v in self.sd.values() if v.requires_grad]
+
+    def __call__(self, u, width):
+        sd, E, GN, P = self.sd, self.E, self.GN, self.P
+        k = 2 * width // P
+        Ek = k * P
+        W = sd["in_proj.weight"]
+        w_rows = torch.cat([W[:Ek], W[E:E + Ek], W[2 * E:2 * E + 2 * GN], W[2 * E + 2 * GN:2 * E + 2 * GN + k]])
+        zxbcdt = F.linear(u, w_rows)
+        z, xBC, dt = torch.split(zxbcdt, [Ek, Ek + 2 * GN, k], dim=-1)
+        cw = sd["conv1d.weight"]
+        cb = sd["conv1d.bias"]
+        conv_w = torch.cat([cw[:Ek], cw[E:]])
+        conv_b = torch.cat([cb[:Ek], cb[E:]])
+        l = u.shape[1]
+        xBC = F.silu(F.conv1d(xBC.transpose(1, 2), conv_w[:, None, :], conv_b, padding=self.d_conv - 1,
+                              groups=conv_w.shape[0])[..., :l].transpose(1, 2))
+        x, B, C = torch.split(xBC, [Ek, GN, GN], dim=-1)
+        b = u.shape[0]
+        A = -torch.exp(sd["A_log"][:k].float())
+        y = self.mamba["scan"](x.reshape(b, l, k, P), dt, A, B.reshape(b, l, self.ngroups, -1),
+                               C.reshape(b, l, self.ngroups, -1), chunk_size=256, D=sd["D"][:k],
+                               dt_bias=sd["dt_bias"][:k], dt_softplus=True)
+        y = self.mamba["rmsnorm"](y.reshape(b, l, Ek), sd["norm.weight"][:Ek], None, z=z, eps=1e-5,
+                                  norm_before_gate=False)
+        return F.linear(y, sd["out_proj.weight"][:, :Ek])
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------------
+
+
+def measure_ceilings():
+    n = 1 << 28  # 512 MiB of bf16 per buffer
+    a = torch.empty(n, device="cuda", dtype=torch.bfloat16).normal_()
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a), warmup=2, reps=10)
+    META["copy_GBps"] = 2 * n * 2 / (t["ms"] * 1e-3) / 1e9
+    del a, b
+    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = bench(lambda: m @ m, warmup=2, reps=10)
+    META["gemm_bf16_TFLOPs"] = 2 * 8192**3 / (t["ms"] * 1e-3) / 1e12
+    del m
+    torch.cuda.empty_cache()
+    print(f"ceilings: copy {META['copy_GBps']:.0f} GB/s (read+write), bf16 GEMM "
+          f"{META['gemm_bf16_TFLOPs']:.0f} TFLOP/s", flush=True)
+
+
+def ssd_inputs(b, l, h, p, n, dev="cuda"):
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(b, l, h, p, device=dev, generator=gen).to(torch.bfloat16)
+    dt = (torch.randn(b, l, h, device=dev, generator=gen) * 0.5).to(torch.bfloat16)
+    A = -torch.rand(h, device=dev, generator=gen) * 15 - 1
+    B = torch.randn(b, l, 1, n, device=dev, generator=gen).to(torch.bfloat16)
+    C = torch.randn(b, l, 1, n, device=dev, generator=gen).to(torch.bfloat16)
+    D = torch.randn(h, device=dev, generator=gen)
+    dt0 = torch.exp(torch.rand(h, device=dev, generator=gen) * (math.log(0.1) - math.log(0.001))
+                    + math.log(0.001))
+    dt_bias = dt0 + torch.log(-torch.expm1(-dt0))
+    return x, dt, A, B, C, D, dt_bias
+
+
+def case_ssd(mamba, fla, shapes, chunks):
+    from matmamba.ops.ssd.triton_impl import ssd_scan_triton
+    print("SSD scan alone (bf16 inputs; A, D, dt_bias fp32; softplus; D skip)", flush=True)
+    bw = META.get("copy_GBps", 4300) * 1e9
+    for (b, l, h, p, n) in shapes:
+        shape = f"b{b} l{l} h{h} p{p} n{n}"
+        tensors = ssd_inputs(b, l, h, p, n)
+        x, dt, A, B, C, D, dt_bias = tensors
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        dy = torch.randn(b, l, h, p, device="cuda", dtype=torch.bfloat16)
+        # bytes floor: read x, dt, B, C, write y (forward); backward reads those plus dy, writes
+        # dx, ddt, dB, dC
+        fwd_bytes = 2 * (2 * x.numel() + dt.numel() + B.numel() + C.numel())
+        bwd_bytes = fwd_bytes + 2 * (2 * x.numel() + dt.numel() + B.numel() + C.numel())
+        floor = dict(fwd_floor_ms=fwd_bytes / bw * 1e3, fwdbwd_floor_ms=(fwd_bytes + bwd_bytes) / bw * 1e3)
+
+        base_f = base_fb = None
+        if mamba is not None:
+            def mamba_fwd():
+                return mamba["scan"](x, dt, A, B, C, chunk_size=256, D=D, dt_bias=dt_bias, dt_softplus=True)
+
+            def mamba_fwdbwd():
+                y = mamba["scan"](*leaves[:5], chunk_size=256, D=leaves[5], dt_bias=leaves[6],
+                                  dt_softplus=True)
+                y.backward(dy)
+            t0 = time.time()
+            mamba_fwdbwd()
+            torch.cuda.synchronize()
+            META.setdefault("mamba_first_call_s", {})[shape] = round(time.time() - t0, 1)
+            base_f = bench(mamba_fwd)
+            base_fb = bench(mamba_fwdbwd)
+        for Q in chunks:
+            os.environ["MATMAMBA_SSD_CHUNK"] = str(Q)
+
+            def ours_fwd():
+                return ssd_scan_triton(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True)
+
+            def ours_fwdbwd():
+                y = ssd_scan_triton(*leaves[:5], D=leaves[5], dt_bias=leaves[6], dt_softplus=True)
+                y.backward(dy)
+            if mamba is not None and Q == chunks[0]:
+                with torch.no_grad():
+                    err = ((ours_fwd().float() - mamba_fwd().float()).norm()
+                           / mamba_fwd().float().norm()).item()
+                note_err = f"|ours-mamba|/|mamba| fwd {err:.1e}"
+            else:
+                note_err = ""
+            f_ = bench(ours_fwd)
+            fb = bench(ours_fwdbwd)
+            mem = peak_mb(ours_fwdbwd)
+            add("ssd fwd", shape + f" Q{Q}", f_, base_f, "mamba", note_err, chunk=Q, **floor)
+            add("ssd fwd+bwd", shape + f" Q{Q}", fb, base_fb, "mamba", f"peak {mem:.0f} MB",
+                chunk=Q, peak_mb=mem, **floor)
+        os.environ.pop("MATMAMBA_SSD_CHUNK", None)
+        if fla is not None:
+            try:
+                with torch.no_grad():
+                    dtp = F.softplus(dt.float() + dt_bias)
+                    q = C.expand(b, l, h, n).contiguous()
+                    k_ = B.expand(b, l, h, n).contiguous()
+                    v = (x.float() * dtp[..., None]).to(torch.bfloat16).contiguous()
+                    g = (dtp * A).contiguous()
+                t = bench(lambda: fla(q, k_, v, g=g, scale=1.0))
+                ours_row = next(r for r in RESULTS if r["case"] == "ssd fwd" and r["shape"].startswith(shape))
+                RESULTS.append(dict(case="fla chunk_simple_gla fwd", shape=shape, ours_ms=ours_row["ours_ms"],
+                                    base_ms=t["ms"], base_name="fla", speedup=t["ms"] / ours_row["ours_ms"],
+                                    note="scan core only, inputs prepared outside"))
+                print(f"  fla chunk_simple_gla fwd {shape}: {t['ms']:.3f} ms (ours {ours_row['ours_ms']:.3f})",
+                      flush=True)
+                try:
+                    qg, kg, vg, gg = (t_.detach().clone().requires_grad_() for t_ in (q, k_, v, g))
+                    o, _ = fla(qg, kg, vg, g=gg, scale=1.0)
+                    o.backward(torch.randn_like(o))
+                    t = bench(lambda: fla(qg, kg, vg, g=gg, scale=1.0)[0].backward(torch.randn_like(o)))
+                    META.setdefault("fla_fwdbwd_ms", {})[shape] = t["ms"]
+                except Exception as error:  # noqa: BLE001
+                    META.setdefault("fla_fwdbwd_refused", {})[shape] = f"{type(error).__name__}: {error}"[:300]
+                    print(f"  fla fwd+bwd refused: {type(error).__name__}: {str(error)[:200]}", flush=True)
+            except Exception as error:  # noqa: BLE001
+                print(f"  fla forward failed: {type(error).__name__}: {error}", flush=True)
+        del tensors, leaves, x, dt, B, C
+        torch.cuda.empty_cache()
+
+
+def make_blocks(D, mamba):
+    from matmamba import MatMamba2
+    torch.manual_seed(0)
+    block = MatMamba2(d_model=D, d_state=128, layer_idx=0).cuda()
+    base = None
+    if mamba is not None:
+        sd = {k: v.detach().clone().requires_grad_() for k, v in block.published_state_dict().items()}
+        sd["conv1d.weight"] = sd["conv1d.weight"].detach()[:, 0, :].contiguous().requires_grad_()
+        base = PublishedBlock(sd, D, 128, block.headdim, mamba)
+    return block, base
+
+
+def block_step_fns(block, base, b, l, D, width):
+    u = torch.randn(b, l, D, device="cuda", requires_grad=True)
+    g = torch.randn(b, l, D, device="cuda", dtype=torch.bfloat16)
+
+    def ours():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = block(u, width=width)
+        out.backward(g)
+
+    def baseline():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = base(u, width)
+        out.backward(g)
+
+    def check():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            a = block(u, width=width).float()
+            r = base(u, width).float()
+        return ((a - r).norm() / r.norm()).item()
+    return ours, (baseline if base is not None else None), (check if base is not None else None)
+
+
+def case_block(mamba, configs, label):
+    print(f"Block forward+backward ({label}; bf16 autocast, fp32 weights)", flush=True)
+    for (D, b, l, widths) in configs:
+        block, base = make_blocks(D, mamba)
+        for width in widths:
+            shape = f"D{D} b{b} l{l} width {width}"
+            ours, baseline, check = block_step_fns(block, base, b, l, D, width)
+            t_ours = bench(ours)
+            mem_ours = peak_mb(ours)
+            t_base = mem_base = None
+            note = ""
+            if baseline is not None:
+                t_base = bench(baseline)
+                mem_base = peak_mb(baseline)
+                note = f"|ours-base|/|base| {check():.1e}"
+            tokens = b * l
+            add(f"block {label}", shape, t_ours, t_base, "published+mamba", note,
+                D=D, b=b, l=l, width=width, peak_mb=mem_ours, base_peak_mb=mem_base,
+                us_per_ktoken=t_ours["ms"] * 1e3 / (tokens / 1e3))
+        del block, base
+        torch.cuda.empty_cache()
+
+
+def case_cold_start(D=768, b=8, l=2048):
+    """First forward+backward of a new shape in a fresh process with an empty Triton cache."""
+    code = f"""
+import time, torch, sys
+t0 = time.time()
+sys.path.insert(0, {REPO!r})
+from matmamba import MatMamba2
+block = MatMamba2(d_model={D}, d_state=128).cuda()
+u = torch.randn({b}, {l}, {D}, device='cuda', requires_grad=True)
+torch.cuda.synchronize()
+t1 = time.time()
+with torch.autocast('cuda', dtype=torch.bfloat16):
+    out = block(u)
+out.float().sum().backward()
+torch.cuda.synchronize()
+t2 = time.time()
+with torch.autocast('cuda', dtype=torch.bfloat16):
+    out = block(u)
+out.float().sum().backward()
+torch.cuda.synchronize()
+t3 = time.time()
+print('COLD', t1 - t0, t2 - t1, t3 - t2)
+"""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TRITON_CACHE_DIR=cache)
+        start = time.time()
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              timeout=300)
+        wall = time.time() - start
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("COLD")]
+    if not line:
+        print("cold start failed:", proc.stderr[-2000:], flush=True)
+        RESULTS.append(dict(case="cold start", shape=f"D{D} b{b} l{l}", note="failed: " + proc.stderr[-300:]))
+        return
+    setup, first, second = (float(v) for v in line[0].split()[1:])
+    RESULTS.append(dict(case="cold start", shape=f"D{D} b{b} l{l}", ours_ms=first * 1e3,
+                        note=f"first fwd+bwd {first:.1f} s (compile incl.), second {second * 1e3:.1f} ms, "
+                             f"process wall {wall:.1f} s, import+setup {setup:.1f} s",
+                        first_s=first, second_ms=second * 1e3, process_wall_s=wall))
+    print(f"  cold start D{D} b{b} l{l}: first fwd+bwd {first:.1f} s, second {second * 1e3:.1f} ms, "
+          f"process wall {wall:.1f} s", flush=True)
+
+
+def case_decode(mamba, batches=(1, 64), n_layer=24, D=768):
+    """One token through an LM-130M-sized stack of blocks (bf16 weights), eager and CUDA graph."""
+    from matmamba import MatMamba2
+    print("Decode step (24 x MatMamba2 D768, bf16 weights)", flush=True)
+    torch.manual_seed(0)
+    blocks = [MatMamba2(d_model=D, d_state=128, layer_idx=i).cuda().to(torch.bfloat16).eval()
+              for i in range(n_layer)]
+    bw = META.get("copy_GBps", 4300) * 1e9
+    weight_bytes = sum(p.numel() * p.element_size() for blk in blocks for p in blk.parameters())
+    for batch in batches:
+        caches = [blk.allocate_inference_cache(batch, 1, dtype=torch.bfloat16) for blk in blocks]
+        state_bytes = sum(c.numel() * c.element_size() for pair in caches for c in pair)
+        u = torch.randn(batch, 1, D, device="cuda", dtype=torch.bfloat16)
+
+        def step():
+            h = u
+            for blk, (conv_state, ssm_state) in zip(blocks, caches):
+                h = blk.step(h, conv_state, ssm_state)
+            return h
+        floor_ms = (weight_bytes + 2 * state_bytes) / bw * 1e3
+        with torch.no_grad():
+            t_eager = bench(step, reps=20)
+            graph_ms = None
+            try:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(3):
+                        step()
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                graph_ms = bench(graph.replay, reps=50)["ms"]
+            except Exception as error:  # noqa: BLE001
+                print(f"  CUDA graph capture failed: {type(error).__name__}: {error}", flush=True)
+        RESULTS.append(dict(case="decode step 24 layers", shape=f"b{batch} D{D}", ours_ms=t_eager["ms"],
+                            graph_ms=graph_ms, floor_ms=floor_ms, weight_MB=weight_bytes / 2**20,
+                            state_MB=state_bytes / 2**20,
+                            note=f"eager {t_eager['ms']:.3f} ms, graph {fmt(graph_ms)} ms, "
+                                 f"bytes floor {floor_ms:.3f} ms"))
+        print(f"  b{batch}: eager {t_eager['ms']:.3f} ms  graph {fmt(graph_ms)} ms  floor {floor_ms:.3f} ms "
+              f"(weights {weight_bytes / 2**20:.0f} MB, states {state_bytes / 2**20:.1f} MB r+w)", flush=True)
+        # the state-update op alone against mamba_ssm's
+        from matmamba.ops.state_update.triton_impl import ssd_state_update_triton
+        h, p, n = 64, 24, 128
+        state = torch.randn(batch, h, p, n, device="cuda")
+        x = torch.randn(batch, h, p, device="cuda", dtype=torch.bfloat16)
+        dt = torch.randn(batch, h, device="cuda", dtype=torch.bfloat16)
+        A = -torch.rand(h, device="cuda")
+        B = torch.randn(batch, 1, n, device="cuda", dtype=torch.bfloat16)
+        C = torch.randn(batch, 1, n, device="cuda", dtype=torch.bfloat16)
+        Dk = torch.randn(h, device="cuda")
+        bias = torch.randn(h, device="cuda")
+        with torch.no_grad():
+            ours = bench(lambda: ssd_state_update_triton(state, x, dt, A, B, C, D=Dk, dt_bias=bias,
+                                                         dt_softplus=True), reps=50)
+            base = None
+            if mamba is not None:
+                A_m = A[:, None, None].expand(h, p, n)
+                dt_m = dt[:, :, None].expand(batch, h, p)
+                D_m = Dk[:, None].expand(h, p)
+                bias_m = bias[:, None].expand(h, p)
+                base = bench(lambda: mamba["state_update"](state, x, dt_m, A_m, B, C, D=D_m,
+                                                           dt_bias=bias_m, dt_softplus=True), reps=50)
+        op_floor = 2 * state.numel() * 4 / bw * 1e3
+        add("state_update op", f"b{batch} h{h} p{p} n{n}", ours, base, "mamba",
+            f"state bytes floor {op_floor * 1e3:.1f} us", floor_ms=op_floor)
+        del caches
+        torch.cuda.empty_cache()
+
+
+def case_ssd_variants(shapes):
+    """Ours only: both state forms x chunk lengths, forward and forward+backward."""
+    from matmamba.ops.ssd.triton_impl import ssd_scan_triton
+    print("SSD variants (ours): state form x chunk", flush=True)
+    for (b, l, h, p, n) in shapes:
+        tensors = ssd_inputs(b, l, h, p, n)
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        dy = torch.randn(b, l, h, p, device="cuda", dtype=torch.bfloat16)
+        for form in ("sequential", "parallel"):
+            for Q in (64, 128):
+                os.environ["MATMAMBA_SSD_STATE"] = form
+                os.environ["MATMAMBA_SSD_CHUNK"] = str(Q)
+
+                def fwd():
+                    return ssd_scan_triton(*tensors[:5], D=tensors[5], dt_bias=tensors[6], dt_softplus=True)
+
+                def fwdbwd():
+                    ssd_scan_triton(*leaves[:5], D=leaves[5], dt_bias=leaves[6], dt_softplus=True).backward(dy)
+                f_, fb = bench(fwd), bench(fwdbwd)
+                add("ssd variant", f"b{b} l{l} h{h} p{p} n{n} {form[:3]} Q{Q}", fb, None, "",
+                    f"fwd {f_['ms']:.3f} ms", form=form, chunk=Q, fwd_ms=f_["ms"])
+        os.environ.pop("MATMAMBA_SSD_STATE", None)
+        os.environ.pop("MATMAMBA_SSD_CHUNK", None)
+        del tensors, leaves
+        torch.cuda.empty_cache()
+
+
+def case_profile():
+    """Per-kernel CUDA time of the SSD fwd+bwd and of the block fwd+bwd (ours)."""
+    from torch.profiler import ProfilerActivity, profile
+    from matmamba.ops.ssd.triton_impl import ssd_scan_triton
+    tensors = ssd_inputs(8, 2048, 64, 24, 128)
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    dy = torch.randn(8, 2048, 64, 24, device="cuda", dtype=torch.bfloat16)
+
+    def ssd():
+        ssd_scan_triton(*leaves[:5], D=leaves[5], dt_bias=leaves[6], dt_softplus=True).backward(dy)
+    block, _ = make_blocks(768, None)
+    ours, _, _ = block_step_fns(block, None, 8, 2048, 768, 768)
+    ours_small, _, _ = block_step_fns(block, None, 8, 2048, 768, 96)
+    for name, fn in (("ssd b8 l2048 h64 p24 n128 fwd+bwd", ssd), ("block D768 b8 l2048 w768", ours),
+                     ("block D768 b8 l2048 w96", ours_small)):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        rows = []
+        for evt in prof.key_averages():
+            t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+            if t > 0:
+                rows.append((t / 5 / 1e3, evt.count // 5, evt.key))
+        rows.sort(reverse=True)
+        total = sum(r[0] for r in rows)
+        print(f"  profile {name}: {total:.3f} ms of kernels per call", flush=True)
+        for ms, count, key in rows[:22]:
+            print(f"    {ms:8.3f} ms  x{count:<3} {key[:90]}", flush=True)
+        META.setdefault("profiles", {})[name] = [(round(ms, 4), c, k[:120]) for ms, c, k in rows[:40]]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def print_table():
+    print("\n" + "=" * 132)
+    print(f"{'case':<34} {'shape':<38} {'ours ms':>9} {'base ms':>9} {'speedup':>8} {'peak MB':>8}  note")
+    print("-" * 132)
+    for r in RESULTS:
+        print(f"{r['case']:<34} {r.get('shape', ''):<38} {fmt(r.get('ours_ms')):>9} {fmt(r.get('base_ms')):>9} "
+              f"{fmt(r.get('speedup'), 2):>8} {fmt(r.get('peak_mb'), 0):>8}  {r.get('note', '')[:60]}")
+    print("-" * 132)
+    print("meta:", json.dumps({k: v for k, v in META.items() if not isinstance(v, dict)}, default=str))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--cases", default="ceilings,cold,ssd,block,vit,block1024,lengths,decode")
+    parser.add_argument("--budget-s", type=float, default=1e9,
+                        help="skip the remaining cases once this many seconds have passed")
+    parser.add_argument("--chunks", default="64", help="SSD chunk lengths to time")
+    parser.add_argument("--no-baseline", action="store_true", help="time ours only")
+    args = parser.parse_args()
+    import triton
+    META.update(torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name(),
+                started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    mamba, fla, reasons = (None, None, {"all": "--no-baseline"}) if args.no_baseline else import_baselines()
+    META["baseline_import_errors"] = reasons
+    print("meta:", META, flush=True)
+    chunks = [int(c) for c in args.chunks.split(",")]
+    cases = {
+        "ceilings": measure_ceilings,
+        "cold": case_cold_start,
+        "ssd": lambda: case_ssd(mamba, fla, [(8, 2048, 64, 24, 128), (8, 2048, 64, 32, 128),
+                                             (8, 2048, 8, 24, 128)], chunks),
+        "block": lambda: case_block(mamba, [(768, 8, 2048, (768, 384, 192, 96))], "D768 b8 l2048"),
+        "vit": lambda: case_block(mamba, [(768, 64, 197, (768, 384, 192, 96))], "ViT tokens"),
+        "block1024": lambda: case_block(mamba, [(1024, 8, 2048, (1024, 512, 256, 128))], "D1024 b8 l2048"),
+        "lengths": lambda: case_block(mamba, [(768, 64, 1024, (768,)), (768, 16, 4096, (768,)),
+                                              (768, 4, 16384, (768,)), (768, 1, 65536, (768,))],
+                                      "64K tokens"),
+        "decode": lambda: case_decode(mamba),
+        "variants": lambda: case_ssd_variants([(8, 2048, 64, 24, 128), (8, 2048, 8, 24, 128),
+                                               (1, 65536, 64, 24, 128), (1, 65536, 8, 24, 128)]),
+        "profile": case_profile,
+    }
+    t0 = time.time()
+    for name in args.cases.split(","):
+        if time.time() - t0 > args.budget_s:
+            print(f"skipping {name}: time budget of {args.budget_s:.0f} s spent", flush=True)
+            RESULTS.append(dict(case=name, note="skipped: time budget spent"))
+            continue
+        start = time.time()
+        try:
+            cases[name]()
+        except Exception as error:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+            RESULTS.append(dict(case=name, note=f"failed: {type(error).__name__}: {error}"[:300]))
+        META.setdefault("case_seconds", {})[name] = round(time.time() - start, 1)
+        save(args.json)
+    META["total_s"] = round(time.time() - t0, 1)
+    save(args.json)
+    print_table()
+
+
+if __name__ == "__main__":
+    main()
