@@ -33,9 +33,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         record = run_eval(cfg)
     except EVAL_ERRORS as e:
-        # A problem with the inputs, not a bug: say what is wrong without a traceback.
+        # A problem with the inputs, not a bug: say what is wrong (console and eval.log), no traceback.
         log.error("%s: %s", type(e).__name__, e)
-        raise SystemExit(f"eval.py: {e}") from None
+        raise SystemExit(1) from None
     # The return value is what Hydra sweepers optimise.
     return objective(record)
 

@@ -325,13 +325,34 @@ def make_blocks(D, mamba):
     return block, base
 
 
-def block_step_fns(block, base, b, l, D, width):
+def fused_block_forward(block, u, width):
+    """The block's forward with its middle (conv, scan, gated norm) as the one fused Triton node
+    ``mamba2_mixer_core_triton``: in_proj GEMM on the width's prefix rows -> fused core ->
+    out_proj on the width's prefix columns. Same weights and function as ``block(u, width)``."""
+    from matmamba.ops.triton_common.mixer import mamba2_mixer_core_triton
+    k = block.heads_for_width(width)
+    P = block.headdim
+    rows = block._in_proj_rows(k)
+    channels = block._conv_channels(k)
+    bias = block.in_proj.bias[:rows] if block.in_proj.bias is not None else None
+    zxbcdt = F.linear(u, block.in_proj.weight[:rows], bias)
+    A = -torch.exp(block.A_log[:k].float())
+    y = mamba2_mixer_core_triton(
+        zxbcdt, block.conv_weight[:channels],
+        block.conv_bias[:channels] if block.conv_bias is not None else None,
+        block.dt_bias[:k], A, block._D(k), block.norm.weight[:k * P],
+        ngroups=block.ngroups, dstate=block.d_state, headdim=P, nheads_total=block.nheads,
+        eps=block.norm.eps, norm_before_gate=block.norm_before_gate, dt_limit=block.dt_limit)
+    return F.linear(y, block.out_proj.weight[:, :k * P], block.out_proj.bias)
+
+
+def block_step_fns(block, base, b, l, D, width, fused=False):
     u = torch.randn(b, l, D, device="cuda", requires_grad=True)
     g = torch.randn(b, l, D, device="cuda", dtype=torch.bfloat16)
 
     def ours():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = block(u, width=width)
+            out = fused_block_forward(block, u, width) if fused else block(u, width=width)
         out.backward(g)
 
     def baseline():
@@ -341,53 +362,61 @@ def block_step_fns(block, base, b, l, D, width):
 
     def check():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            a = block(u, width=width).float()
+            a = (fused_block_forward(block, u, width) if fused else block(u, width=width)).float()
             r = base(u, width).float()
         return ((a - r).norm() / r.norm()).item()
     return ours, (baseline if base is not None else None), (check if base is not None else None)
 
 
-def case_block(mamba, configs, label):
+def case_block(mamba, configs, label, variants=("fused", "block")):
+    """variants: "block" = the model's MatMamba2.forward (ops composed, as matmamba.models has
+    it); "fused" = the same weights through ``fused_block_forward``."""
     print(f"Block forward+backward ({label}; bf16 autocast, fp32 weights)", flush=True)
     for (D, b, l, widths) in configs:
         block, base = make_blocks(D, mamba)
         for width in widths:
             shape = f"D{D} b{b} l{l} width {width}"
-            ours, baseline, check = block_step_fns(block, base, b, l, D, width)
-            t_ours = bench(ours)
-            mem_ours = peak_mb(ours)
             t_base = mem_base = None
-            note = ""
-            if baseline is not None:
-                t_base = bench(baseline)
-                mem_base = peak_mb(baseline)
-                note = f"|ours-base|/|base| {check():.1e}"
-            tokens = b * l
-            add(f"block {label}", shape, t_ours, t_base, "published+mamba", note,
-                D=D, b=b, l=l, width=width, peak_mb=mem_ours, base_peak_mb=mem_base,
-                us_per_ktoken=t_ours["ms"] * 1e3 / (tokens / 1e3))
+            for variant in variants:
+                ours, baseline, check = block_step_fns(block, base, b, l, D, width,
+                                                       fused=variant == "fused")
+                t_ours = bench(ours)
+                mem_ours = peak_mb(ours)
+                note = ""
+                if baseline is not None:
+                    if t_base is None:
+                        t_base = bench(baseline)
+                        mem_base = peak_mb(baseline)
+                    note = f"|ours-base|/|base| {check():.1e}"
+                tokens = b * l
+                add(f"block {label} [{variant}]", shape, t_ours, t_base, "published+mamba", note,
+                    D=D, b=b, l=l, width=width, variant=variant, peak_mb=mem_ours,
+                    base_peak_mb=mem_base, us_per_ktoken=t_ours["ms"] * 1e3 / (tokens / 1e3))
         del block, base
         torch.cuda.empty_cache()
 
 
-def case_cold_start(D=768, b=8, l=2048):
+def case_cold_start(D=768, b=8, l=2048, fused=True):
     """First forward+backward of a new shape in a fresh process with an empty Triton cache."""
     code = f"""
 import time, torch, sys
 t0 = time.time()
 sys.path.insert(0, {REPO!r})
+sys.path.insert(0, {os.path.join(REPO, "scripts")!r})
 from matmamba import MatMamba2
+from bench_block import fused_block_forward
 block = MatMamba2(d_model={D}, d_state=128).cuda()
+run = (lambda u: fused_block_forward(block, u, {D})) if {fused!r} else block
 u = torch.randn({b}, {l}, {D}, device='cuda', requires_grad=True)
 torch.cuda.synchronize()
 t1 = time.time()
 with torch.autocast('cuda', dtype=torch.bfloat16):
-    out = block(u)
+    out = run(u)
 out.float().sum().backward()
 torch.cuda.synchronize()
 t2 = time.time()
 with torch.autocast('cuda', dtype=torch.bfloat16):
-    out = block(u)
+    out = run(u)
 out.float().sum().backward()
 torch.cuda.synchronize()
 t3 = time.time()
@@ -523,10 +552,10 @@ def case_profile():
     def ssd():
         ssd_scan_triton(*leaves[:5], D=leaves[5], dt_bias=leaves[6], dt_softplus=True).backward(dy)
     block, _ = make_blocks(768, None)
-    ours, _, _ = block_step_fns(block, None, 8, 2048, 768, 768)
-    ours_small, _, _ = block_step_fns(block, None, 8, 2048, 768, 96)
-    for name, fn in (("ssd b8 l2048 h64 p24 n128 fwd+bwd", ssd), ("block D768 b8 l2048 w768", ours),
-                     ("block D768 b8 l2048 w96", ours_small)):
+    ours, _, _ = block_step_fns(block, None, 8, 2048, 768, 768, fused=True)
+    ours_small, _, _ = block_step_fns(block, None, 8, 2048, 768, 96, fused=True)
+    for name, fn in (("ssd b8 l2048 h64 p24 n128 fwd+bwd", ssd), ("fused block D768 b8 l2048 w768", ours),
+                     ("fused block D768 b8 l2048 w96", ours_small)):
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
@@ -564,7 +593,7 @@ def print_table():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=None)
-    parser.add_argument("--cases", default="ceilings,cold,ssd,block,vit,block1024,lengths,decode")
+    parser.add_argument("--cases", default="ceilings,ssd,block,vit,cold,lengths,decode,ssd32,block1024")
     parser.add_argument("--budget-s", type=float, default=1e9,
                         help="skip the remaining cases once this many seconds have passed")
     parser.add_argument("--chunks", default="64", help="SSD chunk lengths to time")
@@ -580,14 +609,14 @@ def main():
     cases = {
         "ceilings": measure_ceilings,
         "cold": case_cold_start,
-        "ssd": lambda: case_ssd(mamba, fla, [(8, 2048, 64, 24, 128), (8, 2048, 64, 32, 128),
-                                             (8, 2048, 8, 24, 128)], chunks),
+        "ssd": lambda: case_ssd(mamba, fla, [(8, 2048, 64, 24, 128), (8, 2048, 8, 24, 128)], chunks),
+        "ssd32": lambda: case_ssd(mamba, fla, [(8, 2048, 64, 32, 128)], chunks),
         "block": lambda: case_block(mamba, [(768, 8, 2048, (768, 384, 192, 96))], "D768 b8 l2048"),
         "vit": lambda: case_block(mamba, [(768, 64, 197, (768, 384, 192, 96))], "ViT tokens"),
         "block1024": lambda: case_block(mamba, [(1024, 8, 2048, (1024, 512, 256, 128))], "D1024 b8 l2048"),
         "lengths": lambda: case_block(mamba, [(768, 64, 1024, (768,)), (768, 16, 4096, (768,)),
                                               (768, 4, 16384, (768,)), (768, 1, 65536, (768,))],
-                                      "64K tokens"),
+                                      "64K tokens", variants=("fused",)),
         "decode": lambda: case_decode(mamba),
         "variants": lambda: case_ssd_variants([(8, 2048, 64, 24, 128), (8, 2048, 8, 24, 128),
                                                (1, 65536, 64, 24, 128), (1, 65536, 8, 24, 128)]),

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-STAGES = ("ssd", "conv", "rmsnorm", "state_update", "long", "block", "models", "decode", "compile")
+STAGES = ("ssd", "conv", "rmsnorm", "state_update", "mixer", "long", "block", "models", "decode", "compile")
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 RESULTS: list[dict] = []
@@ -355,13 +355,50 @@ def check_long_bf16(dev):
         record_failure("block 16K", "bf16", error)
 
 
-def _block_grads(block, u, impl, autocast_dtype, width):
+def check_mixer(dtypes, dev, quick):
+    """The fused conv -> scan -> gated-norm node against the same ops composed in float64."""
+    from matmamba.ops.triton_common.mixer import (mamba2_mixer_core_reference,
+                                                  mamba2_mixer_core_triton)
+    G, N, P, H, W = 1, 128, 24, 16, 4
+    for k, seq in ([(16, False), (5, True)] if quick else [(16, False), (5, True), (1, False)]):
+        for dtype in dtypes:
+            b, l = 2, 300
+            gen = torch.Generator(device=dev).manual_seed(k)
+            rnd = lambda *s_: torch.randn(*s_, device=dev, dtype=torch.float64, generator=gen)  # noqa: E731
+            R = 2 * G * N + H + 2 * k * P
+            inputs = dict(
+                zxbcdt=rnd(b, l, R).requires_grad_(),
+                conv_weight=(rnd(2 * G * N + k * P, W) * 0.5).requires_grad_(),
+                conv_bias=rnd(2 * G * N + k * P).requires_grad_(),
+                dt_bias=dt_bias_init(k, dev).requires_grad_(),
+                A=(-torch.rand(k, device=dev, dtype=torch.float64, generator=gen) * 15 - 1).requires_grad_(),
+                D=rnd(k).requires_grad_(),
+                norm_weight=(1 + 0.1 * rnd(k * P)).requires_grad_(),
+                ngroups=G, dstate=N, headdim=P, nheads_total=H, seq_idx=None,
+                _fp32=("conv_weight", "conv_bias", "dt_bias", "A", "D", "norm_weight"),
+            )
+            if seq:
+                sq = torch.zeros(b, l, dtype=torch.int32, device=dev)
+                sq[:, 100:] = 1
+                sq[1, 250:] = 2
+                inputs["seq_idx"] = sq
+            compare_op("mixer core (fused)", dtype, f"b{b} l{l} k{k}/{H} P{P} N{N}" + (" seq" if seq else ""),
+                       mamba2_mixer_core_triton, mamba2_mixer_core_reference, inputs,
+                       lambda outs: [torch.randn_like(o.double()) for o in outs])
+
+
+def _block_grads(block, u, impl, autocast_dtype, width, fused=False):
     from matmamba import ops
     block.zero_grad(set_to_none=True)
     u = u.detach().clone().requires_grad_()
     with ops.use_impl(impl), torch.autocast(u.device.type, dtype=autocast_dtype or torch.float32,
                                             enabled=autocast_dtype is not None):
-        out = block(u, width=width)
+        if fused:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from bench_block import fused_block_forward
+            out = fused_block_forward(block, u, width)
+        else:
+            out = block(u, width=width)
     g = torch.randn_like(out, generator=torch.Generator(device=out.device).manual_seed(11))
     (out.float() * g.float()).sum().backward()
     grads = {"du": u.grad.detach().clone()}
@@ -378,18 +415,20 @@ def check_block(dev, quick, autocasts):
         block = MatMamba2(d_model=D, d_state=128, layer_idx=0).to(dev)
         u = torch.randn(2, 300 if dev.type == "cuda" else 70, D, device=dev)
         for width in (D, D // 2, D // 4, D // 8):
+            out_r, grads_r = _block_grads(block, u, "torch", None, width)
             for autocast in autocasts:
-                try:
-                    out_r, grads_r = _block_grads(block, u, "torch", None, width)
-                    out_t, grads_t = _block_grads(block, u, "triton", autocast, width)
-                    errors = {"out": rel_err(out_t, out_r)}
-                    errors.update({k: rel_err(grads_t.get(k), v) for k, v in grads_r.items()})
-                    dname = "fp32" if autocast is None else "bf16"
-                    record("block vs torch", dname, f"D{D} width {width} b2 l300",
-                           errors, 2e-4 if autocast is None else 3e-2,
-                           note="torch path in fp32 is the reference")
-                except Exception as error:  # noqa: BLE001
-                    record_failure("block vs torch", f"D{D} width {width}", error)
+                for fused in (False, True):
+                    label = "fused block vs torch" if fused else "block vs torch"
+                    try:
+                        out_t, grads_t = _block_grads(block, u, "triton", autocast, width, fused=fused)
+                        errors = {"out": rel_err(out_t, out_r)}
+                        errors.update({k: rel_err(grads_t.get(k), v) for k, v in grads_r.items()})
+                        dname = "fp32" if autocast is None else "bf16"
+                        record(label, dname, f"D{D} width {width} b2 l{u.shape[1]}",
+                               errors, 2e-4 if autocast is None else 3e-2,
+                               note="torch path in fp32 is the reference")
+                    except Exception as error:  # noqa: BLE001
+                        record_failure(label, f"D{D} width {width}", error)
 
 
 def check_models(dev):
@@ -504,6 +543,7 @@ def main():
               ("conv", lambda: check_conv(dtypes, dev, args.quick)),
               ("rmsnorm", lambda: check_rmsnorm(dtypes, dev, args.quick)),
               ("state_update", lambda: check_state_update(dtypes, dev, args.quick)),
+              ("mixer", lambda: check_mixer(dtypes, dev, args.quick)),
               ("long", lambda: check_long_bf16(dev)),
               ("block", lambda: check_block(dev, args.quick, autocasts)),
               ("models", lambda: check_models(dev)),

@@ -18,17 +18,17 @@ set -u
 OUT=${OUT:-/tmp/gpu_visit}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-CHECK_S=${CHECK_S:-200}          # gpu_check time limit (0: skip)
-DEFAULT_JOBS="--only ssd --dtypes fp32
---only ssd --dtypes fp16
---only ssd --dtypes bf16
+CHECK_S=${CHECK_S:-150}          # gpu_check time limit (0: skip)
+DEFAULT_JOBS="--only ssd --dtypes bf16
+--only ssd --dtypes fp32,fp16 --quick
 --only conv,rmsnorm,state_update
---only long,block
+--only mixer
+--only long,block --quick
 --only models,decode,compile"
 CHECK_JOBS=${CHECK_JOBS:-$DEFAULT_JOBS}
-BENCH_S=${BENCH_S:-360}          # bench_block time limit (0: skip)
+BENCH_S=${BENCH_S:-330}          # bench_block time limit (0: skip)
 BENCH_ARGS=${BENCH_ARGS:-}
-BENCH_CASES=${BENCH_CASES:-ceilings,ssd,block,cold,vit,lengths,block1024,decode}
+BENCH_CASES=${BENCH_CASES:-ceilings,ssd,block,vit,cold,lengths,decode,ssd32,block1024}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

@@ -140,7 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("source")
     src.add_argument("--dataset", default="HuggingFaceFW/fineweb", help="Hugging Face dataset name")
-    src.add_argument("--subset", default="sample-10BT", help="dataset config name (FineWeb: sample-10BT, sample-100BT, CC-MAIN-...)")
+    src.add_argument("--subset", default="sample-10BT",
+                     help="dataset config name (FineWeb: sample-10BT, sample-100BT, CC-MAIN-...)")
     src.add_argument("--split", default="train")
     src.add_argument("--data-files", nargs="+", help="local parquet/jsonl/txt/csv files instead of the Hub")
     src.add_argument("--text-column", default="text")
@@ -178,7 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
     budget = args.max_tokens
     total = 0
     started = time.time()
-    source = "local files " + " ".join(args.data_files) if args.data_files else f"{args.dataset}/{args.subset}:{args.split}"
+    if args.data_files:
+        source = "local files " + " ".join(args.data_files)
+    else:
+        source = f"{args.dataset}/{args.subset}:{args.split}"
     with tqdm(total=budget, unit="tok", unit_scale=True, desc=f"tokenizing {source}") as bar:
         for texts in batched(open_stream(args), args.text_column, args.batch_docs):
             for text, ids in zip(texts, tokenizer.encode_batch(texts)):

@@ -1,9 +1,17 @@
 """The bundled data sets: scikit-learn digits and the pydoc text."""
 
+import pytest
 import torch
+from training_helpers import one_thread
 
 from matmamba.training.data import DigitsDataModule, PydocDataModule
 from matmamba.training.data.pydoc_text import ByteTokenizer, pydoc_text
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def test_digits_split_shapes_and_stratification():

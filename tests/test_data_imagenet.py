@@ -3,9 +3,15 @@ Hugging Face datasets, with timm augmentation."""
 
 import pytest
 import torch
-from training_helpers import make_image_folder, make_image_parquet
+from training_helpers import make_image_folder, make_image_parquet, one_thread
 
 from matmamba.training.data import DataConfigError, ImageNetDataModule
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def dm_for(**kwargs):

@@ -3,8 +3,15 @@
 import itertools
 
 import pytest
+from training_helpers import one_thread
 
 from matmamba.training.data.sampling import ShardSampler, StreamSampler
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def take(sampler, n):

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from training_helpers import ROOT, make_text_jsonl, make_text_parquet, make_token_shards
+from training_helpers import ROOT, make_text_jsonl, make_text_parquet, make_token_shards, one_thread
 
 from matmamba.training.data.base import DataConfigError
 from matmamba.training.data.tokens import (
@@ -21,6 +21,12 @@ from matmamba.training.data.tokens import (
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import prepare_fineweb  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def test_shard_round_trip_and_windows(tmp_path):
@@ -88,7 +94,8 @@ def test_prepare_script_on_parquet_writes_valid_shards(tmp_path):
     train = sorted(out.glob("train_*.bin"))
     assert len(train) == -(-(total - 500) // 1000)
     # The shards hold the documents, each preceded by the separator, in order.
-    stream = np.concatenate([np.fromfile(p, dtype="<u2", offset=HEADER_BYTES) for p in sorted(out.glob("val_*.bin")) + train])
+    shards = sorted(out.glob("val_*.bin")) + train
+    stream = np.concatenate([np.fromfile(p, dtype="<u2", offset=HEADER_BYTES) for p in shards])
     expected = np.concatenate([np.frombuffer(b"\0" + t.encode(), dtype=np.uint8) for t in texts])
     assert np.array_equal(stream, expected)
 

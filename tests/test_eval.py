@@ -157,6 +157,14 @@ def test_a_per_layer_mix_exports_exactly(trained_run, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(dense(images), nested(images, width=[48, 12]))
 
+    # The export sweeps like any model; its own configuration is its "trained" one.
+    again = run_eval(eval_config(tmp_path / "again", f"pretrained={export}", "data=digits", "sweep=uniform",
+                                 "latency.enabled=false"))
+    rows = again["configurations"]
+    assert (rows[0]["name"], rows[0]["trained"], rows[0]["params"]) == ("48x1+12x1", True, row["params"])
+    assert rows[0]["top1"] == pytest.approx(row["top1"], abs=1e-6)
+    assert [r["width"] for r in rows[1:]] == [12, 8, 4]  # uniform widths must fit the narrowest layer
+
 
 def test_published_layout_checkpoint_evaluates(tmp_path):
     torch.manual_seed(3)
@@ -262,7 +270,8 @@ def test_cli_multirun_over_width_and_clear_error(trained_run, tmp_path):
                              f"hydra.run.dir={tmp_path / 'err'}"], capture_output=True, text=True, env=env,
                             timeout=300)
     assert failed.returncode == 1
-    assert "does not exist" in failed.stderr and "Traceback" not in failed.stderr
+    output = failed.stdout + failed.stderr
+    assert "CheckpointError: ckpt_path=" in output and "does not exist" in output and "Traceback" not in output
 
 
 def test_wandb_gets_the_table_and_the_plot(trained_run, tmp_path, monkeypatch):

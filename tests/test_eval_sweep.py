@@ -149,3 +149,27 @@ def test_latency_is_the_median_after_warmup(monkeypatch):
     assert ms == pytest.approx(3.0)
     x = torch.arange(6.0).reshape(3, 2)
     assert latency_mod.latency_batch(x, 7).tolist() == [[0, 1], [2, 3], [4, 5]] * 2 + [[0, 1]]
+
+
+def test_compare_averages_uniform_widths_over_seeds(tmp_path, capsys):
+    import json
+
+    from matmamba.evaluation import compare
+
+    def sweep(path, accs):
+        configs = [dict(name=str(w), width=w, trained=w in (64, 16), params=w * 1000, top1=a) for w, a in accs.items()]
+        configs.append(dict(name="64x1+16x1", width=None, trained=False, params=400, top1=0.99))  # a mix: ignored
+        path.write_text(json.dumps({"metric": "top1", "configurations": configs}))
+        return str(path)
+
+    joint = [sweep(tmp_path / "j1.json", {64: 0.9, 32: 0.8, 16: 0.7}), sweep(tmp_path / "j2.json", {64: 0.8, 32: 0.6, 16: 0.7})]
+    full = [sweep(tmp_path / "f1.json", {64: 0.95, 32: 0.3, 16: 0.1})]
+    points = compare.uniform_points([json.loads(open(p).read()) for p in joint], "top1")
+    assert [(p["x"], p["n"], p["trained"]) for p in points] == [(16, 2, True), (32, 2, False), (64, 2, True)]
+    assert points[1]["mean"] == pytest.approx(0.7) and points[1]["std"] == pytest.approx(0.1414, abs=1e-4)
+    table = compare.main([f"joint={','.join(joint)}", f"full={full[0]}", "--out", str(tmp_path / "c.png")])
+    lines = table.splitlines()
+    assert lines[0] == "| width | params | joint top1 % | full top1 % |"
+    assert lines[2] == "| 64 | 64K | 85.0 ± 7.1 ★ | 95.0 ★ |"
+    assert lines[4] == "| 16 | 16K | 70.0 ± 0.0 ★ | 10.0 ★ |"
+    assert (tmp_path / "c.png").stat().st_size > 10_000

@@ -1,12 +1,10 @@
 """The pieces of the training module: parameter groups, schedule, width sampling, per-width
 backward, distillation, atomic checkpoints, throughput."""
 
-import math
-import os
 
 import pytest
 import torch
-from training_helpers import FAST, TINY_VISION, compose_cfg
+from training_helpers import FAST, TINY_VISION, compose_cfg, one_thread
 
 from matmamba.training import LanguageModelModule, VisionClassificationModule
 from matmamba.training.checkpoint import AtomicCheckpointIO
@@ -14,6 +12,12 @@ from matmamba.training.optim import build_param_groups, cosine_lr_factor
 from matmamba.training.pipeline import train
 
 TINY = dict(d_model=64, n_layer=2, d_state=16, headdim=8, chunk_size=16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def vision(**kwargs):

@@ -4,12 +4,18 @@ import json
 
 import pytest
 import torch
-from training_helpers import ROOT, TINY_VISION, run_train_script
+from training_helpers import ROOT, TINY_VISION, one_thread, run_train_script
 
 DIGITS_TINY = [o.replace("++", "++") for o in TINY_VISION] + [
     "++model.overrides.image_size=8", "++model.overrides.patch_size=2", "++model.overrides.in_chans=1",
     "++model.overrides.chunk_size=17",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def ddp_run(tmp_path, name, extra):
@@ -19,7 +25,7 @@ def ddp_run(tmp_path, name, extra):
         "trainer.precision=32-true", "trainer.max_steps=4", "trainer.val_check_interval=2",
         "optim.warmup_steps=1", "data.batch_size=16", "extras.print_config=false", "callbacks.progress_bar=null",
         "trainer.enable_progress_bar=false", "export_dir=null", f"hydra.run.dir={out}",
-        f"+callbacks.probe._target_=training_helpers.DDPProbe", f"+callbacks.probe.out_dir={out}/probe",
+        "+callbacks.probe._target_=training_helpers.DDPProbe", f"+callbacks.probe.out_dir={out}/probe",
         *DIGITS_TINY, *extra,
     ]
     result = run_train_script(args, cwd=tmp_path, env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})

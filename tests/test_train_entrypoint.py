@@ -1,10 +1,9 @@
 """train.py as users run it: the default command's output, a multirun of two jobs, W&B offline."""
 
 import json
-import os
 
 import pytest
-from training_helpers import FAST, TINY_VISION, compose_cfg, run_train_script
+from training_helpers import FAST, TINY_VISION, compose_cfg, one_thread, run_train_script
 
 from matmamba.training.pipeline import train
 
@@ -14,6 +13,12 @@ DIGITS_TINY = TINY_VISION + [
 ]
 QUIET = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
          "optim.warmup_steps=1", "extras.print_config=false", "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def test_train_script_runs_and_reports(tmp_path):

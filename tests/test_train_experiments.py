@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from training_helpers import (
     EXPERIMENTS,
     FAST,
@@ -16,6 +16,7 @@ from training_helpers import (
     compose_cfg,
     make_image_folder,
     make_token_shards,
+    one_thread,
 )
 
 from matmamba.training.pipeline import build, train
@@ -29,6 +30,12 @@ VISION_TABLE = {
     "vision_b16": (768, 24, 4096, 3e-3, 0, 31_200),
 }
 LM_SHAPES = {"lm_130m": (768, 24), "lm_370m": (1024, 48), "lm_790m": (1536, 48), "lm_1_4b": (2048, 48)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +74,8 @@ def test_experiment_composes_with_recipe_values(experiment):
     assert cfg.name == experiment
     if experiment in VISION_TABLE:
         d, layers, batch, lr, warmup, steps = VISION_TABLE[experiment]
-        assert (cfg.data.batch_size, cfg.optim.lr, cfg.optim.warmup_steps, cfg.trainer.max_steps) == (batch, lr, warmup, steps)
+        recipe = (cfg.data.batch_size, cfg.optim.lr, cfg.optim.warmup_steps, cfg.trainer.max_steps)
+        assert recipe == (batch, lr, warmup, steps)
         assert cfg.optim.weight_decay == 0.1 and list(cfg.optim.betas) == [0.9, 0.999] and cfg.optim.grad_clip == 1.0
         assert cfg.model.overrides.drop_path_rate == 0.1 and cfg.model.label_smoothing == 0.1
         assert cfg.model.mixup.mixup_alpha == 0.8 and cfg.model.mixup.cutmix_alpha == 1.0
@@ -103,7 +111,8 @@ def test_experiment_instantiates_full_size_model_shapes(experiment):
 
 @pytest.mark.parametrize("experiment", sorted(EXPECTED))
 def test_experiment_trains_a_few_steps(experiment, image_root, shard_root, tmp_path):
-    cfg = compose_cfg([f"experiment={experiment}", *FAST, *tiny_overrides(experiment, image_root, shard_root)], tmp_path)
+    overrides = [f"experiment={experiment}", *FAST, *tiny_overrides(experiment, image_root, shard_root)]
+    cfg = compose_cfg(overrides, tmp_path)
     metrics = train(cfg)
     report = json.loads((tmp_path / "metrics.json").read_text())
     widths = report["widths"]
@@ -119,7 +128,8 @@ def test_experiment_trains_a_few_steps(experiment, image_root, shard_root, tmp_p
     meta = ckpt["matmamba"]
     assert meta["model_name"] == cfg.model.name and meta["widths"] == widths
     assert meta["model_type"] == ("vision" if experiment.startswith(("vision", "digits")) else "lm")
-    assert meta["model_config"]["d_model"] == 64 and meta["data"]["_target_"] == cfg.data._target_
+    assert meta["model_config"]["d_model"] == 64
+    assert get_class(meta["data"]["_target_"]) is get_class(cfg.data._target_)
 
 
 def test_build_gives_matching_components(tmp_path):
@@ -127,4 +137,4 @@ def test_build_gives_matching_components(tmp_path):
     datamodule, module, trainer, loggers = build(cfg)
     assert module.task == datamodule.task == "lm"
     assert module.widths == [64, 32, 16, 8] and trainer.max_steps == 4
-    assert [type(l).__name__ for l in loggers] == ["CSVLogger"]
+    assert [type(logger).__name__ for logger in loggers] == ["CSVLogger"]

@@ -1,8 +1,9 @@
 """Checkpoints resume exactly: N steps + resume + N steps gives the same model, optimizer and
 scheduler state as 2N steps straight (data position and RNG restored too)."""
 
+import pytest
 import torch
-from training_helpers import FAST, TINY_LM, TINY_VISION, compose_cfg, make_token_shards
+from training_helpers import FAST, TINY_LM, TINY_VISION, compose_cfg, make_token_shards, one_thread
 
 from matmamba.training.pipeline import train
 
@@ -12,6 +13,12 @@ DIGITS_TINY = TINY_VISION + [
     # randomness inside training: drop path, and a random subset of widths each step
     "++model.overrides.drop_path_rate=0.2", "model.widths_per_step=2", "model.distill.weight=0.5",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def load(path):

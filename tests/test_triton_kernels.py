@@ -34,7 +34,7 @@ def _run_group(group: str) -> None:
 
 
 @pytest.mark.parametrize("group", ["ssd_parallel", "ssd_sequential", "conv1d", "rmsnorm", "decode",
-                                   "dispatch"])
+                                   "mixer", "dispatch"])
 def test_triton_kernels_under_interpreter(group):
     _run_group(group)
 
@@ -212,6 +212,37 @@ def _decode_group(failures: list) -> None:
             failures.append("causal_conv1d_update")
 
 
+def _mixer_group(failures: list) -> None:
+    """The fused conv -> scan -> gated-norm node against the naive ops composed in float64, at a
+    full and two partial widths (unused heads' dt columns must get zero gradient), seq_idx."""
+    import torch
+
+    from matmamba.ops.triton_common.mixer import mamba2_mixer_core_reference, mamba2_mixer_core_triton
+    os.environ["MATMAMBA_SSD_CHUNK"] = "16"
+    G, N, P, H, W = 1, 16, 8, 5, 4
+    for k, seq in [(5, False), (3, True), (1, False)]:
+        gen = torch.Generator().manual_seed(k)
+        rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+        b, l = 2, 37
+        inputs = dict(
+            zxbcdt=rnd(b, l, 2 * G * N + H + 2 * k * P).requires_grad_(),
+            conv_weight=(rnd(2 * G * N + k * P, W) * 0.5).requires_grad_(),
+            conv_bias=rnd(2 * G * N + k * P).requires_grad_(),
+            dt_bias=(rnd(k) * 0.3 - 1).requires_grad_(),
+            A=(-torch.rand(k, generator=gen, dtype=torch.float64) * 3 - 0.5).requires_grad_(),
+            D=rnd(k).requires_grad_(),
+            norm_weight=(1 + 0.1 * rnd(k * P)).requires_grad_(),
+            ngroups=G, dstate=N, headdim=P, nheads_total=H, seq_idx=None,
+        )
+        if seq:
+            sq = torch.zeros(b, l, dtype=torch.int32)
+            sq[:, 10:] = 1
+            sq[1, 30:] = 2
+            inputs["seq_idx"] = sq
+        _compare(f"mixer core k{k}/{H}" + (" seq" if seq else ""), mamba2_mixer_core_triton,
+                 mamba2_mixer_core_reference, inputs, failures)
+
+
 def _dispatch_group(failures: list) -> None:
     """impl='triton' through the public ops reaches these kernels (also for CPU tensors under
     the interpreter) and agrees with impl='torch'; the block runs on them at two widths."""
@@ -251,6 +282,7 @@ def _main(group: str) -> int:
         "conv1d": lambda: _conv_group(failures),
         "rmsnorm": lambda: _rmsnorm_group(failures),
         "decode": lambda: _decode_group(failures),
+        "mixer": lambda: _mixer_group(failures),
         "dispatch": lambda: _dispatch_group(failures),
     }
     runners[group]()

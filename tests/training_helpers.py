@@ -3,6 +3,7 @@ of the real formats (JPEG ImageFolder trees, parquet files, token shards)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -23,16 +25,30 @@ LM_RECIPES = [e for e in EXPERIMENTS if e.startswith("lm_") and e != "lm_pydoc"]
 
 # Tiny shapes for every registered model family (widths 64, 32, 16, 8 with head dim 8).
 TINY_VISION = ["++model.overrides.d_model=64", "++model.overrides.n_layer=2", "++model.overrides.d_state=16",
-               "++model.overrides.headdim=8", "++model.overrides.chunk_size=16"]
+               "++model.overrides.headdim=8", "++model.overrides.chunk_size=16", "model.widths=null"]
 TINY_LM = ["++model.overrides.d_model=64", "++model.overrides.n_layer=2", "++model.overrides.d_state=16",
-           "++model.overrides.headdim=8", "++model.overrides.chunk_size=16", "++model.overrides.vocab_size=256"]
+           "++model.overrides.headdim=8", "++model.overrides.chunk_size=16", "++model.overrides.vocab_size=256",
+           "model.widths=null"]
 
 # Quiet, short, CPU-only runs.
 FAST = [
-    "trainer=cpu", "extras.print_config=false", "trainer.max_steps=4", "trainer.val_check_interval=2",
+    "trainer=cpu", "trainer.devices=1", "trainer.precision=32-true", "extras.print_config=false",
+    "trainer.max_steps=4", "trainer.val_check_interval=2",
     "trainer.limit_val_batches=2", "optim.warmup_steps=1", "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false", "callbacks.progress_bar=null", "export_dir=null",
 ]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models are latency-bound: one intra-op thread is faster, and immune to other
+    processes competing for the cores. Test modules wrap every test in it (autouse fixture)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def compose_cfg(overrides: list[str], output_dir: Path | None = None, config_name: str = "train"):
@@ -54,7 +70,8 @@ def compose_cfg(overrides: list[str], output_dir: Path | None = None, config_nam
 
 def run_train_script(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600):
     """Run train.py in a subprocess (what a user runs); returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
+    full_env.update(env or {})
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,

@@ -18,7 +18,8 @@ class DataError(ValueError):
     """The sweep's data cannot be found, built, or does not fit the model."""
 
 
-def data_description(cfg_data: Mapping[str, Any] | None, stored: Mapping[str, Any] | None) -> dict[str, Any]:
+def data_description(cfg_data: Mapping[str, Any] | None, stored: Mapping[str, Any] | None,
+                     source: str = "the checkpoint") -> dict[str, Any]:
     """Which data module to build.
 
     ``cfg_data`` (the eval config's ``data``) wins when it names a ``_target_`` (``experiment=``
@@ -28,8 +29,8 @@ def data_description(cfg_data: Mapping[str, Any] | None, stored: Mapping[str, An
     if cfg_data.get("_target_"):
         return cfg_data
     if not stored:
-        raise DataError("no data description: the checkpoint does not record its data and no run config was "
-                        "found next to it; pass experiment=<name> (the recipe) or data=<name> (conf/data/)")
+        raise DataError(f"which data? {source} does not record it; pass experiment=<name> (a recipe, "
+                        f"conf/experiment/) or data=<name> (conf/data/)")
     description = {**stored, **cfg_data}
     description.pop("task", None)  # recorded for information; not a constructor argument
     return description

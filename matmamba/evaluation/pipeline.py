@@ -94,13 +94,14 @@ def load(cfg: DictConfig) -> tuple[LoadedModel, dict[str, Any]]:
     """The model and the description of its validation data."""
     cfg_data = _plain(cfg.get("data")) or {}
     if cfg.get("pretrained"):
-        description = data_description(cfg_data, None)
+        description = data_description(cfg_data, None, source=f"pretrained={cfg.pretrained}")
         from hydra.utils import get_class
 
         task = getattr(get_class(description["_target_"]), "task", None) or None
         return load_pretrained(cfg.pretrained, task), description
     loaded = load_lightning_checkpoint(cfg.ckpt_path, trust=bool(cfg.get("trust_checkpoint", False)))
-    return loaded, data_description(cfg_data, loaded.data)
+    source = f"{loaded.source} (and its run's .hydra/config.yaml)"
+    return loaded, data_description(cfg_data, loaded.data, source=source)
 
 
 # ----------------------------------------------------------------------------------- the sweep

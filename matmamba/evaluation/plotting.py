@@ -37,7 +37,7 @@ def _panel(ax, rows: Sequence[Mapping[str, Any]], x: str, metric: str, maximize:
             ax.scatter(*zip(*groups[kind]), label="trained width" if kind == "trained" else kind, **style)
     for row, xv, yv in zip(rows, xs, ys):
         if row["trained"] and xv is not None:
-            ax.annotate(str(row["width"]), (xv, yv), textcoords="offset points", xytext=(6, -10), fontsize=8)
+            ax.annotate(row["name"], (xv, yv), textcoords="offset points", xytext=(6, -10), fontsize=8)
     front = pareto_front(xs, ys, maximize)
     if front:
         fx, fy = [xs[i] for i in front], [ys[i] for i in front]
@@ -72,22 +72,30 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], metric: str, maximize: bool, 
     return path
 
 
-def plot_comparison(runs: Mapping[str, Sequence[Mapping[str, Any]]], metric: str, path: str | Path,
-                    x: str = "width", title: str = "") -> Path:
-    """One line per run of ``metric`` against uniform width (or any column), for sweeps of the same
-    model trained differently; each run's trained widths are starred."""
+def plot_comparison(series: Mapping[str, Sequence[Mapping[str, Any]]], metric: str, path: str | Path,
+                    title: str = "", xlabel: str = "uniform width (every layer)") -> Path:
+    """One line per run (e.g. the same model trained two ways) of ``metric`` against width.
+
+    ``series[label]`` is a list of points ``{"x", "mean", "std", "trained"}``; the band is
+    mean +- std over seeds, and each run's trained widths are starred.
+    """
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for (label, rows), color in zip(runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
-        uniform = sorted((r for r in rows if r.get("width") is not None), key=lambda r: r[x])
-        ax.plot([r[x] for r in uniform], [r[metric] for r in uniform], marker="o", markersize=4, color=color,
-                label=label)
-        trained = [r for r in uniform if r["trained"]]
-        ax.scatter([r[x] for r in trained], [r[metric] for r in trained], marker="*", s=150, color=color,
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (label, points), color in zip(series.items(), colors):
+        points = sorted(points, key=lambda p: p["x"])
+        xs, means = [p["x"] for p in points], [p["mean"] for p in points]
+        ax.plot(xs, means, marker="o", markersize=3, color=color, label=label)
+        stds = [p.get("std") or 0.0 for p in points]
+        if any(stds):
+            ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                            color=color, alpha=0.2, linewidth=0)
+        trained = [p for p in points if p["trained"]]
+        ax.scatter([p["x"] for p in trained], [p["mean"] for p in trained], marker="*", s=160, color=color,
                    zorder=4, edgecolors="black", linewidths=0.5)
-    ax.set_xlabel("uniform width (d_model used by every layer)" if x == "width" else x)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.grid(True, alpha=0.3)
-    ax.legend(title="★ = trained width", fontsize=9)
+    ax.legend(title="★ trained width", fontsize=9)
     if title:
         ax.set_title(title)
     fig.tight_layout()

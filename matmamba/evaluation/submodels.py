@@ -30,7 +30,8 @@ class Submodel:
     """One configuration of a nested model: a width for each layer.
 
     ``kind`` says which part of the sweep produced it (the first one, if several did);
-    ``trained`` is true for a uniform configuration at one of the widths trained jointly.
+    ``trained`` is true for a width trained jointly (used by every layer), and for an exported
+    dense model's own configuration.
     """
 
     widths: tuple[int, ...]
@@ -62,9 +63,16 @@ def full_widths(model: nn.Module) -> list[int]:
 
 
 def trained_widths(model: nn.Module) -> list[int]:
-    """The widths trained jointly, widest first; an exported dense model has none (its own width)."""
-    widths = sorted({int(w) for w in model.widths_default}, reverse=True)
-    return widths or sorted(set(full_widths(model)), reverse=True)[:1]
+    """The widths trained jointly, widest first (none for an exported dense model)."""
+    return sorted({int(w) for w in model.widths_default}, reverse=True)
+
+
+def trained_configurations(model: nn.Module) -> list[tuple[int, ...]]:
+    """Each trained width in every layer; for an exported dense model, the model itself (each
+    layer at its own full width, which may differ per layer)."""
+    n_layer = len(model.layers)
+    widths = trained_widths(model)
+    return [(w,) * n_layer for w in widths] if widths else [tuple(full_widths(model))]
 
 
 def common_valid_widths(model: nn.Module) -> list[int]:
@@ -156,6 +164,7 @@ def build_sweep(model: nn.Module, sweep: Mapping[str, Any], width: Any = None) -
     """
     n_layer = len(model.layers)
     trained = trained_widths(model)
+    trained_configs = trained_configurations(model)
     candidates: list[tuple[tuple[int, ...], str]] = []
 
     if width is not None:
@@ -166,7 +175,7 @@ def build_sweep(model: nn.Module, sweep: Mapping[str, Any], width: Any = None) -
         if unknown:
             raise SweepError(f"unknown sweep keys {unknown}; see conf/sweep/trained.yaml")
         if sweep.get("trained", True):
-            candidates += [((w,) * n_layer, "trained") for w in trained]
+            candidates += [(widths, "trained") for widths in trained_configs]
         if sweep.get("uniform", False):
             candidates += [((w,) * n_layer, "uniform") for w in uniform_widths(model, sweep.get("step", 1))]
         if sweep.get("mixes", False):
@@ -180,14 +189,14 @@ def build_sweep(model: nn.Module, sweep: Mapping[str, Any], width: Any = None) -
     submodels: dict[tuple[int, ...], Submodel] = {}
     for widths, kind in candidates:
         if widths not in submodels:
-            submodels[widths] = Submodel(widths, kind, trained=len(set(widths)) == 1 and widths[0] in trained)
+            submodels[widths] = Submodel(widths, kind, trained=widths in trained_configs)
 
     count = 0 if width is not None else sweep.get("random", 0) or 0
     if count:
         choices_name = sweep.get("choices", "trained")
         if choices_name not in ("trained", "valid"):
             raise SweepError(f"sweep.choices must be 'trained' or 'valid', got {choices_name!r}")
-        choices = trained if choices_name == "trained" else common_valid_widths(model)
+        choices = trained if choices_name == "trained" and trained else common_valid_widths(model)
         for mix in random_mixes(choices, n_layer, count, int(sweep.get("seed", 0)), exclude=submodels):
             submodels[tuple(mix)] = Submodel(tuple(mix), "random")
 

@@ -11,7 +11,6 @@ path on one device, under DDP and under FSDP.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import logging
 import math
@@ -236,7 +235,9 @@ class NestedWidthModule(L.LightningModule):
             )
         # DDP syncs gradients inside backward; with several backward passes per step we turn that
         # off and all-reduce once per optimizer step instead.
-        self._manual_grad_sync = isinstance(strategy, DDPStrategy) and self.trainer.world_size > 1 and needs_several_backwards
+        self._manual_grad_sync = (
+            isinstance(strategy, DDPStrategy) and self.trainer.world_size > 1 and needs_several_backwards
+        )
         precision = str(self.trainer.precision)
         if precision.startswith("16"):
             raise ValueError("trainer.precision=16-mixed is not supported (gradient clipping needs unscaled "
@@ -471,7 +472,12 @@ class VisionClassificationModule(NestedWidthModule):
         if size is None:
             size = getattr(datamodule, "hparams", {}).get("image_size")
         if size is not None and size != c.image_size:
-            raise ValueError(f"the data has image_size={size} but the model has image_size={c.image_size}")
+            raise ValueError(f"the data has image_size={size} but the model has image_size={c.image_size}; "
+                             f"set model.overrides.image_size={size}")
+        chans = getattr(datamodule, "in_chans", None)
+        if chans is not None and chans != c.in_chans:
+            raise ValueError(f"the data has {chans} channels but the model has in_chans={c.in_chans}; "
+                             f"set model.overrides.in_chans={chans}")
 
     def split_batch(self, batch, training: bool):
         images, labels = batch

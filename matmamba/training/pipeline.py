@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from matmamba.training.checkpoint import AtomicCheckpointIO
 from matmamba.training.utils import (
+    ConfigError,
     close_loggers,
     instantiate_callbacks,
     instantiate_loggers,
@@ -37,9 +39,9 @@ def build(cfg: DictConfig):
         L.seed_everything(cfg.seed, workers=True)
 
     log.info("data <%s>", cfg.data._target_)
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule = _instantiate(cfg.data, "the data module")
     log.info("model <%s> %s", cfg.model._target_, cfg.model.name)
-    module = instantiate(cfg.model, optim=_plain(cfg.optim), _convert_="all")
+    module = _instantiate(cfg.model, f"the model {cfg.model.get('name')}", optim=_plain(cfg.optim))
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
@@ -49,6 +51,15 @@ def build(cfg: DictConfig):
         trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], _convert_="all"
     )
     return datamodule, module, trainer, loggers
+
+
+def _instantiate(node: DictConfig, what: str, **kwargs: Any):
+    """Hydra instantiation whose errors name the part and keep the original message up front."""
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"could not build {what}: {cause}") from cause
 
 
 def _checkpoint_paths(trainer: L.Trainer) -> dict[str, str | None]:

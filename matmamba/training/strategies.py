@@ -25,7 +25,9 @@ def fsdp_strategy(
     from matmamba.models.common import ResidualBlock
 
     if sharding_strategy not in SHARDING_STRATEGIES:
-        raise ValueError(f"trainer.strategy.sharding_strategy must be one of {SHARDING_STRATEGIES}, got {sharding_strategy!r}")
+        raise ValueError(
+            f"trainer.strategy.sharding_strategy must be one of {SHARDING_STRATEGIES}, got {sharding_strategy!r}"
+        )
     if state_dict_type not in ("full", "sharded"):
         raise ValueError(f"trainer.strategy.state_dict_type must be 'full' or 'sharded', got {state_dict_type!r}")
     return FSDPStrategy(

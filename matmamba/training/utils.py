@@ -169,12 +169,28 @@ def wandb_logged_in() -> bool:
         return False
 
 
+def _multirun_name() -> str | None:
+    """The sweep folder's name when running under ``-m`` (multirun), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hydra_cfg.sweep.dir).name
+
+
 def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
     loggers: list[Logger] = []
     for name, conf in (cfg or {}).items():
         if not (isinstance(conf, DictConfig) and "_target_" in conf):
             continue
         if conf._target_.endswith("WandbLogger"):
+            sweep = _multirun_name()
+            if sweep and conf.get("group"):  # the jobs of one multirun form a group of their own
+                conf = OmegaConf.merge(conf, {"group": f"{conf.group}-{sweep}"})
             mode = os.environ.get("WANDB_MODE", "")
             if not conf.get("offline") and mode not in ("offline", "disabled", "dryrun") and not wandb_logged_in():
                 log.warning("W&B: no login found (WANDB_API_KEY or `wandb login`); logging offline to %s. "

@@ -45,12 +45,26 @@ def _segment_ids(seq_idx: Tensor) -> Tensor:
 
 
 @triton.jit
-def _input_at(x_ptr, init_ptr, b, pos, offs_c, c_mask, seqlen,
+def _columns(colmap_ptr, offs_c, c_mask, HAS_COLMAP: tl.constexpr, VEC: tl.constexpr):
+    """Column of x (and dx) holding channel c: colmap[c], or c itself. VEC > 1 promises that
+    each aligned group of VEC channels maps to VEC consecutive, VEC-aligned columns (checked on
+    the host), so loads and stores through the map can be vectorised."""
+    if HAS_COLMAP:
+        cols = tl.load(colmap_ptr + offs_c, mask=c_mask, other=0)
+        if VEC > 1:
+            cols = tl.max_contiguous(tl.multiple_of(cols, VEC), VEC)
+        return cols
+    return offs_c
+
+
+@triton.jit
+def _input_at(x_ptr, init_ptr, b, pos, offs_c, x_cols, c_mask, seqlen,
               s_xb, s_xl, s_xd, s_ib, s_id, s_ij,
               WIDTH: tl.constexpr, HAS_INIT: tl.constexpr):
-    """in(pos) for a vector of times ``pos`` (BLOCK_L,) and channels (BLOCK_D,), fp32."""
+    """in(pos) for a vector of times ``pos`` (BLOCK_L,) and channels (BLOCK_D,), fp32. Channel c
+    of x lives at column x_cols[c] (= c unless a column map is used)."""
     from_x = (pos >= 0) & (pos < seqlen)
-    val = tl.load(x_ptr + b * s_xb + pos[:, None] * s_xl + offs_c[None, :] * s_xd,
+    val = tl.load(x_ptr + b * s_xb + pos[:, None] * s_xl + x_cols[None, :] * s_xd,
                   mask=from_x[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
     if HAS_INIT:
         from_init = (pos < 0) & (pos >= -(WIDTH - 1))
@@ -70,7 +84,7 @@ def _segment_at(seg_ptr, b, pos, seqlen, s_sb, s_sl):
 
 
 @triton.jit
-def _preactivation(x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, b, t, offs_c, c_mask, seqlen,
+def _preactivation(x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, b, t, offs_c, x_cols, c_mask, seqlen,
                    s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl,
                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, WIDTH: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr):
@@ -82,7 +96,7 @@ def _preactivation(x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, b, t, offs_c, c_ma
         seg_t = _segment_at(seg_ptr, b, t, seqlen, s_sb, s_sl)
     for k in tl.static_range(WIDTH):
         src = t - (WIDTH - 1) + k
-        val = _input_at(x_ptr, init_ptr, b, src, offs_c, c_mask, seqlen,
+        val = _input_at(x_ptr, init_ptr, b, src, offs_c, x_cols, c_mask, seqlen,
                         s_xb, s_xl, s_xd, s_ib, s_id, s_ij, WIDTH, HAS_INIT)
         if HAS_SEQ:
             same = _segment_at(seg_ptr, b, src, seqlen, s_sb, s_sl) == seg_t
@@ -94,11 +108,12 @@ def _preactivation(x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, b, t, offs_c, c_ma
 
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, y_ptr,
+    x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, colmap_ptr, y_ptr,
     seqlen, dim,
     s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl, s_yb, s_yl, s_yd,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, WIDTH: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    HAS_COLMAP: tl.constexpr, VEC: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -106,7 +121,9 @@ def _conv_fwd_kernel(
     t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     c_mask = offs_c < dim
-    u = _preactivation(x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, b, t, offs_c, c_mask, seqlen,
+    x_cols = _columns(colmap_ptr, offs_c, c_mask, HAS_COLMAP, VEC)
+    u = _preactivation(x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, b, t, offs_c, x_cols, c_mask,
+                       seqlen,
                        s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl,
                        BLOCK_L, BLOCK_D, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ)
     if SILU:
@@ -117,11 +134,13 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _conv_bwd_du_kernel(
-    x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, dy_ptr, du_ptr, dw_part_ptr, db_part_ptr,
+    x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, colmap_ptr, dy_ptr, du_ptr, dw_part_ptr,
+    db_part_ptr,
     seqlen, dim, n_tiles,
     s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl, s_dyb, s_dyl, s_dyd,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, WIDTH: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    HAS_COLMAP: tl.constexpr, VEC: tl.constexpr,
 ):
     """Pass 1 of the backward, per tile of outputs t: du = dy * silu'(u) (u recomputed) into an
     fp32 buffer, and this tile's partial sums of dweight[:, k] = sum_t du * in(t-(w-1)+k) and
@@ -132,11 +151,13 @@ def _conv_bwd_du_kernel(
     t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     c_mask = offs_c < dim
+    x_cols = _columns(colmap_ptr, offs_c, c_mask, HAS_COLMAP, VEC)
     t_ok = t < seqlen
     dy = tl.load(dy_ptr + b * s_dyb + t[:, None] * s_dyl + offs_c[None, :] * s_dyd,
                  mask=t_ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
     if SILU:
-        u = _preactivation(x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, b, t, offs_c, c_mask, seqlen,
+        u = _preactivation(x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, b, t, offs_c, x_cols, c_mask,
+                       seqlen,
                            s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl,
                            BLOCK_L, BLOCK_D, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ)
         sig = tl.sigmoid(u)
@@ -150,7 +171,7 @@ def _conv_bwd_du_kernel(
         seg_t = _segment_at(seg_ptr, b, t, seqlen, s_sb, s_sl)
     for k in tl.static_range(WIDTH):
         src = t - (WIDTH - 1) + k
-        val = _input_at(x_ptr, init_ptr, b, src, offs_c, c_mask, seqlen,
+        val = _input_at(x_ptr, init_ptr, b, src, offs_c, x_cols, c_mask, seqlen,
                         s_xb, s_xl, s_xd, s_ib, s_id, s_ij, WIDTH, HAS_INIT)
         if HAS_SEQ:
             same = _segment_at(seg_ptr, b, src, seqlen, s_sb, s_sl) == seg_t
@@ -162,10 +183,11 @@ def _conv_bwd_du_kernel(
 
 @triton.jit
 def _conv_bwd_dx_kernel(
-    du_ptr, w_ptr, seg_ptr, dx_ptr,
+    du_ptr, w_ptr, seg_ptr, colmap_ptr, dx_ptr,
     seqlen, dim, first_pos, out_first_pos,
     s_wd, s_wk, s_sb, s_sl, s_dxb, s_dxl, s_dxd,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, WIDTH: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_COLMAP: tl.constexpr, VEC: tl.constexpr,
 ):
     """Pass 2: dx[s] = sum_k weight[:, k] du[s + (w-1) - k] same(s, that output), for positions
     s = first_pos + tile, stored at row s - out_first_pos of dx. With first_pos = out_first_pos
@@ -194,7 +216,8 @@ def _conv_bwd_dx_kernel(
         out_mask = s < 0
     else:
         out_mask = s < seqlen
-    tl.store(dx_ptr + b * s_dxb + (s - out_first_pos)[:, None] * s_dxl + offs_c[None, :] * s_dxd,
+    out_cols = _columns(colmap_ptr, offs_c, c_mask, HAS_COLMAP, VEC)
+    tl.store(dx_ptr + b * s_dxb + (s - out_first_pos)[:, None] * s_dxl + out_cols[None, :] * s_dxd,
              dx.to(dx_ptr.dtype.element_ty), mask=out_mask[:, None] & c_mask[None, :])
 
 
@@ -203,71 +226,90 @@ def _launch_meta(dim):
     return block_d, triton.cdiv(dim, block_d)
 
 
+def conv_forward(x, weight, bias, initial_state, segments, silu, colmap=None, colmap_vec=1):
+    """Launch the forward. x (b,l,·): channel c is column colmap[c] of x (or c); the number of
+    channels is weight.shape[0]. Returns y (b,l,d) contiguous in x.dtype."""
+    batch, seqlen = x.shape[:2]
+    dim, width = weight.shape
+    y = torch.empty(batch, seqlen, dim, device=x.device, dtype=x.dtype)
+    block_d, n_d = _launch_meta(dim)
+    init = initial_state if initial_state is not None else x
+    s_init = initial_state.stride() if initial_state is not None else (0, 0, 0)
+    seg = segments if segments is not None else x
+    s_seg = segments.stride() if segments is not None else (0, 0)
+    _conv_fwd_kernel[(triton.cdiv(seqlen, BLOCK_L), n_d, batch)](
+        x, init, weight, bias if bias is not None else weight, seg,
+        colmap if colmap is not None else weight, y,
+        seqlen, dim, *x.stride(), *s_init, *weight.stride(), *s_seg, *y.stride(),
+        BLOCK_L=BLOCK_L, BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None,
+        HAS_INIT=initial_state is not None, HAS_SEQ=segments is not None, SILU=silu,
+        HAS_COLMAP=colmap is not None, VEC=colmap_vec, num_warps=4)
+    return y
+
+
+def conv_backward(dy, x, weight, bias, initial_state, segments, silu, colmap=None, dx_out=None,
+                  need_init_grad=True, colmap_vec=1):
+    """Launch the backward. Returns (dx, dweight, dbias, d_initial_state). With ``dx_out`` the
+    input gradient is written into it (at the columns colmap gives) instead of a new tensor."""
+    batch, seqlen = x.shape[:2]
+    dim, width = weight.shape
+    block_d, n_d = _launch_meta(dim)
+    n_tiles = triton.cdiv(seqlen, BLOCK_L)
+    du = torch.empty(batch, seqlen, dim, device=x.device, dtype=torch.float32)
+    dw_part = torch.empty(batch, n_tiles, width, dim, device=x.device, dtype=torch.float32)
+    db_part = torch.empty(batch, n_tiles, dim, device=x.device, dtype=torch.float32)
+    init = initial_state if initial_state is not None else x
+    s_init = initial_state.stride() if initial_state is not None else (0, 0, 0)
+    seg = segments if segments is not None else x
+    s_seg = segments.stride() if segments is not None else (0, 0)
+    cols = colmap if colmap is not None else weight
+    _conv_bwd_du_kernel[(n_tiles, n_d, batch)](
+        x, init, weight, bias if bias is not None else weight, seg, cols, dy, du, dw_part,
+        db_part, seqlen, dim, n_tiles,
+        *x.stride(), *s_init, *weight.stride(), *s_seg, *dy.stride(),
+        BLOCK_L=BLOCK_L, BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None,
+        HAS_INIT=initial_state is not None, HAS_SEQ=segments is not None, SILU=silu,
+        HAS_COLMAP=colmap is not None, VEC=colmap_vec, num_warps=4)
+    dx = dx_out if dx_out is not None else torch.empty(batch, seqlen, dim, device=x.device,
+                                                       dtype=x.dtype)
+    _conv_bwd_dx_kernel[(n_tiles, n_d, batch)](
+        du, weight, seg, cols, dx, seqlen, dim, 0, 0, *weight.stride(), *s_seg, *dx.stride(),
+        BLOCK_L=BLOCK_L, BLOCK_D=block_d, WIDTH=width, HAS_SEQ=segments is not None,
+        HAS_COLMAP=colmap is not None, VEC=colmap_vec, num_warps=4)
+    d_init = None
+    if initial_state is not None and need_init_grad:
+        if width == 1:
+            d_init = torch.zeros_like(initial_state)
+        else:
+            d_init_rows = torch.empty(batch, width - 1, dim, device=x.device, dtype=torch.float32)
+            _conv_bwd_dx_kernel[(1, n_d, batch)](
+                du, weight, seg, weight, d_init_rows, seqlen, dim, -(width - 1), -(width - 1),
+                *weight.stride(), *s_seg, *d_init_rows.stride(),
+                BLOCK_L=max(16, triton.next_power_of_2(width - 1)), BLOCK_D=block_d,
+                WIDTH=width, HAS_SEQ=segments is not None, HAS_COLMAP=False, VEC=1, num_warps=4)
+            d_init = d_init_rows.transpose(1, 2).to(initial_state.dtype)
+    dw = dw_part.sum((0, 1)).t().to(weight.dtype)
+    db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+    return dx, dw, db, d_init
+
+
 class _CausalConv1dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, initial_state, segments, silu):
-        batch, seqlen, dim = x.shape
-        width = weight.shape[1]
-        y = torch.empty(batch, seqlen, dim, device=x.device, dtype=x.dtype)
-        block_d, n_d = _launch_meta(dim)
-        init = initial_state if initial_state is not None else x
-        s_init = initial_state.stride() if initial_state is not None else (0, 0, 0)
-        seg = segments if segments is not None else x
-        s_seg = segments.stride() if segments is not None else (0, 0)
-        _conv_fwd_kernel[(triton.cdiv(seqlen, BLOCK_L), n_d, batch)](
-            x, init, weight, bias if bias is not None else weight, seg, y,
-            seqlen, dim, *x.stride(), *s_init, *weight.stride(), *s_seg, *y.stride(),
-            BLOCK_L=BLOCK_L, BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None,
-            HAS_INIT=initial_state is not None, HAS_SEQ=segments is not None, SILU=silu,
-            num_warps=4)
         ctx.save_for_backward(x, weight, bias, initial_state, segments)
         ctx.silu = silu
-        return y
+        return conv_forward(x, weight, bias, initial_state, segments, silu)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, initial_state, segments = ctx.saved_tensors
-        batch, seqlen, dim = x.shape
-        width = weight.shape[1]
-        block_d, n_d = _launch_meta(dim)
-        n_tiles = triton.cdiv(seqlen, BLOCK_L)
-        du = torch.empty(batch, seqlen, dim, device=x.device, dtype=torch.float32)
-        dw_part = torch.empty(batch, n_tiles, width, dim, device=x.device, dtype=torch.float32)
-        db_part = torch.empty(batch, n_tiles, dim, device=x.device, dtype=torch.float32)
-        init = initial_state if initial_state is not None else x
-        s_init = initial_state.stride() if initial_state is not None else (0, 0, 0)
-        seg = segments if segments is not None else x
-        s_seg = segments.stride() if segments is not None else (0, 0)
-        _conv_bwd_du_kernel[(n_tiles, n_d, batch)](
-            x, init, weight, bias if bias is not None else weight, seg, dy, du, dw_part, db_part,
-            seqlen, dim, n_tiles,
-            *x.stride(), *s_init, *weight.stride(), *s_seg, *dy.stride(),
-            BLOCK_L=BLOCK_L, BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None,
-            HAS_INIT=initial_state is not None, HAS_SEQ=segments is not None, SILU=ctx.silu,
-            num_warps=4)
-        dx = torch.empty(batch, seqlen, dim, device=x.device, dtype=x.dtype)
-        _conv_bwd_dx_kernel[(n_tiles, n_d, batch)](
-            du, weight, seg, dx, seqlen, dim, 0, 0, *weight.stride(), *s_seg, *dx.stride(),
-            BLOCK_L=BLOCK_L, BLOCK_D=block_d, WIDTH=width, HAS_SEQ=segments is not None,
-            num_warps=4)
-        d_init = None
-        if initial_state is not None and ctx.needs_input_grad[3]:
-            if width == 1:
-                d_init = torch.zeros_like(initial_state)
-            else:
-                d_init_rows = torch.empty(batch, width - 1, dim, device=x.device,
-                                          dtype=torch.float32)
-                _conv_bwd_dx_kernel[(1, n_d, batch)](
-                    du, weight, seg, d_init_rows, seqlen, dim, -(width - 1), -(width - 1),
-                    *weight.stride(), *s_seg, *d_init_rows.stride(),
-                    BLOCK_L=max(16, triton.next_power_of_2(width - 1)), BLOCK_D=block_d,
-                    WIDTH=width, HAS_SEQ=segments is not None, num_warps=4)
-                d_init = d_init_rows.transpose(1, 2).to(initial_state.dtype)
-        dw = dw_part.sum((0, 1)).t().to(weight.dtype)
-        db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+        dx, dw, db, d_init = conv_backward(dy, x, weight, bias, initial_state, segments, ctx.silu,
+                                           need_init_grad=ctx.needs_input_grad[3])
         return dx, dw, db, d_init, None, None
 
 
+# torch.compile: graph break here; the Triton launches run eagerly (their autograd intact).
+@torch.compiler.disable
 def causal_conv1d_triton(
     x: Tensor,
     weight: Tensor,
@@ -336,6 +378,8 @@ def _conv_update_kernel(
     tl.store(y_ptr + b * s_yb + offs_c * s_yd, acc.to(y_ptr.dtype.element_ty), mask=c_mask)
 
 
+# torch.compile: graph break here; the Triton launches run eagerly (their autograd intact).
+@torch.compiler.disable
 def causal_conv1d_update_triton(
     x: Tensor,
     conv_state: Tensor,

@@ -30,22 +30,36 @@ Tensor = torch.Tensor
 
 
 @triton.jit
+def _z_columns(zmap_ptr, cols, col_mask, HAS_ZMAP: tl.constexpr, VEC: tl.constexpr):
+    """Column of z (and dz) holding channel c: zmap[c], or c itself. VEC > 1 promises aligned
+    runs of VEC consecutive columns (checked on the host), for vectorised access."""
+    if HAS_ZMAP:
+        z_cols = tl.load(zmap_ptr + cols, mask=col_mask, other=0)
+        if VEC > 1:
+            z_cols = tl.max_contiguous(tl.multiple_of(z_cols, VEC), VEC)
+        return z_cols
+    return cols
+
+
+@triton.jit
 def _rmsnorm_fwd_kernel(
-    x_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr,
+    x_ptr, z_ptr, zmap_ptr, w_ptr, out_ptr, rstd_ptr,
     n_rows, rows_per_program, group_size, n_groups, eps,
     s_xr, s_zr, s_or,
     BLOCK: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    HAS_ZMAP: tl.constexpr, VEC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grp = tl.program_id(1)
     cols = grp * group_size + tl.arange(0, BLOCK)
     col_mask = tl.arange(0, BLOCK) < group_size
+    z_cols = _z_columns(zmap_ptr, cols, col_mask, HAS_ZMAP, VEC)
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     row_start = pid * rows_per_program
     for row in range(row_start, tl.minimum(row_start + rows_per_program, n_rows)):
         v = tl.load(x_ptr + row * s_xr + cols, mask=col_mask, other=0.0).to(tl.float32)
         if HAS_Z:
-            z = tl.load(z_ptr + row * s_zr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + row * s_zr + z_cols, mask=col_mask, other=0.0).to(tl.float32)
             gate = z * tl.sigmoid(z)
             if not NORM_BEFORE_GATE:
                 v = v * gate
@@ -60,15 +74,17 @@ def _rmsnorm_fwd_kernel(
 
 @triton.jit
 def _rmsnorm_bwd_kernel(
-    x_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dx_ptr, dz_ptr, dw_part_ptr,
+    x_ptr, z_ptr, zmap_ptr, w_ptr, rstd_ptr, dout_ptr, dx_ptr, dz_ptr, dw_part_ptr,
     n_rows, rows_per_program, group_size, n_groups, dim,
     s_xr, s_zr, s_dor, s_dxr, s_dzr,
     BLOCK: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    HAS_ZMAP: tl.constexpr, VEC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grp = tl.program_id(1)
     cols = grp * group_size + tl.arange(0, BLOCK)
     col_mask = tl.arange(0, BLOCK) < group_size
+    z_cols = _z_columns(zmap_ptr, cols, col_mask, HAS_ZMAP, VEC)
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     row_start = pid * rows_per_program
@@ -78,7 +94,7 @@ def _rmsnorm_bwd_kernel(
         rstd = tl.load(rstd_ptr + row * n_groups + grp)
         v = x
         if HAS_Z:
-            z = tl.load(z_ptr + row * s_zr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + row * s_zr + z_cols, mask=col_mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(z)
             gate = z * sig
             gate_grad = sig * (1.0 + z * (1.0 - sig))
@@ -88,14 +104,14 @@ def _rmsnorm_bwd_kernel(
         if HAS_Z and NORM_BEFORE_GATE:
             g_n = dout * w * gate
             dw_acc += dout * gate * n
-            tl.store(dz_ptr + row * s_dzr + cols,
+            tl.store(dz_ptr + row * s_dzr + z_cols,
                      (dout * n * w * gate_grad).to(dz_ptr.dtype.element_ty), mask=col_mask)
         else:
             g_n = dout * w
             dw_acc += dout * n
         dv = rstd * (g_n - n * (tl.sum(g_n * n, axis=0) / group_size))
         if HAS_Z and not NORM_BEFORE_GATE:
-            tl.store(dz_ptr + row * s_dzr + cols,
+            tl.store(dz_ptr + row * s_dzr + z_cols,
                      (dv * x * gate_grad).to(dz_ptr.dtype.element_ty), mask=col_mask)
             dx = dv * gate
         else:
@@ -124,53 +140,75 @@ def _warps(block: int) -> int:
     return 1 if block <= 256 else 4 if block <= 2048 else 8
 
 
+def rmsnorm_forward(x2, z2, weight, eps, norm_before_gate, group_size, zmap=None, zmap_vec=1):
+    """x2 (rows, d) with a contiguous last axis; z2 (rows, ·) or None: channel c of z is column
+    zmap[c] (or c). Returns (out (rows, d) in x2.dtype, rstd (rows, groups) fp32)."""
+    n_rows, dim = x2.shape
+    n_groups = dim // group_size
+    out = torch.empty(n_rows, dim, device=x2.device, dtype=x2.dtype)
+    rstd = torch.empty(n_rows, n_groups, device=x2.device, dtype=torch.float32)
+    block = triton.next_power_of_2(group_size)
+    rows_per_program, programs = _launch(n_rows, x2.device, n_groups)
+    if n_rows > 0:
+        _rmsnorm_fwd_kernel[(programs, n_groups)](
+            x2, z2 if z2 is not None else x2, zmap if zmap is not None else x2, weight, out, rstd,
+            n_rows, rows_per_program, group_size, n_groups, eps,
+            x2.stride(0), z2.stride(0) if z2 is not None else 0, out.stride(0),
+            BLOCK=block, HAS_Z=z2 is not None, NORM_BEFORE_GATE=norm_before_gate,
+            HAS_ZMAP=zmap is not None, VEC=zmap_vec, num_warps=_warps(block))
+    return out, rstd
+
+
+def rmsnorm_backward(dout2, x2, z2, weight, rstd, norm_before_gate, group_size, zmap=None,
+                     dz_out=None, zmap_vec=1):
+    """Returns (dx (rows, d), dz or None, dweight). With ``dz_out`` (rows, ·) dz is written into
+    it at the columns zmap gives."""
+    n_rows, dim = x2.shape
+    n_groups = dim // group_size
+    has_z = z2 is not None
+    dx = torch.empty(n_rows, dim, device=x2.device, dtype=x2.dtype)
+    if has_z:
+        dz = dz_out if dz_out is not None else torch.empty(n_rows, dim, device=x2.device,
+                                                           dtype=z2.dtype)
+    else:
+        dz = None
+    block = triton.next_power_of_2(group_size)
+    rows_per_program, programs = _launch(n_rows, x2.device, n_groups)
+    dw_part = torch.zeros(programs, dim, device=x2.device, dtype=torch.float32)
+    if n_rows > 0:
+        _rmsnorm_bwd_kernel[(programs, n_groups)](
+            x2, z2 if has_z else x2, zmap if zmap is not None else x2, weight, rstd, dout2, dx,
+            dz if has_z else dx, dw_part,
+            n_rows, rows_per_program, group_size, n_groups, dim,
+            x2.stride(0), z2.stride(0) if has_z else 0, dout2.stride(0), dx.stride(0),
+            dz.stride(0) if has_z else 0,
+            BLOCK=block, HAS_Z=has_z, NORM_BEFORE_GATE=norm_before_gate,
+            HAS_ZMAP=zmap is not None, VEC=zmap_vec, num_warps=_warps(block))
+    return dx, dz, dw_part.sum(0).to(weight.dtype)
+
+
 class _GatedRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, z, weight, eps, norm_before_gate, group_size):
         shape = x.shape
         x2 = _as_rows(x)
         z2 = _as_rows(z) if z is not None else None
-        n_rows, dim = x2.shape
-        n_groups = dim // group_size
-        out = torch.empty(n_rows, dim, device=x.device, dtype=x.dtype)
-        rstd = torch.empty(n_rows, n_groups, device=x.device, dtype=torch.float32)
-        block = triton.next_power_of_2(group_size)
-        rows_per_program, programs = _launch(n_rows, x.device, n_groups)
-        if n_rows > 0:
-            _rmsnorm_fwd_kernel[(programs, n_groups)](
-                x2, z2 if z2 is not None else x2, weight, out, rstd,
-                n_rows, rows_per_program, group_size, n_groups, eps,
-                x2.stride(0), z2.stride(0) if z2 is not None else 0, out.stride(0),
-                BLOCK=block, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate,
-                num_warps=_warps(block))
+        out, rstd = rmsnorm_forward(x2, z2, weight, eps, norm_before_gate, group_size)
         ctx.save_for_backward(x2, z2, weight, rstd)
-        ctx.config = (shape, norm_before_gate, group_size, z is not None)
+        ctx.config = (shape, norm_before_gate, group_size)
         return out.view(shape)
 
     @staticmethod
     def backward(ctx, dout):
         x2, z2, weight, rstd = ctx.saved_tensors
-        shape, norm_before_gate, group_size, has_z = ctx.config
-        dout2 = _as_rows(dout)
-        n_rows, dim = x2.shape
-        n_groups = dim // group_size
-        dx = torch.empty(n_rows, dim, device=x2.device, dtype=x2.dtype)
-        dz = torch.empty(n_rows, dim, device=x2.device, dtype=z2.dtype) if has_z else None
-        block = triton.next_power_of_2(group_size)
-        rows_per_program, programs = _launch(n_rows, x2.device, n_groups)
-        dw_part = torch.zeros(programs, dim, device=x2.device, dtype=torch.float32)
-        if n_rows > 0:
-            _rmsnorm_bwd_kernel[(programs, n_groups)](
-                x2, z2 if has_z else x2, weight, rstd, dout2, dx, dz if has_z else dx, dw_part,
-                n_rows, rows_per_program, group_size, n_groups, dim,
-                x2.stride(0), z2.stride(0) if has_z else 0, dout2.stride(0), dx.stride(0),
-                dz.stride(0) if has_z else 0,
-                BLOCK=block, HAS_Z=has_z, NORM_BEFORE_GATE=norm_before_gate,
-                num_warps=_warps(block))
-        dw = dw_part.sum(0).to(weight.dtype)
-        return (dx.view(shape), dz.view(shape) if has_z else None, dw, None, None, None)
+        shape, norm_before_gate, group_size = ctx.config
+        dx, dz, dw = rmsnorm_backward(_as_rows(dout), x2, z2, weight, rstd, norm_before_gate,
+                                      group_size)
+        return dx.view(shape), dz.view(shape) if dz is not None else None, dw, None, None, None
 
 
+# torch.compile: graph break here; the Triton launches run eagerly (their autograd intact).
+@torch.compiler.disable
 def gated_rmsnorm_triton(
     x: Tensor,
     z: Tensor | None,

@@ -78,6 +78,8 @@ def _state_update_kernel(
              mask=p_mask)
 
 
+# torch.compile: graph break here; the Triton launches run eagerly (their autograd intact).
+@torch.compiler.disable
 def ssd_state_update_triton(
     state: Tensor,
     x: Tensor,

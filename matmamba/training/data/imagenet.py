@@ -9,6 +9,7 @@ the same whatever the number of workers and across a resume.
 from __future__ import annotations
 
 import contextlib
+import glob
 import random
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,7 @@ class ImageNetDataModule(NestedDataModule):
     """
 
     task = "vision"
+    in_chans = 3
 
     def __init__(
         self,
@@ -168,9 +170,9 @@ class ImageNetDataModule(NestedDataModule):
                 )
         elif hp.data_files and not hp.hf_name:
             for split, files in dict(hp.data_files).items():
-                for file in [files] if isinstance(files, str) else list(files):
-                    if not Path(file).exists():
-                        raise DataConfigError(f"data.data_files.{split}: {file} does not exist")
+                for pattern in [files] if isinstance(files, str) else list(files):
+                    if not glob.glob(str(pattern)):
+                        raise DataConfigError(f"data.data_files.{split}: {pattern} does not exist")
 
     def prepare_data(self) -> None:
         self.check_data()
