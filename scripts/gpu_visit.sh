@@ -5,6 +5,11 @@
 #
 #   bash scripts/gpu_visit.sh                                    # full visit
 #   CHECK_JOBS="--only ssd --dtypes bf16" BENCH_CASES=ssd bash scripts/gpu_visit.sh
+#   CHECK_S=0 BENCH_CASES=cold,lengths,decode,ssd32,block1024 bash scripts/gpu_visit.sh
+#
+# Budget seen on an H200 (2026-11-28): the parallel check takes ~120 s; mamba_ssm's first call
+# compiles and autotunes for ~90 s per head dim, so in one 10-minute call the benchmark gets
+# through ceilings, ssd, block and vit; the second line above runs the rest in a second call.
 #
 # The check runs as parallel processes (one per line of CHECK_JOBS): its time goes mostly to
 # compiling kernel variants, which is CPU work, so parallel jobs cut the wall time; the GPU

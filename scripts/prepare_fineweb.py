@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         source = f"{args.dataset}/{args.subset}:{args.split}"
     with tqdm(total=budget, unit="tok", unit_scale=True, desc=f"tokenizing {source}") as bar:
         for texts in batched(open_stream(args), args.text_column, args.batch_docs):
-            for text, ids in zip(texts, tokenizer.encode_batch(texts)):
+            for text, ids in zip(texts, tokenizer.encode_batch(texts), strict=True):
                 tokens = np.asarray([tokenizer.eot, *ids], dtype=np.int64)
                 if budget is not None:
                     tokens = tokens[: budget - total]

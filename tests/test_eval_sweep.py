@@ -5,7 +5,7 @@ import math
 import pytest
 
 from matmamba import create_model
-from matmamba.evaluation import BudgetError, SweepError, build_sweep, parse_budget, pareto_front, select_under_budget
+from matmamba.evaluation import BudgetError, SweepError, build_sweep, pareto_front, parse_budget, select_under_budget
 from matmamba.evaluation import latency as latency_mod
 from matmamba.evaluation.submodels import Submodel, published_mixes, random_mixes, uniform_widths
 
@@ -162,9 +162,10 @@ def test_compare_averages_uniform_widths_over_seeds(tmp_path, capsys):
         path.write_text(json.dumps({"metric": "top1", "configurations": configs}))
         return str(path)
 
-    joint = [sweep(tmp_path / "j1.json", {64: 0.9, 32: 0.8, 16: 0.7}), sweep(tmp_path / "j2.json", {64: 0.8, 32: 0.6, 16: 0.7})]
+    joint = [sweep(tmp_path / "j1.json", {64: 0.9, 32: 0.8, 16: 0.7}),
+             sweep(tmp_path / "j2.json", {64: 0.8, 32: 0.6, 16: 0.7})]
     full = [sweep(tmp_path / "f1.json", {64: 0.95, 32: 0.3, 16: 0.1})]
-    points = compare.uniform_points([json.loads(open(p).read()) for p in joint], "top1")
+    points = compare.uniform_points([compare.load_sweep(p) for p in joint], "top1")
     assert [(p["x"], p["n"], p["trained"]) for p in points] == [(16, 2, True), (32, 2, False), (64, 2, True)]
     assert points[1]["mean"] == pytest.approx(0.7) and points[1]["std"] == pytest.approx(0.1414, abs=1e-4)
     table = compare.main([f"joint={','.join(joint)}", f"full={full[0]}", "--out", str(tmp_path / "c.png")])

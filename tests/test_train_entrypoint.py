@@ -54,9 +54,8 @@ def test_wandb_offline_writes_run_files(tmp_path, monkeypatch):
     train(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    files = {p.name for p in runs[0].rglob("*") if p.is_file()}
-    assert any(name.endswith(".wandb") for name in files)
-    assert "config.yaml" in files or "wandb-metadata.json" in files
+    records = list(runs[0].glob("run-*.wandb"))
+    assert len(records) == 1 and records[0].stat().st_size > 1000  # the run's logged history
 
 
 def test_wandb_without_login_falls_back_to_offline(tmp_path, monkeypatch, caplog):

@@ -51,7 +51,8 @@ def uniform_points(sweeps: Sequence[dict[str, Any]], metric: str) -> list[dict[s
 
 def markdown_table(series: dict[str, list[dict[str, Any]]], metric: str) -> str:
     widths = sorted({p["x"] for points in series.values() for p in points}, reverse=True)
-    scale, unit = (100.0, " %") if metric in ("top1", "top5") else (1.0, "")
+    percent = metric in ("top1", "top5")
+    scale, unit, digits = (100.0, " %", 1) if percent else (1.0, "", 3)
     header = "| width | params | " + " | ".join(f"{label} {metric}{unit}" for label in series) + " |"
     lines = [header, "|" + "---:|" * (2 + len(series))]
     for width in widths:
@@ -62,8 +63,8 @@ def markdown_table(series: dict[str, list[dict[str, Any]]], metric: str) -> str:
                 cells.append("-")
                 continue
             params = human_count(point["params"])
-            spread = f" ± {scale * point['std']:.1f}" if point["n"] > 1 else ""
-            cells.append(f"{scale * point['mean']:.1f}{spread}{' ★' if point['trained'] else ''}")
+            spread = f" ± {scale * point['std']:.{digits}f}" if point["n"] > 1 else ""
+            cells.append(f"{scale * point['mean']:.{digits}f}{spread}{' ★' if point['trained'] else ''}")
         lines.append(f"| {width} | {params} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -12,8 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from matmamba.evaluation.budget import BudgetError, parse_budget, select_under_budget
-from matmamba.evaluation.data import (build_datamodule, check_compatible, data_description,
-                                      validation_loader)
+from matmamba.evaluation.data import build_datamodule, check_compatible, data_description, validation_loader
 from matmamba.evaluation.evaluate import evaluate_submodels, num_batches, time_submodels, to_device
 from matmamba.evaluation.export import export_submodel
 from matmamba.evaluation.loading import LoadedModel, load_lightning_checkpoint, load_pretrained
@@ -136,8 +135,14 @@ def mark_frontiers(rows: list[dict[str, Any]], metric: str, maximize: bool) -> N
 
 
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn())
@@ -167,8 +172,9 @@ def run_sweep(cfg: DictConfig, loaded: LoadedModel, description: dict[str, Any])
     limit = cfg.get("limit_batches")
     latency = _plain(cfg.get("latency")) or {}
     timed = bool(latency.get("enabled", True))
+    precision = str(amp or torch.float32).replace("torch.", "")
     log.info("sweeping %d configurations of %s on %s (%s), %d validation batches", len(submodels),
-             loaded.info.get("model_name"), device, amp or "float32", num_batches(loader, limit))
+             loaded.info.get("model_name"), device, precision, num_batches(loader, limit))
 
     started = time.perf_counter()
     with _progress() as progress:
@@ -198,7 +204,7 @@ def run_sweep(cfg: DictConfig, loaded: LoadedModel, description: dict[str, Any])
         "metric_columns": metric_names,
         "flops_per": task.item,
         "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
-        "precision": str(amp or torch.float32).replace("torch.", ""),
+        "precision": precision,
         "latency": latency if timed else None,
         "limit_batches": limit,
         "seconds": round(seconds, 2),

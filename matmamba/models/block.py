@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from matmamba import ops
+from matmamba.ops._dispatch import resolve_impl
 from matmamba.models.widths import check_width, valid_widths, width_from_mrl_level
 
 CPU_CHUNK_SIZE = 64
@@ -233,11 +234,24 @@ class MatMamba2(nn.Module):
         z, x, BC, dt = self._split_projection(zxbcdt, k)
 
         channels = self._conv_channels(k)
+        conv_bias = self.conv_bias[:channels] if self.conv_bias is not None else None
+        A = -torch.exp(self.A_log[:k].float())
+        if conv_state is None and resolve_impl("ssd", "auto", (u,)) == "triton":
+            # CUDA: conv -> scan -> gated norm as one fused node that reads z, x, B, C and dt by
+            # strides straight out of the in_proj output and writes its gradient once.
+            from matmamba.ops.triton_common.mixer import mamba2_mixer_core_triton
+
+            y = mamba2_mixer_core_triton(
+                zxbcdt, self.conv_weight[:channels], conv_bias, self.dt_bias[:k], A, self._D(k),
+                self.norm.weight[: k * P], ngroups=self.ngroups, dstate=self.d_state, headdim=P,
+                nheads_total=self.nheads, eps=self.norm.eps, norm_before_gate=self.norm_before_gate,
+                dt_limit=self.dt_limit, seq_idx=seq_idx)
+            return self.drop2(F.linear(y, self.out_proj.weight[:, : k * P], self.out_proj.bias))
+
         xBC = torch.cat([BC, x.reshape(b, l, k * P)], dim=-1)
         conv_out = ops.causal_conv1d(
-            xBC, self.conv_weight[:channels],
-            self.conv_bias[:channels] if self.conv_bias is not None else None,
-            activation="silu", seq_idx=seq_idx, return_final_state=conv_state is not None)
+            xBC, self.conv_weight[:channels], conv_bias, activation="silu", seq_idx=seq_idx,
+            return_final_state=conv_state is not None)
         if conv_state is not None:
             conv_out, conv_final = conv_out
             conv_state[:, :channels].copy_(conv_final)
@@ -245,9 +259,8 @@ class MatMamba2(nn.Module):
         C = conv_out[..., gn : 2 * gn].unflatten(-1, (self.ngroups, self.d_state))
         x = conv_out[..., 2 * gn :].unflatten(-1, (k, P))
 
-        A = -torch.exp(self.A_log[:k].float())
         # The chunk size changes only rounding. The torch scan's cost per token grows with it, so on
-        # the CPU a short chunk is several times faster; the GPU kernels use the configured one.
+        # the CPU a short chunk is several times faster (the Triton kernels pick their own chunk).
         chunk_size = self.chunk_size if u.is_cuda else min(self.chunk_size, CPU_CHUNK_SIZE)
         y = ops.ssd_scan(
             x, dt, A, B, C, chunk_size=chunk_size, D=self._D(k), dt_bias=self.dt_bias[:k],

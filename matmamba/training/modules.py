@@ -135,7 +135,7 @@ class NestedWidthModule(L.LightningModule):
             )
         if any(x < 0 for x in weights) or sum(weights) <= 0:
             raise ValueError(f"model.width_weights must be >= 0 with a positive sum, got {weights}")
-        return {int(w): x for w, x in zip(given, weights)}
+        return {int(w): x for w, x in zip(given, weights, strict=True)}
 
     def _check_subset(self, k: int | None) -> int | None:
         if k is None:
@@ -320,7 +320,7 @@ class NestedWidthModule(L.LightningModule):
             flat = torch._utils._flatten_dense_tensors(group)
             dist.all_reduce(flat)
             flat.div_(world)
-            for g, synced in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
+            for g, synced in zip(group, torch._utils._unflatten_dense_tensors(flat, group), strict=True):
                 g.copy_(synced)
 
     def _clip_gradients(self, optimizer) -> torch.Tensor:
