@@ -22,7 +22,8 @@ def ddp_run(tmp_path, name, extra):
     out = tmp_path / name
     args = [
         "experiment=digits", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "trainer.precision=32-true", "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
+        "trainer.precision=32-true", "trainer.max_steps=4", "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=1",
         "optim.warmup_steps=1", "data.batch_size=16", "extras.print_config=false", "callbacks.progress_bar=null",
         "trainer.enable_progress_bar=false", "export_dir=null", f"hydra.run.dir={out}",
         "+callbacks.probe._target_=training_helpers.DDPProbe", f"+callbacks.probe.out_dir={out}/probe",

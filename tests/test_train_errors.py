@@ -89,6 +89,6 @@ def test_unlogged_optimized_metric():
 
 
 def test_script_reports_bad_override_and_exits_nonzero(tmp_path):
-    result = run_train_script(["optim.lr=-3", "extras.print_config=false"], cwd=tmp_path)
+    result = run_train_script(["optim.lr=-3", "extras.print_config=false", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert result.returncode != 0
     assert "optim.lr must be a positive number" in result.stderr

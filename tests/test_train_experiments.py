@@ -130,6 +130,8 @@ def test_experiment_trains_a_few_steps(experiment, image_root, shard_root, tmp_p
     assert meta["model_type"] == ("vision" if experiment.startswith(("vision", "digits")) else "lm")
     assert meta["model_config"]["d_model"] == 64
     assert get_class(meta["data"]["_target_"]) is get_class(cfg.data._target_)
+    rebuilt = instantiate(meta["data"])  # what eval does with it
+    assert rebuilt.hparams == ckpt["datamodule_hyper_parameters"]
 
 
 def test_build_gives_matching_components(tmp_path):

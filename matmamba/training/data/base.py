@@ -192,7 +192,16 @@ class NestedDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------- metadata
     def describe(self) -> dict[str, Any]:
-        """A plain-dict description of this data module, stored in checkpoints for eval."""
+        """This data module as a plain dict that ``hydra.utils.instantiate`` rebuilds (stored in
+        checkpoints for evaluation)."""
         cls = type(self)
-        hparams = {k: v for k, v in self.hparams.items()}
-        return {"_target_": f"{cls.__module__}.{cls.__qualname__}", "task": self.task, **hparams}
+        hparams = {k: _plain(v) for k, v in self.hparams.items()}
+        return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **hparams}
+
+
+def _plain(value: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
