@@ -4,7 +4,6 @@ folder, or a published checkpoint folder (``config.json`` + weights in the publi
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import zipfile
@@ -16,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from matmamba.models import MatMamba2Vision, MatMambaLMHeadModel, load_weights_file
-from matmamba.models.common import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from matmamba.models.common import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_config_file
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +199,11 @@ def load_pretrained(path: str | Path, task: str | None = None) -> LoadedModel:
     if not directory.is_dir():
         raise CheckpointError(f"pretrained={directory} is a file; expected a folder with {CONFIG_NAME} and "
                               f"{WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}); for a Lightning .ckpt use ckpt_path=")
-    config_file = directory / CONFIG_NAME
-    if not config_file.is_file():
-        raise CheckpointError(f"{directory} has no {CONFIG_NAME}; expected a save_pretrained or published folder")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file} is not valid JSON ({e}); the checkpoint is corrupt") from None
+        config = read_config_file(directory)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    config_file = directory / CONFIG_NAME
     model_type = config.get("model_type")
     if model_type in MODEL_TYPES:
         found = MODEL_TYPES[model_type]

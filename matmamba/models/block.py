@@ -38,8 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from matmamba import ops
-from matmamba.ops._dispatch import resolve_impl
 from matmamba.models.widths import check_width, valid_widths, width_from_mrl_level
+from matmamba.ops._dispatch import resolve_impl
 
 CPU_CHUNK_SIZE = 64
 

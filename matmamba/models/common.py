@@ -272,13 +272,7 @@ class NestedModelMixin:
                 directory = Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.bin"]))
             else:
                 raise FileNotFoundError(f"no checkpoint directory at {path}")
-        config_file = directory / CONFIG_NAME
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; expected a save_pretrained directory")
-        try:
-            config_dict = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file} is not valid JSON ({e}); the checkpoint is corrupt") from None
+        config_dict = read_config_file(directory)
         config_dict.update(overrides)
         model = cls(cls.config_class.from_dict(config_dict))
         model.load_state_dict(load_weights_file(directory), strict=strict)
@@ -294,6 +288,17 @@ def _layer_prefix(model: nn.Module, i: int) -> str:
 
 _INTERNAL_BLOCK_KEYS = {"in_proj.weight", "in_proj.bias", "conv_weight", "conv_bias", "dt_bias", "A_log", "D",
                         "norm.weight", "out_proj.weight", "out_proj.bias"}
+
+
+def read_config_file(directory: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint directory's ``config.json``; clear errors when it is missing or corrupt."""
+    config_file = Path(directory) / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; expected a save_pretrained or published directory")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e}); the checkpoint is corrupt") from None
 
 
 def load_weights_file(directory: str | os.PathLike) -> dict[str, torch.Tensor]:

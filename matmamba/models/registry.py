@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from matmamba.models.lm import MatMambaConfig, MatMambaLMHeadModel
-from matmamba.models.vision import MatMamba2Vision, MatMamba2VisionConfig
+from matmamba.models.lm import MatMambaLMHeadModel
+from matmamba.models.vision import MatMamba2Vision
 
 GPT2_VOCAB = 50277  # the published LMs' vocabulary (GPT-NeoX tokenizer size), padded to 50280
 
