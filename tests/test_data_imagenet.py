@@ -69,3 +69,17 @@ def test_missing_imagenet_explains_the_layout(tmp_path):
         dm_for(source="s3")
     with pytest.raises(DataConfigError, match="does not exist"):
         dm_for(source="hf", data_files={"train": str(tmp_path / "x.parquet")}).setup("fit")
+
+
+def test_validation_alone_reads_only_the_val_split(tmp_path):
+    import shutil
+
+    root = make_image_folder(tmp_path / "imnet", classes=3, per_class=4)
+    shutil.rmtree(root / "train")  # evaluation must not need (or scan) the training images
+    dm = dm_for(source="folder", root=str(root))
+    dm.setup("validate")
+    assert dm.train_set is None and dm.num_classes == 3 and len(dm.val_set) == 6
+    val_images, _ = next(iter(dm.val_dataloader()))
+    assert val_images.shape == (4, 3, 32, 32)
+    with pytest.raises(DataConfigError, match="train missing"):
+        dm_for(source="folder", root=str(root)).setup("fit")

@@ -155,11 +155,20 @@ class ImageNetDataModule(NestedDataModule):
         self.num_classes: int | None = None
 
     # ---------------------------------------------------------------------------- sources
+    def setup(self, stage: str | None = None) -> None:
+        # Validation alone (eval.py, trainer.validate) needs only the val split: skip scanning or
+        # loading the 1.28M training images. Fitting later still builds both.
+        self._val_only = stage in ("validate", "test", "predict")
+        super().setup(stage)
+
+    def _splits(self) -> tuple[str, ...]:
+        return ("val",) if getattr(self, "_val_only", False) else ("train", "val")
+
     def check_data(self) -> None:
         hp = self.hparams
         if hp.source == "folder":
             root = Path(hp.root)
-            missing = [str(root / split) for split in ("train", "val") if not (root / split).is_dir()]
+            missing = [str(root / split) for split in self._splits() if not (root / split).is_dir()]
             if missing:
                 raise DataConfigError(
                     f"ImageNet not found: {', '.join(missing)} missing. Expected an ImageFolder tree "
@@ -193,16 +202,23 @@ class ImageNetDataModule(NestedDataModule):
         return datasets.load_dataset(fmt, data_files={split: files[split]}, split=split, cache_dir=hp.cache_dir)
 
     def _base_datasets(self):
+        """(train or None when validating only, val, number of classes)."""
         hp = self.hparams
+        val_only = self._splits() == ("val",)
         if hp.source == "folder":
             from torchvision.datasets import ImageFolder
 
-            train, val = ImageFolder(str(Path(hp.root) / "train")), ImageFolder(str(Path(hp.root) / "val"))
+            val = ImageFolder(str(Path(hp.root) / "val"))
+            if val_only:
+                return None, val, len(val.classes)
+            train = ImageFolder(str(Path(hp.root) / "train"))
             if train.classes != val.classes:
                 raise DataConfigError(f"{hp.root}: train and val class folders differ")
             return train, val, len(train.classes)
-        train = HFImageDataset(self._load_hf(hp.train_split), hp.image_column, hp.label_column)
         val = HFImageDataset(self._load_hf(hp.val_split), hp.image_column, hp.label_column)
+        if val_only:
+            return None, val, val.num_classes
+        train = HFImageDataset(self._load_hf(hp.train_split), hp.image_column, hp.label_column)
         return train, val, train.num_classes
 
     # ---------------------------------------------------------------------------- transforms
@@ -238,7 +254,8 @@ class ImageNetDataModule(NestedDataModule):
 
     def build_datasets(self) -> None:
         train, val, self.num_classes = self._base_datasets()
-        self.train_set = TransformedDataset(train, self.train_transform(), self.hparams.seed)
+        if train is not None:
+            self.train_set = TransformedDataset(train, self.train_transform(), self.hparams.seed)
         self.val_set = TransformedDataset(val, self.val_transform(), self.hparams.seed)
 
     def train_sampler(self) -> StreamSampler:
