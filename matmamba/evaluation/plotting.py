@@ -65,11 +65,7 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], metric: str, maximize: bool, 
     axes[0, 0].legend(fontsize=8, loc="lower right" if maximize else "upper right")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_comparison(series: Mapping[str, Sequence[Mapping[str, Any]]], metric: str, path: str | Path,
@@ -98,6 +94,10 @@ def plot_comparison(series: Mapping[str, Sequence[Mapping[str, Any]]], metric: s
     ax.legend(title="★ trained width", fontsize=9)
     if title:
         ax.set_title(title)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

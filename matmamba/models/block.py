@@ -231,7 +231,6 @@ class MatMamba2(nn.Module):
         rows = self._in_proj_rows(k)
         bias = self.in_proj.bias[:rows] if self.in_proj.bias is not None else None
         zxbcdt = self.drop1(F.linear(u, self.in_proj.weight[:rows], bias))
-        z, x, BC, dt = self._split_projection(zxbcdt, k)
 
         channels = self._conv_channels(k)
         conv_bias = self.conv_bias[:channels] if self.conv_bias is not None else None
@@ -248,6 +247,7 @@ class MatMamba2(nn.Module):
                 dt_limit=self.dt_limit, seq_idx=seq_idx)
             return self.drop2(F.linear(y, self.out_proj.weight[:, : k * P], self.out_proj.bias))
 
+        z, x, BC, dt = self._split_projection(zxbcdt, k)
         xBC = torch.cat([BC, x.reshape(b, l, k * P)], dim=-1)
         conv_out = ops.causal_conv1d(
             xBC, self.conv_weight[:channels], conv_bias, activation="silu", seq_idx=seq_idx,

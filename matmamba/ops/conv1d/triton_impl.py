@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_common.columns import mapped_columns
 from .naive import check_conv1d_inputs, check_conv1d_update_inputs
 
 Tensor = torch.Tensor
@@ -42,19 +43,6 @@ def _segment_ids(seq_idx: Tensor) -> Tensor:
     changed = torch.zeros_like(seq_idx, dtype=torch.int32)
     changed[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int32)
     return changed.cumsum(dim=1, dtype=torch.int32)
-
-
-@triton.jit
-def _columns(colmap_ptr, offs_c, c_mask, HAS_COLMAP: tl.constexpr, VEC: tl.constexpr):
-    """Column of x (and dx) holding channel c: colmap[c], or c itself. VEC > 1 promises that
-    each aligned group of VEC channels maps to VEC consecutive, VEC-aligned columns (checked on
-    the host), so loads and stores through the map can be vectorised."""
-    if HAS_COLMAP:
-        cols = tl.load(colmap_ptr + offs_c, mask=c_mask, other=0)
-        if VEC > 1:
-            cols = tl.max_contiguous(tl.multiple_of(cols, VEC), VEC)
-        return cols
-    return offs_c
 
 
 @triton.jit
@@ -121,7 +109,7 @@ def _conv_fwd_kernel(
     t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     c_mask = offs_c < dim
-    x_cols = _columns(colmap_ptr, offs_c, c_mask, HAS_COLMAP, VEC)
+    x_cols = mapped_columns(colmap_ptr, offs_c, c_mask, HAS_COLMAP, VEC)
     u = _preactivation(x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, b, t, offs_c, x_cols, c_mask,
                        seqlen,
                        s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl,
@@ -151,7 +139,7 @@ def _conv_bwd_du_kernel(
     t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     c_mask = offs_c < dim
-    x_cols = _columns(colmap_ptr, offs_c, c_mask, HAS_COLMAP, VEC)
+    x_cols = mapped_columns(colmap_ptr, offs_c, c_mask, HAS_COLMAP, VEC)
     t_ok = t < seqlen
     dy = tl.load(dy_ptr + b * s_dyb + t[:, None] * s_dyl + offs_c[None, :] * s_dyd,
                  mask=t_ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
@@ -216,7 +204,7 @@ def _conv_bwd_dx_kernel(
         out_mask = s < 0
     else:
         out_mask = s < seqlen
-    out_cols = _columns(colmap_ptr, offs_c, c_mask, HAS_COLMAP, VEC)
+    out_cols = mapped_columns(colmap_ptr, offs_c, c_mask, HAS_COLMAP, VEC)
     tl.store(dx_ptr + b * s_dxb + (s - out_first_pos)[:, None] * s_dxl + out_cols[None, :] * s_dxd,
              dx.to(dx_ptr.dtype.element_ty), mask=out_mask[:, None] & c_mask[None, :])
 

@@ -24,21 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_common.columns import mapped_columns
 from .naive import check_rmsnorm_inputs
 
 Tensor = torch.Tensor
-
-
-@triton.jit
-def _z_columns(zmap_ptr, cols, col_mask, HAS_ZMAP: tl.constexpr, VEC: tl.constexpr):
-    """Column of z (and dz) holding channel c: zmap[c], or c itself. VEC > 1 promises aligned
-    runs of VEC consecutive columns (checked on the host), for vectorised access."""
-    if HAS_ZMAP:
-        z_cols = tl.load(zmap_ptr + cols, mask=col_mask, other=0)
-        if VEC > 1:
-            z_cols = tl.max_contiguous(tl.multiple_of(z_cols, VEC), VEC)
-        return z_cols
-    return cols
 
 
 @triton.jit
@@ -53,7 +42,7 @@ def _rmsnorm_fwd_kernel(
     grp = tl.program_id(1)
     cols = grp * group_size + tl.arange(0, BLOCK)
     col_mask = tl.arange(0, BLOCK) < group_size
-    z_cols = _z_columns(zmap_ptr, cols, col_mask, HAS_ZMAP, VEC)
+    z_cols = mapped_columns(zmap_ptr, cols, col_mask, HAS_ZMAP, VEC)
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     row_start = pid * rows_per_program
     for row in range(row_start, tl.minimum(row_start + rows_per_program, n_rows)):
@@ -84,7 +73,7 @@ def _rmsnorm_bwd_kernel(
     grp = tl.program_id(1)
     cols = grp * group_size + tl.arange(0, BLOCK)
     col_mask = tl.arange(0, BLOCK) < group_size
-    z_cols = _z_columns(zmap_ptr, cols, col_mask, HAS_ZMAP, VEC)
+    z_cols = mapped_columns(zmap_ptr, cols, col_mask, HAS_ZMAP, VEC)
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     row_start = pid * rows_per_program
