@@ -8,7 +8,8 @@ packed sequences, strided views). Every ``torch.empty`` / ``torch.empty_like`` t
 host code allocates is filled with NaN first, so an output element that a kernel forgets to
 write shows up as NaN. Then: a 16K-token bf16 run with no NaN/inf; the block and both models at
 every width, Triton path against the torch path; step-by-step decoding against the full
-forward; torch.compile over the block.
+forward; torch.compile(fullgraph=True) over the block and
+the LM at two widths against eager, and zero graph breaks.
 
 Errors are ||out - ref|| / ||ref|| over the whole tensor. Targets (issue 3): 1e-4 in fp32,
 1e-2 in bf16 / fp16. A table is printed last; ``--json PATH`` writes every number.
@@ -387,7 +388,8 @@ def check_mixer(dtypes, dev, quick):
                        lambda outs: [torch.randn_like(o.double()) for o in outs])
 
 
-def _block_grads(block, u, impl, autocast_dtype, width, fused=False):
+def _block_grads(block, u, impl, autocast_dtype, width, fused=False, fn=None):
+    """Output and gradients (input, every parameter) of ``(fn or block)(u, width=width)``."""
     from matmamba import ops
     block.zero_grad(set_to_none=True)
     u = u.detach().clone().requires_grad_()
@@ -398,7 +400,7 @@ def _block_grads(block, u, impl, autocast_dtype, width, fused=False):
             from bench_block import fused_block_forward
             out = fused_block_forward(block, u, width)
         else:
-            out = block(u, width=width)
+            out = (fn if fn is not None else block)(u, width=width)
     g = torch.randn_like(out, generator=torch.Generator(device=out.device).manual_seed(11))
     (out.float() * g.float()).sum().backward()
     grads = {"du": u.grad.detach().clone()}
@@ -485,26 +487,100 @@ def check_decoding(dev):
             stepped = torch.cat(logits, dim=1)
             record("decode vs forward", "fp32", f"lm_tiny width {width} prompt 13 + 27 steps",
                    {"logits": rel_err(stepped, full)}, 1e-4)
+        # generate(cuda_graph=True) replays one captured step: greedy tokens must be identical.
+        prompt_ids = ids[:, :13]
+        for width in [*model.widths_default, [64, 32] * (model.config.n_layer // 2)]:
+            with ops.use_impl("triton"):
+                eager = model.generate(prompt_ids, 27, width=width, temperature=0)
+                graphed = model.generate(prompt_ids, 27, width=width, temperature=0, cuda_graph=True)
+            mismatch = (eager != graphed).float().mean().item()
+            record("generate cuda_graph", "fp32", f"lm_tiny width {width} greedy 27 tokens",
+                   {"token_mismatch": mismatch}, 0.0)
     except Exception as error:  # noqa: BLE001
         record_failure("decode vs forward", "lm_tiny", error)
 
 
+def _graph_breaks(fn, *args, **kwargs) -> tuple[int, list[str]]:
+    import torch._dynamo
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(*args, **kwargs)
+    return explained.graph_break_count, [str(r.reason)[:120] for r in explained.break_reasons]
+
+
 def check_compile(dev):
-    from matmamba import MatMamba2
+    """torch.compile(fullgraph=True, inductor) over the block and the LM, forward + backward, at two
+    widths, against eager on the same Triton ops; and zero graph breaks (torch._dynamo.explain)."""
+    import matmamba
+    from matmamba import MatMamba2, ops
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    block = MatMamba2(d_model=256, d_state=64, layer_idx=0).to(dev)
+    u = torch.randn(2, 100, 256, device=dev)
     try:
-        import torch._dynamo
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        block = MatMamba2(d_model=256, d_state=64, layer_idx=0).to(dev)
-        u = torch.randn(2, 100, 256, device=dev)
-        out_e, grads_e = _block_grads(block, u, "triton", torch.bfloat16, 128)
-        compiled = torch.compile(block)
-        out_c, grads_c = _block_grads(compiled, u, "triton", torch.bfloat16, 128)
-        errors = {"out": rel_err(out_c, out_e)}
-        errors["worst_grad"] = max(rel_err(grads_c.get(k), v) for k, v in grads_e.items())
-        record("torch.compile", "bf16", "block D256 width 128, compiled vs eager", errors, 1e-2)
+        with ops.use_impl("triton"):
+            breaks, reasons = _graph_breaks(block, u, width=128)
+        record("torch.compile", "-", "block D256: graph breaks (explain)", {"graph_breaks": float(breaks)},
+               0.0, note="; ".join(reasons))
     except Exception as error:  # noqa: BLE001
-        record_failure("torch.compile", "block D256", error)
+        record_failure("torch.compile", "block D256 explain", error)
+    # bf16 autocast on the GPU; fp16 in a CPU dry run (the interpreter cannot read bf16)
+    low = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    for autocast, widths in ((low, (256, 64)), (None, (128,))):
+        for width in widths:
+            name = DTYPE_NAME[autocast] if autocast is not None else "fp32"
+            try:
+                out_e, grads_e = _block_grads(block, u, "triton", autocast, width)
+                out_c, grads_c = _block_grads(block, u, "triton", autocast, width, fn=compiled)
+                errors = {"out": rel_err(out_c, out_e)}
+                errors.update({k: rel_err(grads_c.get(k), v) for k, v in grads_e.items()})
+                errors["same_grads"] = 0.0 if set(grads_c) == set(grads_e) else float("inf")
+                record("torch.compile", name, f"block D256 width {width} fullgraph inductor vs eager",
+                       errors, 1e-2 if autocast is not None else 1e-4)
+            except Exception as error:  # noqa: BLE001
+                record_failure("torch.compile", f"{name} block D256 width {width}", error)
+
+    try:
+        torch.manual_seed(0)
+        model = matmamba.create_model("lm_tiny").to(dev)
+        ids = torch.randint(0, model.config.vocab_size, (2, 64), device=dev)
+        breaks, reasons = _graph_breaks(model, ids, width=model.widths_default[-1])
+        record("torch.compile", "-", "lm_tiny: graph breaks (explain)", {"graph_breaks": float(breaks)}, 0.0,
+               note="; ".join(reasons))
+        torch._dynamo.reset()
+        compiled_lm = torch.compile(model, fullgraph=True)
+        # fp32: the compiled graph must reproduce eager (1e-4). Under autocast, inductor's fused
+        # norms, residuals and head round differently from eager's, so both are measured against
+        # the fp32 eager run and the compiled one must be about as close as eager (a wiring error
+        # would be O(1)): tolerance max(3e-2, 2 x eager's own error).
+        def run(fn, width, autocast):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                logits = fn(ids, width=width).logits
+            logits.float().square().mean().backward()
+            return logits.detach().float(), {k: p_.grad.detach().clone()
+                                             for k, p_ in model.named_parameters() if p_.grad is not None}
+
+        def distance(a, b):
+            grads = {k: rel_err(a[1].get(k), v) for k, v in b[1].items()}
+            worst = max(grads, key=grads.get)
+            return {"logits": rel_err(a[0], b[0]), "worst_param_grad": grads[worst]}, worst
+
+        for width in (model.widths_default[0], model.widths_default[-1]):
+            ref = run(model, width, None)
+            errors, worst = distance(run(compiled_lm, width, None), ref)
+            record("torch.compile", "fp32", f"lm_tiny width {width} fullgraph inductor vs eager",
+                   errors, 1e-4, note=f"worst grad: {worst}")
+            eager_err, _ = distance(run(model, width, low), ref)
+            errors, worst = distance(run(compiled_lm, width, low), ref)
+            tol = max(3e-2, 2 * max(eager_err.values()))
+            record("torch.compile", DTYPE_NAME[low], f"lm_tiny width {width} compiled vs fp32 eager", errors,
+                   tol, note=f"eager {DTYPE_NAME[low]} vs fp32: logits {eager_err['logits']:.1e}, "
+                             f"worst grad {eager_err['worst_param_grad']:.1e}; compiled's worst grad: {worst}")
+    except Exception as error:  # noqa: BLE001
+        record_failure("torch.compile", "lm_tiny", error)
 
 
 def main():

@@ -136,6 +136,24 @@ class ShardWriter:
             self.buffer = np.empty(self._capacity(), dtype=self.dtype)
 
 
+def write_meta(out: Path, source: str, tokenizer: Tokenizer, writer: ShardWriter, seconds: float) -> dict:
+    """Write ``meta.json`` beside the shards (tokenizer, vocabulary, per-split token and byte
+    counts; the data module reads it) and return it."""
+    meta = {
+        "format": "matmamba-token-shards",
+        "version": 1,
+        "source": source,
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_token": tokenizer.eot,
+        "dtype": np.dtype(writer.dtype).name,
+        "splits": writer.stats,
+        "seconds": round(seconds, 1),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("source")
@@ -201,18 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"only {total} tokens were read, all of them taken by the validation split "
                          f"(--val-tokens {args.val_tokens}); lower --val-tokens or add data")
 
-    meta = {
-        "format": "matmamba-token-shards",
-        "version": 1,
-        "source": source,
-        "tokenizer": args.tokenizer,
-        "vocab_size": tokenizer.vocab_size,
-        "eot_token": tokenizer.eot,
-        "dtype": np.dtype(writer.dtype).name,
-        "splits": writer.stats,
-        "seconds": round(time.time() - started, 1),
-    }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    meta = write_meta(out, source, tokenizer, writer, seconds=time.time() - started)
     print(f"wrote {total:,} tokens to {out}: "
           f"{len(writer.stats['val']['shards'])} val and {len(writer.stats['train']['shards'])} train shards")
     return meta

@@ -241,3 +241,9 @@ def test_extracted_dense_submodel_is_exactly_the_nested_one(width, tmp_path):
     assert rel_err(vdense(images), vis(images, width=width)) < 1e-12
     with pytest.raises(ValueError, match="invalid width 32"):
         vdense(images, width=32) if width == 12 else vdense(images, width=[32, 32, 32])
+
+
+def test_generate_cuda_graph_needs_cuda():
+    model = tiny_lm(seed=4)
+    with pytest.raises(ValueError, match="cuda_graph=True needs"):
+        model.generate(torch.randint(0, 61, (1, 4)), 3, temperature=0, cuda_graph=True)

@@ -295,3 +295,13 @@ def _main(group: str) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1]))
+
+
+def test_ssd_launch_limits_are_explicit():
+    """The (batch x heads) index rides grid axis 0 (2^31 - 1 programs), so large batches launch;
+    a sequence with more chunks than grid axis 1 holds gets an error that says what to do."""
+    from matmamba.ops.ssd import triton_impl
+
+    triton_impl._check_chunks(65535, 64)
+    with pytest.raises(ValueError, match="initial_state"):
+        triton_impl._check_chunks(65536, 64)

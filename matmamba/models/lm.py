@@ -109,7 +109,7 @@ class MatMambaLMHeadModel(NestedModelMixin, nn.Module):
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"input_ids must be an integer tensor of shape (batch, seqlen), "
                              f"got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
-        if input_ids.device.type == "cpu" and input_ids.numel() and (
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling() and input_ids.numel() and (
                 int(input_ids.max()) >= self.config.padded_vocab_size or int(input_ids.min()) < 0):
             raise ValueError(f"token ids must lie in [0, {self.config.padded_vocab_size}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
@@ -125,13 +125,17 @@ class MatMambaLMHeadModel(NestedModelMixin, nn.Module):
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, width=None, mrl_level=None,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, cuda_graph: bool = False) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after ``input_ids`` from the recurrent state.
 
         The prompt runs once through the chunked scan, which leaves each layer's conv and SSM
         state; every new token is one recurrent step. ``temperature=0`` is greedy; ``top_k`` and
         ``top_p`` restrict sampling. Returns (b, l + new) token ids (generation stops early only
         when every row has produced ``eos_token_id``).
+
+        ``cuda_graph=True`` (CUDA only) captures the one-token step once after the prompt and
+        replays it for every new token. A step is ~10 small launches per layer, so in eager mode
+        the host, not the GPU, sets the pace (LM-130M on an H200: 15 ms eager, 0.73 ms replayed).
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -140,12 +144,22 @@ class MatMambaLMHeadModel(NestedModelMixin, nn.Module):
         b, l = input_ids.shape
         params = InferenceParams(max_seqlen=l + max_new_tokens, max_batch_size=b)
         params.key_value_memory_dict = self.allocate_inference_cache(b, l + max_new_tokens)
+        if cuda_graph and input_ids.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model and input_ids on a CUDA device, got {input_ids.device}")
         tokens, finished = [input_ids], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         step_input = input_ids
+        replay = None
         for _ in range(max_new_tokens):
-            logits = self(step_input, width=width, mrl_level=mrl_level, inference_params=params,
-                          num_last_tokens=1).logits[:, -1, : self.config.vocab_size]
+            if replay is not None:
+                logits = replay(step_input)
+            else:
+                logits = self(step_input, width=width, mrl_level=mrl_level, inference_params=params,
+                              num_last_tokens=1).logits[:, -1, : self.config.vocab_size]
             params.seqlen_offset += step_input.shape[1]
+            if cuda_graph and replay is None:
+                # After the prompt every step takes the same path (seqlen_offset > 0, one token),
+                # reading and updating the cached states in place: safe to capture once.
+                replay = self._capture_decode_step(b, width, mrl_level, params)
             nxt = sample_next_token(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
@@ -155,6 +169,39 @@ class MatMambaLMHeadModel(NestedModelMixin, nn.Module):
             if eos_token_id is not None and bool(finished.all()):
                 break
         return torch.cat(tokens, dim=1)
+
+    def _capture_decode_step(self, batch_size: int, width, mrl_level, params: InferenceParams):
+        """Capture ``tokens (b, 1) -> logits (b, vocab)`` of one decode step in a CUDA graph.
+
+        Warm-up runs on a side stream would advance the recurrent states, so they run on a copy
+        of the cache that the captured graph never sees; the graph itself reads and writes the
+        real cache tensors in place.
+        """
+        static_tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.lm_head.weight.device)
+        real_cache = params.key_value_memory_dict
+        params.key_value_memory_dict = {k: tuple(t.clone() for t in v) for k, v in real_cache.items()}
+
+        def step():
+            return self(static_tokens, width=width, mrl_level=mrl_level, inference_params=params,
+                        num_last_tokens=1).logits[:, -1, : self.config.vocab_size]
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # first calls compile/initialise kernels outside the capture
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        params.key_value_memory_dict = real_cache
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = step()
+
+        def replay(tokens: torch.Tensor) -> torch.Tensor:
+            static_tokens.copy_(tokens)
+            graph.replay()
+            return static_logits.clone()
+
+        return replay
 
     # ---------------------------------------------------------------- counting
     def num_params(self, width=None, non_embedding: bool = False) -> int:

@@ -79,6 +79,8 @@ def per_layer_widths(width: WidthSpec, mrl_level, n_layer: int, d_model: int) ->
             raise ValueError(f"a per-layer width list needs one width per layer: got {len(widths)} "
                              f"widths for a model with n_layer={n_layer}")
         return widths
+    if isinstance(width, int):  # (also a SymInt under torch.compile, which has no hasattr)
+        return [width] * n_layer
     if hasattr(width, "tolist") and getattr(width, "ndim", 0) == 1:
         return per_layer_widths(width.tolist(), None, n_layer, d_model)
     return [width] * n_layer

@@ -22,6 +22,13 @@ Triton and that import fails (``ImportError``, e.g. the module or Triton itself 
 op falls back to the torch implementation; when Triton was asked for explicitly, the failure is
 raised as a ``RuntimeError`` naming the module and the cause.
 
+Under ``torch.compile`` the choice is made while tracing: a change of the :func:`use_impl`
+override is guarded (it recompiles); ``MATMAMBA_IMPL`` (like ``MATMAMBA_SSD_CHUNK``) is read once
+per trace. (Dynamo traces ``ContextVar.get`` only from torch 2.13 on, so compiled code reads a
+thread-local mirror of the override that :func:`use_impl` keeps, and it imports the Triton modules
+with import statements: ``importlib`` is not traced.) The Triton ops are ``torch.library`` custom
+ops (namespace ``matmamba``), so a compiled model keeps them in its graph without breaks.
+
 Contract for a Triton module: it exports a function with the same signature as the torch
 implementation minus ``impl``, named
 
@@ -42,6 +49,7 @@ import contextlib
 import contextvars
 import importlib
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -53,6 +61,10 @@ ENV_VAR = "MATMAMBA_IMPL"
 _impl_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "matmamba_impl_override", default=None
 )
+# The same value per thread, read by code that torch.compile traces (Dynamo guards on it in every
+# torch version we support; ContextVar.get() is a graph break before torch 2.13).
+_compiled_view = threading.local()
+_compiled_view.override = None  # (other threads start without the attribute: getattr default)
 
 
 def check_impl(impl: str, *, source: str = "impl") -> str:
@@ -72,22 +84,34 @@ def use_impl(impl: str) -> Iterator[None]:
     restore the outer setting on exit.
     """
     token = _impl_override.set(check_impl(impl, source="use_impl(impl)"))
+    outer = getattr(_compiled_view, "override", None)
+    _compiled_view.override = impl
     try:
         yield
     finally:
         _impl_override.reset(token)
+        _compiled_view.override = outer
 
 
 def get_default_impl() -> str:
     """What ``impl="auto"`` means right now: the use_impl() override, else the MATMAMBA_IMPL
     environment variable, else ``"auto"`` (triton on CUDA when available, torch otherwise)."""
-    override = _impl_override.get()
+    if torch.compiler.is_compiling():
+        override = getattr(_compiled_view, "override", None)
+    else:
+        override = _impl_override.get()
     if override is not None:
         return override
-    from_env = os.environ.get(ENV_VAR, "").strip()
+    from_env = _impl_from_env()
     if from_env:
         return check_impl(from_env, source=f"environment variable {ENV_VAR}")
     return "auto"
+
+
+@torch.compiler.assume_constant_result
+def _impl_from_env() -> str:
+    """MATMAMBA_IMPL, read on every eager call; under torch.compile, once per trace."""
+    return os.environ.get(ENV_VAR, "").strip()
 
 
 def triton_module_name(op: str) -> str:
@@ -96,10 +120,40 @@ def triton_module_name(op: str) -> str:
 
 def _import_triton_module(op: str):
     """The op's Triton module, or the ImportError that importing it raised."""
+    if torch.compiler.is_compiling():
+        return _triton_module_while_compiling(op)
+    return _import_module(triton_module_name(op))
+
+
+def _import_module(name: str):
     try:
-        return importlib.import_module(triton_module_name(op))
+        return importlib.import_module(name)
     except ImportError as error:  # ModuleNotFoundError is a subclass
         return error
+
+
+@torch.compiler.assume_constant_result
+def _triton_module_imports(op: str) -> bool:
+    """Whether the op's Triton module imports (Dynamo runs this once per trace, as a constant)."""
+    return not isinstance(_import_module(triton_module_name(op)), ImportError)
+
+
+def _triton_module_while_compiling(op: str):
+    """The op's Triton module under torch.compile: Dynamo does not trace importlib.import_module
+    (a graph break), but it does trace import statements."""
+    if not _triton_module_imports(op):
+        return ImportError(f"{triton_module_name(op)} could not be imported")
+    if op == "ssd":
+        from .ssd import triton_impl
+    elif op == "conv1d":
+        from .conv1d import triton_impl
+    elif op == "rmsnorm":
+        from .rmsnorm import triton_impl
+    elif op == "state_update":
+        from .state_update import triton_impl
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    return triton_impl
 
 
 def _all_on_cuda(tensors: Iterable[torch.Tensor | None]) -> bool:

@@ -267,7 +267,7 @@ def conv_backward(dy, x, weight, bias, initial_state, segments, silu, colmap=Non
     d_init = None
     if initial_state is not None and need_init_grad:
         if width == 1:
-            d_init = torch.zeros_like(initial_state)
+            d_init = initial_state.new_zeros(initial_state.shape)
         else:
             d_init_rows = torch.empty(batch, width - 1, dim, device=x.device, dtype=torch.float32)
             _conv_bwd_dx_kernel[(1, n_d, batch)](
@@ -275,29 +275,101 @@ def conv_backward(dy, x, weight, bias, initial_state, segments, silu, colmap=Non
                 *weight.stride(), *s_seg, *d_init_rows.stride(),
                 BLOCK_L=max(16, triton.next_power_of_2(width - 1)), BLOCK_D=block_d,
                 WIDTH=width, HAS_SEQ=segments is not None, HAS_COLMAP=False, VEC=1, num_warps=4)
-            d_init = d_init_rows.transpose(1, 2).to(initial_state.dtype)
-    dw = dw_part.sum((0, 1)).t().to(weight.dtype)
+            d_init = d_init_rows.transpose(1, 2).to(initial_state.dtype).contiguous()
+    dw = dw_part.sum((0, 1)).t().to(weight.dtype).contiguous()
     db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
     return dx, dw, db, d_init
 
 
-class _CausalConv1dFunction(torch.autograd.Function):
+# ----------------------------------------------------------------------------------------------
+# torch.library custom ops (namespace ``matmamba``): opaque to torch.compile (no graph break),
+# with fake functions for tracing and the hand-written backward as the autograd formula. Eager
+# calls take an autograd.Function over the same implementation (no dispatcher round trips).
+# ----------------------------------------------------------------------------------------------
+
+
+def _empty0(like: Tensor) -> Tensor:
+    """Placeholder for an optional output that is absent (custom ops cannot return None)."""
+    return like.new_empty((0,))
+
+
+def _causal_conv1d_fwd_impl(x, weight, bias, initial_state, segments, silu):
+    """y (b,l,d) contiguous in x.dtype; x may be any strided (b,l,d) view."""
+    return conv_forward(x, weight, bias, initial_state, segments, silu)
+
+
+causal_conv1d_fwd_op = torch.library.custom_op(
+    "matmamba::causal_conv1d_fwd", _causal_conv1d_fwd_impl, mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_state, Tensor? segments, "
+           "bool silu) -> Tensor")
+
+
+@causal_conv1d_fwd_op.register_fake
+def _causal_conv1d_fwd_fake(x, weight, bias, initial_state, segments, silu):
+    return x.new_empty(x.shape[0], x.shape[1], weight.shape[0])
+
+
+def _causal_conv1d_bwd_impl(dy, x, weight, bias, initial_state, segments, silu, need_init_grad):
+    """-> (dx, dweight, dbias, d initial_state); absent ones are (0,) tensors."""
+    dx, dw, db, d_init = conv_backward(dy, x, weight, bias, initial_state, segments, silu,
+                                       need_init_grad=need_init_grad)
+    return (dx, dw, db if db is not None else _empty0(x),
+            d_init if d_init is not None else _empty0(x))
+
+
+causal_conv1d_bwd_op = torch.library.custom_op(
+    "matmamba::causal_conv1d_bwd", _causal_conv1d_bwd_impl, mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor weight, Tensor? bias, Tensor? initial_state, "
+           "Tensor? segments, bool silu, bool need_init_grad) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+@causal_conv1d_bwd_op.register_fake
+def _causal_conv1d_bwd_fake(dy, x, weight, bias, initial_state, segments, silu, need_init_grad):
+    batch, seqlen = x.shape[:2]
+    has_init = initial_state is not None and need_init_grad
+    return (x.new_empty(batch, seqlen, weight.shape[0]), weight.new_empty(weight.shape),
+            bias.new_empty(bias.shape) if bias is not None else _empty0(x),
+            initial_state.new_empty(initial_state.shape) if has_init else _empty0(x))
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, initial_state, segments, silu = inputs
+    ctx.save_for_backward(x, weight, bias, initial_state, segments)
+    ctx.silu = silu
+
+
+def _conv_grads(ctx, dy, backward_op):
+    x, weight, bias, initial_state, segments = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    need_init = initial_state is not None and needs[3]
+    dx, dw, db, d_init = backward_op(dy, x, weight, bias, initial_state, segments, ctx.silu,
+                                     need_init)
+    return (dx if needs[0] else None, dw if needs[1] else None,
+            db if bias is not None and needs[2] else None, d_init if need_init else None,
+            None, None)
+
+
+def _conv_backward_formula(ctx, dy):
+    return _conv_grads(ctx, dy, torch.ops.matmamba.causal_conv1d_bwd.default)
+
+
+causal_conv1d_fwd_op.register_autograd(_conv_backward_formula, setup_context=_conv_setup_context)
+
+
+class _CausalConv1dEager(torch.autograd.Function):
+    """Eager calls skip the dispatcher (same implementation, less host time per call)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, initial_state, segments, silu):
-        ctx.save_for_backward(x, weight, bias, initial_state, segments)
-        ctx.silu = silu
-        return conv_forward(x, weight, bias, initial_state, segments, silu)
+    def forward(ctx, *inputs):
+        output = _causal_conv1d_fwd_impl(*inputs)
+        _conv_setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, initial_state, segments = ctx.saved_tensors
-        dx, dw, db, d_init = conv_backward(dy, x, weight, bias, initial_state, segments, ctx.silu,
-                                           need_init_grad=ctx.needs_input_grad[3])
-        return dx, dw, db, d_init, None, None
+        return _conv_grads(ctx, dy, _causal_conv1d_bwd_impl)
 
 
-# torch.compile: graph break here; the Triton launches run eagerly (their autograd intact).
-@torch.compiler.disable
 def causal_conv1d_triton(
     x: Tensor,
     weight: Tensor,
@@ -317,7 +389,9 @@ def causal_conv1d_triton(
         raise TypeError("causal_conv1d_triton runs in float32, float16 or bfloat16; use "
                         "impl='torch' or 'naive' for float64")
     segments = _segment_ids(seq_idx) if seq_idx is not None else None
-    y = _CausalConv1dFunction.apply(x, weight, bias, initial_state, segments, use_silu)
+    conv = (torch.ops.matmamba.causal_conv1d_fwd.default if torch.compiler.is_compiling()
+            else _CausalConv1dEager.apply)
+    y = conv(x, weight, bias, initial_state, segments, use_silu)
     if not return_final_state:
         return y
     history = width - 1
@@ -366,8 +440,29 @@ def _conv_update_kernel(
     tl.store(y_ptr + b * s_yb + offs_c * s_yd, acc.to(y_ptr.dtype.element_ty), mask=c_mask)
 
 
-# torch.compile: graph break here; the Triton launches run eagerly (their autograd intact).
-@torch.compiler.disable
+def _causal_conv1d_update_impl(x, conv_state, weight, bias, silu):
+    """One decode step; conv_state (b,d,w-1) (any strides) is updated in place. -> y (b,d)."""
+    batch, dim = x.shape
+    width = weight.shape[1]
+    y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
+    block_d = min(1024, triton.next_power_of_2(dim))
+    _conv_update_kernel[(batch, triton.cdiv(dim, block_d))](
+        x, conv_state, weight, bias if bias is not None else weight, y, dim,
+        *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
+        BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, num_warps=4)
+    return y
+
+
+causal_conv1d_update_op = torch.library.custom_op(
+    "matmamba::causal_conv1d_update", _causal_conv1d_update_impl, mutates_args=("conv_state",),
+    schema="(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu) -> Tensor")
+
+
+@causal_conv1d_update_op.register_fake
+def _causal_conv1d_update_fake(x, conv_state, weight, bias, silu):
+    return x.new_empty(x.shape)
+
+
 def causal_conv1d_update_triton(
     x: Tensor,
     conv_state: Tensor,
@@ -380,16 +475,11 @@ def causal_conv1d_update_triton(
 
     A decode step is not differentiated: when autograd would need to track it, this falls back
     to the torch implementation."""
-    batch, dim, width, use_silu = check_conv1d_update_inputs(x, conv_state, weight, bias,
-                                                             activation)
+    *_, use_silu = check_conv1d_update_inputs(x, conv_state, weight, bias, activation)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, weight, bias)):
         from .torch_impl import causal_conv1d_update_torch
         return causal_conv1d_update_torch(x, conv_state, weight, bias, activation=activation)
-    y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
-    block_d = min(1024, triton.next_power_of_2(dim))
-    _conv_update_kernel[(batch, triton.cdiv(dim, block_d))](
-        x, conv_state, weight, bias if bias is not None else weight, y, dim,
-        *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
-        BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None, SILU=use_silu, num_warps=4)
-    return y
+    update = (torch.ops.matmamba.causal_conv1d_update.default if torch.compiler.is_compiling()
+              else _causal_conv1d_update_impl)
+    return update(x, conv_state, weight, bias, use_silu)

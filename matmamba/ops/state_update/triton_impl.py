@@ -78,8 +78,37 @@ def _state_update_kernel(
              mask=p_mask)
 
 
-# torch.compile: graph break here; the Triton launches run eagerly (their autograd intact).
-@torch.compiler.disable
+def _ssd_state_update_impl(state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_lo, dt_hi):
+    """One decode step; ``state`` (b,h,p,n) (any strides) is updated in place. -> y (b,h,p)."""
+    batch, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[1], B.shape[2]
+    y = torch.empty(batch, nheads, headdim, device=x.device, dtype=x.dtype)
+    block_n = triton.next_power_of_2(dstate)
+    # About 4K state elements per program: a (P-block x N) tile.
+    block_p = max(1, min(triton.next_power_of_2(headdim), 4096 // block_n))
+    _state_update_kernel[(batch * nheads, triton.cdiv(headdim, block_p))](
+        state, x, dt, A, B, C, D if D is not None else A, dt_bias if dt_bias is not None else A, y,
+        nheads, nheads // ngroups, headdim, dstate, dt_lo, dt_hi,
+        *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
+        BLOCK_P=block_p, BLOCK_N=block_n, HAS_D=D is not None,
+        D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus, num_warps=4)
+    return y
+
+
+# A torch.library custom op: opaque to torch.compile (no graph break). Eager calls run the
+# implementation directly (no dispatcher round trip).
+ssd_state_update_op = torch.library.custom_op(
+    "matmamba::ssd_state_update", _ssd_state_update_impl, mutates_args=("state",),
+    schema="(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
+           "Tensor? dt_bias, bool dt_softplus, float dt_lo, float dt_hi) -> Tensor")
+
+
+@ssd_state_update_op.register_fake
+def _ssd_state_update_fake(state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_lo, dt_hi):
+    return x.new_empty(x.shape)
+
+
 def ssd_state_update_triton(
     state: Tensor,
     x: Tensor,
@@ -95,23 +124,13 @@ def ssd_state_update_triton(
 ) -> Tensor:
     """One decode step on Triton; contract of ``matmamba.ops.ssd_state_update``. ``state``
     (b,h,p,n) is updated in place (any strides); returns y (b,h,p) in x.dtype."""
-    batch, nheads, headdim, ngroups, dstate = check_state_update_inputs(
-        state, x, dt, A, B, C, D, dt_bias, dt_limit)
+    check_state_update_inputs(state, x, dt, A, B, C, D, dt_bias, dt_limit)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, dt, A, B, C, D, dt_bias)):
         from .torch_impl import ssd_state_update_torch
         return ssd_state_update_torch(state, x, dt, A, B, C, D=D, dt_bias=dt_bias,
                                       dt_softplus=dt_softplus, dt_limit=dt_limit)
     dt_lo, dt_hi = (float(v) for v in dt_limit)
-    y = torch.empty(batch, nheads, headdim, device=x.device, dtype=x.dtype)
-    block_n = triton.next_power_of_2(dstate)
-    # About 4K state elements per program: a (P-block x N) tile.
-    block_p = max(1, min(triton.next_power_of_2(headdim), 4096 // block_n))
-    _state_update_kernel[(batch * nheads, triton.cdiv(headdim, block_p))](
-        state, x, dt, A, B, C, D if D is not None else A, dt_bias if dt_bias is not None else A, y,
-        nheads, nheads // ngroups, headdim, dstate, dt_lo, dt_hi,
-        *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
-        BLOCK_P=block_p, BLOCK_N=block_n, HAS_D=D is not None,
-        D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=bool(dt_softplus), num_warps=4)
-    return y
+    update = (torch.ops.matmamba.ssd_state_update.default if torch.compiler.is_compiling()
+              else _ssd_state_update_impl)
+    return update(state, x, dt, A, B, C, D, dt_bias, bool(dt_softplus), dt_lo, dt_hi)

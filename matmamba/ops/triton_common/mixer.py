@@ -66,76 +66,189 @@ def _column_maps(device, gn: int, nheads_total: int, headdim: int, k: int):
     return maps
 
 
-class _Mamba2CoreFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments, cfg):
-        ngroups, dstate, headdim, nheads_total, k, eps, norm_before_gate, dt_lo, dt_hi, Q = cfg
-        batch, seqlen, width_cols = zxbcdt.shape
-        gn = ngroups * dstate
-        conv_cols, z_cols = _column_maps(zxbcdt.device, gn, nheads_total, headdim, k)
-        vec = _map_vector_width(gn, nheads_total, headdim, width_cols)
-        conv_out = conv_forward(zxbcdt, conv_weight, conv_bias, None, segments, True, conv_cols,
-                                colmap_vec=vec)
-        B = conv_out[..., :gn].unflatten(-1, (ngroups, dstate))
-        C = conv_out[..., gn:2 * gn].unflatten(-1, (ngroups, dstate))
-        x = conv_out[..., 2 * gn:].unflatten(-1, (k, headdim))
-        dt = zxbcdt[..., 2 * gn:2 * gn + k]
-        y, _, (dtp, lam, CB, entering) = _ssd_forward(
-            x, dt, A, B, C, D, dt_bias, None, segments, True, dt_lo, dt_hi, Q)
-        y2 = y.view(batch * seqlen, k * headdim)
-        z2 = zxbcdt.view(batch * seqlen, width_cols)
-        out, rstd = rmsnorm_forward(y2, z2, norm_weight, eps, norm_before_gate, k * headdim, z_cols,
-                                    zmap_vec=vec)
-        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments,
-                              conv_out, y, rstd, dtp, lam, CB, entering)
-        ctx.cfg = cfg
-        return out.view(batch, seqlen, k * headdim)
+# ----------------------------------------------------------------------------------------------
+# The fused core as torch.library custom ops (namespace ``matmamba``): one opaque node for
+# torch.compile (no graph break), with fake functions for tracing and the hand-written backward
+# as the autograd formula. The forward op also returns what the backward reads (conv output, scan
+# output, 1/rms, dt', Lam, CB, entering states), marked non-differentiable. Eager calls take an
+# autograd.Function over the same implementation (no dispatcher round trips).
+# ----------------------------------------------------------------------------------------------
+
+_CORE_CFG = ("int ngroups, int dstate, int headdim, int nheads_total, float eps, "
+             "bool norm_before_gate, float dt_lo, float dt_hi, int chunk")
+
+
+def _views(conv_out, zxbcdt, ngroups, dstate, headdim, k):
+    """B, C, x inside the conv output and dt inside zxbcdt (views)."""
+    gn = ngroups * dstate
+    B = conv_out[..., :gn].unflatten(-1, (ngroups, dstate))
+    C = conv_out[..., gn:2 * gn].unflatten(-1, (ngroups, dstate))
+    x = conv_out[..., 2 * gn:].unflatten(-1, (k, headdim))
+    dt = zxbcdt[..., 2 * gn:2 * gn + k]
+    return B, C, x, dt
+
+
+def _core_fwd_impl(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments, ngroups,
+                   dstate, headdim, nheads_total, eps, norm_before_gate, dt_lo, dt_hi, chunk):
+    """-> (out (b,l,kP), conv_out, y, rstd, dt', Lam, CB, entering)."""
+    batch, seqlen, width_cols = zxbcdt.shape
+    gn = ngroups * dstate
+    k = dt_bias.shape[0]
+    conv_cols, z_cols = _column_maps(zxbcdt.device, gn, nheads_total, headdim, k)
+    vec = _map_vector_width(gn, nheads_total, headdim, width_cols)
+    conv_out = conv_forward(zxbcdt, conv_weight, conv_bias, None, segments, True, conv_cols,
+                            colmap_vec=vec)
+    B, C, x, dt = _views(conv_out, zxbcdt, ngroups, dstate, headdim, k)
+    y, _, (dtp, lam, CB, entering) = _ssd_forward(
+        x, dt, A, B, C, D, dt_bias, None, segments, True, dt_lo, dt_hi, chunk)
+    y2 = y.view(batch * seqlen, k * headdim)
+    z2 = zxbcdt.view(batch * seqlen, width_cols)
+    out, rstd = rmsnorm_forward(y2, z2, norm_weight, eps, norm_before_gate, k * headdim, z_cols,
+                                zmap_vec=vec)
+    return out.view(batch, seqlen, k * headdim), conv_out, y, rstd, dtp, lam, CB, entering
+
+
+mamba2_mixer_core_fwd_op = torch.library.custom_op(
+    "matmamba::mamba2_mixer_core_fwd", _core_fwd_impl, mutates_args=(),
+    schema="(Tensor zxbcdt, Tensor conv_weight, Tensor? conv_bias, Tensor dt_bias, Tensor A, "
+           "Tensor? D, Tensor norm_weight, Tensor? segments, " + _CORE_CFG
+           + ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+@mamba2_mixer_core_fwd_op.register_fake
+def _mamba2_mixer_core_fwd_fake(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight,
+                                segments, ngroups, dstate, headdim, nheads_total, eps,
+                                norm_before_gate, dt_lo, dt_hi, chunk):
+    batch, seqlen, _ = zxbcdt.shape
+    gn = ngroups * dstate
+    k = dt_bias.shape[0]
+    nchunks = max(1, (seqlen + chunk - 1) // chunk)
+    state_dtype = (zxbcdt.dtype if zxbcdt.dtype in (torch.float16, torch.bfloat16)
+                   else torch.float32)
+    f32 = dict(device=zxbcdt.device, dtype=torch.float32)
+    return (zxbcdt.new_empty(batch, seqlen, k * headdim),
+            zxbcdt.new_empty(batch, seqlen, 2 * gn + k * headdim),
+            zxbcdt.new_empty(batch, seqlen, k, headdim),
+            torch.empty(batch * seqlen, 1, **f32),
+            torch.empty(batch, k, nchunks * chunk, **f32),
+            torch.empty(batch, k, nchunks * chunk, **f32),
+            torch.empty(batch, nchunks, ngroups, chunk, chunk, **f32),
+            torch.empty(batch, nchunks, k, headdim, dstate, device=zxbcdt.device,
+                        dtype=state_dtype))
+
+
+def _core_bwd_impl(d_out, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments,
+                   conv_out, y, rstd, dtp, lam, CB, entering, ngroups, dstate, headdim,
+                   nheads_total, eps, norm_before_gate, dt_lo, dt_hi, chunk):
+    """-> (d zxbcdt, d conv_weight, d conv_bias, d dt_bias, dA, dD, d norm_weight); absent
+    optional inputs get (0,) tensors."""
+    batch, seqlen, width_cols = zxbcdt.shape
+    gn = ngroups * dstate
+    k = dt_bias.shape[0]
+    conv_cols, z_cols = _column_maps(zxbcdt.device, gn, nheads_total, headdim, k)
+    vec = _map_vector_width(gn, nheads_total, headdim, width_cols)
+    d_zxbcdt = torch.empty_like(zxbcdt)
+    if nheads_total > k:
+        d_zxbcdt[..., 2 * gn + k:2 * gn + nheads_total].zero_()
+
+    # norm: dz into d_zxbcdt's z columns; dy for the scan kept in fp32 (rounding it to a 16-bit
+    # input dtype here cost the single-head sums dD and d dt_bias about 1e-2 relative in bf16)
+    d_out2 = d_out.reshape(batch * seqlen, k * headdim)
+    if d_out2.stride(-1) != 1:
+        d_out2 = d_out2.contiguous()
+    dy, _, d_norm_weight = rmsnorm_backward(
+        d_out2, y.view(batch * seqlen, k * headdim), zxbcdt.view(batch * seqlen, width_cols),
+        norm_weight, rstd, norm_before_gate, k * headdim, z_cols,
+        dz_out=d_zxbcdt.view(batch * seqlen, width_cols), zmap_vec=vec, dx_dtype=torch.float32)
+
+    # scan: d dt into d_zxbcdt, dx / dB / dC into the conv output's gradient
+    d_conv_out = torch.empty_like(conv_out)
+    B, C, x, dt = _views(conv_out, zxbcdt, ngroups, dstate, headdim, k)
+    saved = (x, dt, A, B, C, D, dt_bias, None, segments, dtp, lam, CB, entering)
+    needs = {"A": True, "D": True, "dt_bias": True}
+    dB_out, dC_out, dx_out, ddt_out = _views(d_conv_out, d_zxbcdt, ngroups, dstate, headdim, k)
+    outs = {"dx": dx_out, "ddt": ddt_out, "dB": dB_out, "dC": dC_out}
+    _, _, dA, _, _, dD, d_dt_bias, _ = _ssd_backward(
+        dy.view(batch, seqlen, k, headdim), None, saved, True, dt_lo, dt_hi, chunk, needs,
+        out=outs)
+
+    # conv: dx into d_zxbcdt's B, C and x columns
+    _, d_conv_weight, d_conv_bias, _ = conv_backward(
+        d_conv_out, zxbcdt, conv_weight, conv_bias, None, segments, True, conv_cols,
+        dx_out=d_zxbcdt, colmap_vec=vec)
+    return (d_zxbcdt, d_conv_weight,
+            d_conv_bias if d_conv_bias is not None else zxbcdt.new_empty((0,)),
+            d_dt_bias, dA, dD if dD is not None else zxbcdt.new_empty((0,)), d_norm_weight)
+
+
+mamba2_mixer_core_bwd_op = torch.library.custom_op(
+    "matmamba::mamba2_mixer_core_bwd", _core_bwd_impl, mutates_args=(),
+    schema="(Tensor d_out, Tensor zxbcdt, Tensor conv_weight, Tensor? conv_bias, Tensor dt_bias, "
+           "Tensor A, Tensor? D, Tensor norm_weight, Tensor? segments, Tensor conv_out, Tensor y, "
+           "Tensor rstd, Tensor dtp, Tensor lam, Tensor CB, Tensor entering, " + _CORE_CFG
+           + ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+@mamba2_mixer_core_bwd_op.register_fake
+def _mamba2_mixer_core_bwd_fake(d_out, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight,
+                                segments, conv_out, y, rstd, dtp, lam, CB, entering, ngroups,
+                                dstate, headdim, nheads_total, eps, norm_before_gate, dt_lo,
+                                dt_hi, chunk):
+    return (torch.empty_like(zxbcdt), conv_weight.new_empty(conv_weight.shape),
+            conv_bias.new_empty(conv_bias.shape) if conv_bias is not None else zxbcdt.new_empty((0,)),
+            dt_bias.new_empty(dt_bias.shape), A.new_empty(A.shape),
+            D.new_empty(D.shape) if D is not None else zxbcdt.new_empty((0,)),
+            norm_weight.new_empty(norm_weight.shape))
+
+
+def _core_setup_context(ctx, inputs, output):
+    (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments, *cfg) = inputs
+    _, conv_out, y, rstd, dtp, lam, CB, entering = output
+    ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments,
+                          conv_out, y, rstd, dtp, lam, CB, entering)
+    ctx.cfg = tuple(cfg)
+    ctx.mark_non_differentiable(conv_out, y, rstd, dtp, lam, CB, entering)
+    ctx.set_materialize_grads(False)
+
+
+def _core_grads(ctx, d_out, backward_op):
+    saved = ctx.saved_tensors
+    if d_out is None:
+        return (None,) * 17
+    conv_bias, D = saved[2], saved[5]
+    grads = backward_op(d_out, *saved, *ctx.cfg)
+    d_zxbcdt, d_conv_weight, d_conv_bias, d_dt_bias, dA, dD, d_norm_weight = grads
+    needs = ctx.needs_input_grad
+    return (d_zxbcdt if needs[0] else None, d_conv_weight if needs[1] else None,
+            d_conv_bias if conv_bias is not None and needs[2] else None,
+            d_dt_bias if needs[3] else None, dA if needs[4] else None,
+            dD if D is not None and needs[5] else None, d_norm_weight if needs[6] else None,
+            *(None,) * 10)
+
+
+def _core_backward_formula(ctx, d_out, *_intermediates):
+    return _core_grads(ctx, d_out, torch.ops.matmamba.mamba2_mixer_core_bwd.default)
+
+
+mamba2_mixer_core_fwd_op.register_autograd(_core_backward_formula,
+                                           setup_context=_core_setup_context)
+
+
+class _Mamba2CoreEager(torch.autograd.Function):
+    """Eager calls skip the dispatcher: the same forward, setup and backward as the custom op,
+    at about a third of its host time per call (the narrow widths are bound by host time)."""
 
     @staticmethod
-    def backward(ctx, d_out):
-        (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments,
-         conv_out, y, rstd, dtp, lam, CB, entering) = ctx.saved_tensors
-        ngroups, dstate, headdim, nheads_total, k, eps, norm_before_gate, dt_lo, dt_hi, Q = ctx.cfg
-        batch, seqlen, width_cols = zxbcdt.shape
-        gn = ngroups * dstate
-        conv_cols, z_cols = _column_maps(zxbcdt.device, gn, nheads_total, headdim, k)
-        vec = _map_vector_width(gn, nheads_total, headdim, width_cols)
-        d_zxbcdt = torch.empty_like(zxbcdt)
-        if nheads_total > k:
-            d_zxbcdt[..., 2 * gn + k:2 * gn + nheads_total].zero_()
+    def forward(ctx, *inputs):
+        output = _core_fwd_impl(*inputs)
+        _core_setup_context(ctx, inputs, output)
+        return output
 
-        # norm: dz into d_zxbcdt's z columns, dy for the scan
-        d_out2 = d_out.reshape(batch * seqlen, k * headdim)
-        dy, _, d_norm_weight = rmsnorm_backward(
-            d_out2, y.view(batch * seqlen, k * headdim), zxbcdt.view(batch * seqlen, width_cols),
-            norm_weight, rstd, norm_before_gate, k * headdim, z_cols,
-            dz_out=d_zxbcdt.view(batch * seqlen, width_cols), zmap_vec=vec)
-
-        # scan: d dt into d_zxbcdt, dx / dB / dC into the conv output's gradient
-        d_conv_out = torch.empty_like(conv_out)
-        B = conv_out[..., :gn].unflatten(-1, (ngroups, dstate))
-        C = conv_out[..., gn:2 * gn].unflatten(-1, (ngroups, dstate))
-        x = conv_out[..., 2 * gn:].unflatten(-1, (k, headdim))
-        dt = zxbcdt[..., 2 * gn:2 * gn + k]
-        saved = (x, dt, A, B, C, D, dt_bias, None, segments, dtp, lam, CB, entering)
-        needs = {"A": ctx.needs_input_grad[4], "D": ctx.needs_input_grad[5],
-                 "dt_bias": ctx.needs_input_grad[3]}
-        outs = {"dx": d_conv_out[..., 2 * gn:].unflatten(-1, (k, headdim)),
-                "ddt": d_zxbcdt[..., 2 * gn:2 * gn + k],
-                "dB": d_conv_out[..., :gn].unflatten(-1, (ngroups, dstate)),
-                "dC": d_conv_out[..., gn:2 * gn].unflatten(-1, (ngroups, dstate))}
-        _, _, dA, _, _, dD, d_dt_bias, _ = _ssd_backward(
-            dy.view(batch, seqlen, k, headdim), None, saved, True, dt_lo, dt_hi, Q, needs, out=outs)
-
-        # conv: dx into d_zxbcdt's B, C and x columns
-        _, d_conv_weight, d_conv_bias, _ = conv_backward(
-            d_conv_out, zxbcdt, conv_weight, conv_bias, None, segments, True, conv_cols,
-            dx_out=d_zxbcdt, colmap_vec=vec)
-        return (d_zxbcdt, d_conv_weight, d_conv_bias, d_dt_bias, dA, dD, d_norm_weight, None, None)
+    @staticmethod
+    def backward(ctx, d_out, *_intermediates):
+        return _core_grads(ctx, d_out, _core_bwd_impl)
 
 
-# torch.compile: graph break here; the Triton launches run eagerly (their autograd intact).
-@torch.compiler.disable
 def mamba2_mixer_core_triton(
     zxbcdt: Tensor,
     conv_weight: Tensor,
@@ -163,7 +276,8 @@ def mamba2_mixer_core_triton(
     """
     batch, seqlen, width_cols = zxbcdt.shape
     gn = ngroups * dstate
-    k, rest = divmod(width_cols - 2 * gn - nheads_total, 2 * headdim)
+    head_cols = width_cols - 2 * gn - nheads_total
+    k, rest = head_cols // (2 * headdim), head_cols % (2 * headdim)  # (Dynamo: no divmod)
     if rest or k < 1 or k > nheads_total:
         raise ValueError(f"zxbcdt's last axis ({width_cols}) must be 2*G*N + H_total + 2*k*P = "
                          f"{2 * gn} + {nheads_total} + 2*k*{headdim} for some 1 <= k <= {nheads_total}")
@@ -172,12 +286,16 @@ def mamba2_mixer_core_triton(
                          f"{conv_weight.shape[0]}")
     if zxbcdt.stride(-1) != 1 or zxbcdt.stride(0) != seqlen * zxbcdt.stride(1):
         zxbcdt = zxbcdt.contiguous()
+    if dt_bias.shape != (k,) or A.shape != (k,):
+        raise ValueError(f"dt_bias and A must be (k,) = ({k},) for the {k} heads zxbcdt holds; got "
+                         f"{tuple(dt_bias.shape)} and {tuple(A.shape)}")
     segments = _segment_ids(seq_idx) if seq_idx is not None else None
     dt_lo, dt_hi = (float(v) for v in dt_limit)
-    cfg = (ngroups, dstate, headdim, nheads_total, k, float(eps), bool(norm_before_gate),
-           dt_lo, dt_hi, _chunk_length())
-    return _Mamba2CoreFunction.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight,
-                                     segments, cfg)
+    core = (torch.ops.matmamba.mamba2_mixer_core_fwd.default if torch.compiler.is_compiling()
+            else _Mamba2CoreEager.apply)
+    return core(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments, ngroups,
+                dstate, headdim, nheads_total, float(eps), bool(norm_before_gate), dt_lo, dt_hi,
+                _chunk_length())[0]
 
 
 def mamba2_mixer_core_reference(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, *,

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# One GPU visit for the training issues (#4, #6, #7) on a machine with 2 GPUs: each stage is one
+# line of STAGES, and each writes its log and JSON under $OUT.
+#
+#   STAGES="check train" bash scripts/gpu_visit_train.sh     # gpu_check on GPU 1 beside bench_train on GPU 0
+#   STAGES="multigpu" bash scripts/gpu_visit_train.sh        # bench_multigpu over both GPUs
+#   BLOCK_ARGS="--cases block --no-baseline" STAGES="check train" ...  # bench_block before bench_train
+#
+# Wheels the GPU image lacks (hydra-core, omegaconf, antlr4; mamba_ssm for the baselines) are
+# carried in .whl/: bash ../shared/tools/gpu_wheels.sh, plus the mamba_ssm wheel (see gpu_visit.sh).
+set -u
+OUT=${OUT:-/tmp/gpu_visit_train}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+# Never use NVLink multicast on shared hosts.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+STAGES=${STAGES:-"check train"}
+TRAIN_ARGS=${TRAIN_ARGS:-"--cases lm_130m,lm_130m:768,vision_35m --data synthetic,real --compile off --steps 15 --warmup 5 --time-budget 330"}
+MULTI_ARGS=${MULTI_ARGS:-"--time-budget 380"}
+CHECK_JOBS=${CHECK_JOBS:-"--only compile,decode
+--only mixer,block --quick"}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+{
+    nvidia-smi --query-gpu=index,name,driver_version,clocks.sm,memory.used --format=csv
+    python3 -c "import torch, triton, lightning; print('torch', torch.__version__, 'triton', triton.__version__, 'lightning', lightning.__version__, 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
+    df -h /dev/shm /tmp | tail -2; nproc
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+pids=()
+for stage in $STAGES; do
+    case $stage in
+    check)   # correctness of this visit's kernel code, on the second GPU, in parallel jobs
+        mkdir -p /tmp/check_parts
+        i=0
+        while IFS= read -r job; do
+            [ -z "$job" ] && continue
+            i=$((i + 1))
+            CUDA_VISIBLE_DEVICES=1 timeout ${CHECK_TIMEOUT:-300} python3 scripts/gpu_check.py --json /tmp/check_parts/$i.json $job \
+                > /tmp/check_parts/$i.log 2>&1 &
+            pids+=($!)
+        done <<< "$CHECK_JOBS"
+        ;;
+    train)   # on GPU 0: optionally the block benchmark first (BLOCK_ARGS), then bench_train
+        (
+            if [ -n "${BLOCK_ARGS:-}" ]; then
+                CUDA_VISIBLE_DEVICES=0 timeout ${BLOCK_TIMEOUT:-200} python3 scripts/bench_block.py $BLOCK_ARGS \
+                    --json "$OUT/bench_block.json" > "$OUT/bench_block.log" 2>&1
+            fi
+            CUDA_VISIBLE_DEVICES=0 timeout ${TRAIN_TIMEOUT:-540} python3 scripts/bench_train.py $TRAIN_ARGS \
+                --json "$OUT/bench_train.json" > "$OUT/bench_train.log" 2>&1
+        ) &
+        pids+=($!)
+        ;;
+    multigpu)
+        timeout 560 python3 scripts/bench_multigpu.py --gpus 2 --work-dir /tmp/bmg \
+            --json "$OUT/bench_multigpu.json" --markdown "$OUT/bench_multigpu.md" \
+            --artifacts "$OUT/bench_multigpu" $MULTI_ARGS > "$OUT/bench_multigpu.log" 2>&1 &
+        pids+=($!)
+        ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+    esac
+done
+wait "${pids[@]}"
+
+if [ -d /tmp/check_parts ]; then
+    cat /tmp/check_parts/*.log > "$OUT/gpu_check.log"
+    python3 - <<'PY' > "$OUT/gpu_check_summary.txt"
+import glob, json
+res = []
+for p in sorted(glob.glob("/tmp/check_parts/*.json")):
+    res += json.load(open(p))["results"]
+bad = [r for r in res if not r["ok"]]
+print(f"=== gpu_check: {len(res) - len(bad)} passed, {len(bad)} failed, "
+      f"{len(glob.glob('/tmp/check_parts/*.log')) - len(glob.glob('/tmp/check_parts/*.json'))} jobs unfinished")
+for r in bad:
+    print("FAIL", r["op"], r["dtype"], r["case"], r["worst_name"], r["worst"], str(r.get("note", ""))[:200])
+json.dump(res, open("/tmp/check_parts/all.json", "w"), default=str)
+PY
+    cp /tmp/check_parts/all.json "$OUT/gpu_check.json"
+    cat "$OUT/gpu_check_summary.txt"
+    grep -E "^\[FAIL\]|Traceback|Error" "$OUT/gpu_check.log" | head -20
+fi
+[ -f "$OUT/bench_block.log" ] && { echo "=== bench_block"; sed -n '/^=====/,$p' "$OUT/bench_block.log"; }
+for log in bench_train bench_multigpu; do
+    [ -f "$OUT/$log.log" ] || continue
+    echo "=== $log"
+    grep -E "Traceback|Error|error" "$OUT/$log.log" | head -15
+    tail -40 "$OUT/$log.log"
+done

@@ -1,0 +1,159 @@
+"""The benchmark scripts on the CPU: generated data in the real formats reads through the real data
+modules, and bench_train.py runs its whole loop (tiny models) and writes every figure."""
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from training_helpers import ROOT, one_thread
+
+from matmamba.training.data import ImageNetDataModule, TokenShardDataModule
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench_train  # noqa: E402
+import make_bench_data  # noqa: E402
+
+TINY_BLOCK = ["d_model=64", "n_layer=2", "d_state=16", "headdim=8", "chunk_size=16"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def test_imagenet_tree_reads_through_the_datamodule(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imagenet"
+    summary = make_bench_data.main(["imagenet", "--out", str(root), "--classes", "3", "--train-per-class", "3",
+                                    "--val-per-class", "1", "--size", "40", "--workers", "2"])
+    assert summary["train_images"] == 9 and summary["val_images"] == 3
+    files = sorted((root / "train").rglob("*.JPEG"))
+    assert len(files) == 9 and len(list((root / "val").rglob("*.JPEG"))) == 3
+    assert sorted(p.name for p in (root / "train").iterdir()) == ["n00000000", "n00000001", "n00000002"]
+    images = [Image.open(f) for f in files]
+    assert all(im.format == "JPEG" and 40 <= min(im.size) and max(im.size) <= 78 for im in images)
+    pixels = np.asarray(images[0].convert("RGB"), dtype=np.float32)
+    assert pixels.std() > 10  # not a flat colour
+    # Deterministic: the same command writes the same bytes.
+    again = tmp_path / "again"
+    make_bench_data.make_imagenet(again, classes=3, train_per_class=3, val_per_class=1, size=40, workers=1, quiet=True)
+    assert files[4].read_bytes() == (again / files[4].relative_to(root)).read_bytes()
+
+    dm = ImageNetDataModule(source="folder", root=str(root), image_size=32, batch_size=3, num_workers=0,
+                            pin_memory=False)
+    dm.setup("fit")
+    assert dm.num_classes == 3 and len(dm.train_set) == 9
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (3, 3, 32, 32) and torch.isfinite(x).all() and int(y.max()) < 3
+
+
+def test_token_shards_from_the_stdlib_read_through_the_datamodule(tmp_path):
+    from matmamba.training import LanguageModelModule
+
+    root = tmp_path / "tokens"
+    meta = make_bench_data.main(["tokens", "--out", str(root), "--tokens", "30000", "--val-tokens", "5000"])
+    assert meta["tokenizer"] == "bytes" and meta["vocab_size"] == 256
+    assert meta["splits"]["val"]["tokens"] == 5000 and meta["splits"]["train"]["tokens"] == 25000
+    dm = TokenShardDataModule(root=str(root), seq_len=64, batch_size=4, num_workers=0, pin_memory=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.shape == (4, 65) and int(batch.max()) < 256
+    text = bytes(np.fromfile(root / "val_000000.bin", dtype="<u2", offset=64).astype(np.uint8)).decode("utf-8")
+    assert text.startswith("\0") and ("import " in text or "def " in text)  # Python sources, NUL-separated
+    # The byte vocabulary fits lm_130m's (50277): the recipe's model accepts these shards.
+    module = LanguageModelModule("lm_130m", overrides={"n_layer": 1, "d_model": 64})
+    module.check_data_compat(dm)
+    # Explicit sources, repeated to reach the budget.
+    src = tmp_path / "doc.txt"
+    src.write_text("hello world\n")
+    meta = make_bench_data.make_tokens(tmp_path / "t2", tokens=500, val_tokens=100, sources=[str(src)], quiet=True)
+    assert meta["splits"]["train"]["tokens"] == 400 and meta["splits"]["train"]["documents"] > 10
+
+
+def _finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.parametrize("task", ["lm", "vision"])
+def test_bench_train_cpu_smoke(task, tmp_path):
+    if task == "lm":
+        root = tmp_path / "tokens"
+        make_bench_data.make_tokens(root, tokens=40_000, val_tokens=5_000, quiet=True)
+        args = ["--cases", "lm_130m", "--token-root", str(root),
+                "--model-overrides", *TINY_BLOCK, "vocab_size=256", "--overrides", "data.seq_len=32",
+                "data.num_workers=0"]
+    else:
+        root = tmp_path / "imagenet"
+        make_bench_data.make_imagenet(root, classes=4, train_per_class=2, val_per_class=1, size=24, workers=1,
+                                      quiet=True)
+        args = ["--cases", "vision_35m", "--image-root", str(root),
+                "--model-overrides", *TINY_BLOCK, "image_size=16", "patch_size=8",
+                "--overrides", "data.image_size=16", "data.num_workers=1"]
+    out = tmp_path / "bench.json"
+    bench_train.main(["--device", "cpu", "--data", "synthetic,real", "--compile", "off", "--batch", "4",
+                      "--steps", "2", "--warmup", "1", "--gemm-size", "128", "--baseline", "--baseline-impl", "dense",
+                      "--json", str(out), "--workdir", str(tmp_path / "work"), *args])
+    report = json.loads(out.read_text())
+    assert report["meta"]["gemm"]["flops_per_s"] > 0 and report["meta"]["versions"]["torch"]
+    rows = {(r["data"], bool(r.get("is_baseline"))): r for r in report["rows"]}
+    assert set(rows) == {("synthetic", False), ("real", False), ("synthetic", True)}
+    for (_, is_baseline), row in rows.items():
+        assert row["status"] == "ok", row
+        for key in ("items_per_s", "step_ms_wall", "mfu_gemm", "last_loss_sum"):
+            assert _finite_positive(row[key]), (key, row[key])
+        assert row["widths"] == [64, 32, 16, 8]
+        phases = row["phases_ms"]
+        assert {"data", "prep", "opt", "fwd@64", "fwd@8"} <= set(phases)
+        assert ("bwd@64" in phases) if is_baseline else ("bwd" in phases)  # baseline: per width; ours: joint
+        assert all(v["median"] >= 0 for v in phases.values())
+    ours = rows[("synthetic", False)]
+    assert ours["items_per_step"] == 4 * (32 if task == "lm" else 1)
+    assert _finite_positive(ours["ratio"]) and _finite_positive(ours["baseline_step_ms"])
+    assert _finite_positive(rows[("real", False)]["loader_items_per_s"])
+
+
+def test_baseline_mamba2_has_our_dense_sizes():
+    """Where mamba_ssm is installed: its Mamba2 built at each width's inner size has exactly the
+    parameters of our block's dense submodel at that width."""
+    Mamba2, fused, path = bench_train.import_mamba2()
+    if Mamba2 is None:
+        pytest.skip(path)
+    from matmamba.models.block import MatMamba2
+
+    block = MatMamba2(64, d_state=16, headdim=8, chunk_size=16)
+    for width in (64, 32, 16, 8):
+        m = bench_train.mamba2_at_width(Mamba2, block, width, fused, "cpu")
+        assert m.nheads == block.heads_for_width(width) and m.in_proj.in_features == 64
+        assert sum(p.numel() for p in m.parameters()) == block.num_params(width)
+
+
+def test_bench_train_recovers_from_oom_and_reports_failures(tmp_path, monkeypatch):
+    """Out of memory at the full micro-batch: halved (accumulating two) and retried. A baseline
+    that fails becomes an error row; the run carries on."""
+    real_step = bench_train.run_step
+
+    def step_oom_without_accumulation(spec, source, timer, step):
+        if spec.accumulate == 1 and not spec.backward_per_width:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(spec, source, timer, step)
+
+    def broken_baseline(run, impl):
+        raise RuntimeError("baseline kernel failed (simulated)")
+
+    monkeypatch.setattr(bench_train, "run_step", step_oom_without_accumulation)
+    monkeypatch.setattr(bench_train, "build_baseline", broken_baseline)
+    out = tmp_path / "bench.json"
+    bench_train.main(["--device", "cpu", "--cases", "lm_130m:64/16", "--data", "synthetic", "--compile", "off",
+                      "--batch", "4", "--steps", "1", "--warmup", "0", "--gemm-size", "64", "--json", str(out),
+                      "--workdir", str(tmp_path / "work"), "--model-overrides", *TINY_BLOCK, "vocab_size=256",
+                      "--overrides", "data.seq_len=16"])
+    ours, base = json.loads(out.read_text())["rows"]
+    assert ours["status"] == "ok" and ours["widths"] == [64, 16]
+    assert (ours["batch"], ours["micro_batch"], ours["accumulate"]) == (4, 2, 2)
+    assert "OOM at micro-batch 4" in ours["note"] and ours["items_per_step"] == 4 * 16
+    assert base["is_baseline"] and base["status"] == "error" and "simulated" in base["reason"]
