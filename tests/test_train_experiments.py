@@ -54,14 +54,16 @@ def tiny_overrides(experiment, image_root, shard_root):
         return TINY_VISION + [
             f"data.root={image_root}", "data.image_size=32", "++model.overrides.image_size=32",
             "++model.overrides.patch_size=8", "++model.overrides.n_classes=3", "data.batch_size=4",
-            "data.num_workers=0", "model.top_k=[1,2]",
+            "data.micro_batch_size=null", "data.num_workers=0", "model.top_k=[1,2]",
         ]
     if experiment in LM_RECIPES:
-        return TINY_LM + [f"data.root={shard_root}", "data.seq_len=32", "data.batch_size=4", "data.num_workers=0"]
+        return TINY_LM + [f"data.root={shard_root}", "data.seq_len=32", "data.batch_size=4", "data.micro_batch_size=null",
+                          "data.num_workers=0"]
     if experiment == "lm_pydoc":
         return TINY_LM + ["data.seq_len=32", "data.batch_size=4"]
     return TINY_VISION + ["++model.overrides.image_size=8", "++model.overrides.patch_size=2",
-                          "++model.overrides.in_chans=1", "++model.overrides.chunk_size=17", "data.batch_size=16"]
+                          "++model.overrides.in_chans=1", "++model.overrides.chunk_size=17", "data.batch_size=16",
+                          "data.micro_batch_size=null"]
 
 
 def test_all_experiments_exist():

@@ -158,7 +158,8 @@ def _triton_module_while_compiling(op: str):
 
 def _all_on_cuda(tensors: Iterable[torch.Tensor | None]) -> bool:
     present = [t for t in tensors if t is not None]
-    return bool(present) and all(t.is_cuda for t in present)
+    # len() rather than bool(list): Dynamo in torch 2.11 cannot trace bool() of a list (graph break)
+    return len(present) > 0 and all(t.is_cuda for t in present)
 
 
 def resolve_impl(op: str, impl: str, tensors: Iterable[torch.Tensor | None]) -> str:
