@@ -25,7 +25,9 @@ Data modes: ``real`` reads the recipe's DataLoader (its workers, pinned memory):
 the LMs, a generated ImageNet-format JPEG tree with the full augmentation for vision (both made by
 ``scripts/make_bench_data.py`` when no root is given). Before the timed steps the loader's
 prefetch queue is drained, so the timed steps see the loader's steady rate, not a backlog built
-while warm-up compiled; after them the loader alone is timed (``loader_items_per_s``).
+while warm-up compiled, and 3 more untimed steps let the workers get back into step (right after
+a drain the next batch takes one batch's production time); after the timed steps the loader
+alone is timed (``loader_items_per_s``).
 ``synthetic`` reuses one device batch of the same shape: the model without the input pipeline.
 
 Model FLOPs are the module's own count (``flops_per_item(width)``, forward x 3 for forward and
@@ -436,13 +438,25 @@ def run_step(spec: StepSpec, source, timer: PhaseTimer, step: int) -> None:
 
 
 def timed_run(spec: StepSpec, source, device: torch.device, warmup: int, steps: int,
-              drain: bool) -> dict[str, Any]:
+              drain: bool, settle: int = 3) -> dict[str, Any]:
     """Warm-up steps, then ``steps`` timed ones: phase splits, wall time, peak memory."""
     discard = PhaseTimer(device)
     for i in range(warmup):
         discard.begin()
         run_step(spec, source, discard, i)
-    dropped = source.drain() if drain else 0
+    dropped = 0
+    if drain:
+        # Drop the backlog the workers built while warm-up compiled, then let the pipeline settle:
+        # right after a drain every worker is mid-batch, so the next batch arrives only after one
+        # batch's production time (one worker makes a whole batch: 512 augmented JPEGs take a
+        # worker about 4 s), which a short timed run would count as input wait. Seen on an H200:
+        # 8 timed steps right after a drain gave 0.86 of the synthetic rate with a median data
+        # wait of 13 ms.
+        dropped = source.drain()
+        for i in range(settle):
+            discard.begin()
+            run_step(spec, source, discard, warmup + i)
+        warmup += settle
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -462,6 +476,7 @@ def timed_run(spec: StepSpec, source, device: torch.device, warmup: int, steps: 
         "phases_ms": {label: summarize([s.get(label, 0.0) for s in per_step]) for label in labels},
         "step_ms_events": summarize([sum(s.values()) for s in per_step]),
         "drained_batches": dropped,
+        "settle_steps": settle if drain else 0,
         # Sum over the widths of the last step's losses: a finite number says the step trained.
         "last_loss_sum": float(spec.last_loss.float()) if spec.last_loss is not None else None,
     }

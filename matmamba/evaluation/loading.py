@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,9 +103,10 @@ def read_checkpoint(path: Path, trust: bool = False) -> dict[str, Any]:
                 f"If you trust this file, pass trust_checkpoint=true") from None
         raise CheckpointError(f"cannot read checkpoint {path} ({reason}): the file is corrupt or truncated, "
                               f"or not a PyTorch checkpoint") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}. The file is corrupt or truncated, "
-                              f"or not a PyTorch checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - unpickling random bytes can raise nearly any type
+        # (seen: IndexError, KeyError, struct.error, UnicodeDecodeError besides the usual ones)
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}). The file is "
+                              f"corrupt or truncated, or not a PyTorch checkpoint") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict' in it)")
     return checkpoint
