@@ -4,7 +4,7 @@
 Each case is a real recipe: its config is composed from ``conf/`` by Hydra (``experiment=<case>``
 plus benchmark overrides) and the data module and LightningModule are built by
 ``matmamba.training.pipeline.build``, exactly as ``train.py`` builds them. The timed loop then
-drives the module's own pieces (``split_batch``, ``widths_for_step``, ``forward_width``,
+drives the module's own pieces (``split_batch``, ``widths_for_step``, ``train_forward``,
 ``width_loss``, the optimizer and schedule from ``configure_optimizers``, gradient clipping) in
 the order ``training_step`` runs them, so that every phase can be timed on its own:
 
@@ -529,7 +529,7 @@ class CaseRun:
             else contextlib.nullcontext
         self.spec = StepSpec(
             module=module,
-            forward=module.forward_width,
+            forward=module.train_forward,
             widths_for_step=module.widths_for_step,
             backward_per_width=module.backward_per_width,
             accumulate=self.accumulate,

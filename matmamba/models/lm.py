@@ -113,10 +113,15 @@ class MatMambaLMHeadModel(NestedModelMixin, nn.Module):
                 int(input_ids.max()) >= self.config.padded_vocab_size or int(input_ids.min()) < 0):
             raise ValueError(f"token ids must lie in [0, {self.config.padded_vocab_size}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-        hidden = self.backbone(input_ids, self._layer_kwargs(width, mrl_level), inference_params=inference_params)
+        hidden = self.hidden_states(input_ids, width, mrl_level, inference_params)
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]
         return CausalLMOutput(logits=self.lm_head(hidden))
+
+    def hidden_states(self, input_ids: torch.Tensor, width=None, mrl_level=None, inference_params=None):
+        """The final-norm hidden states (b, l, d_model) that ``lm_head`` maps to logits (training
+        with a chunked head + loss reads these, so the full logits never exist at once)."""
+        return self.backbone(input_ids, self._layer_kwargs(width, mrl_level), inference_params=inference_params)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
         return {i: layer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype)

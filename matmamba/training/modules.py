@@ -27,6 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from torchmetrics import MeanMetric
 
 from matmamba import create_model
+from matmamba.training.losses import LMHeadInput, chunked_lm_cross_entropy
 from matmamba.training.optim import build_param_groups, cosine_with_warmup
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,11 @@ class NestedWidthModule(L.LightningModule):
     def derived_val_metrics(self, width: int, values: dict[str, float]) -> dict[str, float]:
         return {}
 
+    def train_forward(self, inputs: torch.Tensor, width: int):
+        """The training step's forward at ``width``: what ``task_loss`` takes (default: the same
+        output as evaluation; the LM can hand over hidden states for a chunked head + loss)."""
+        return self.forward_width(inputs, width)
+
     def forward(self, inputs: torch.Tensor, width: int | None = None) -> torch.Tensor:
         return self.forward_width(inputs, width or self.full_width)
 
@@ -280,7 +286,7 @@ class NestedWidthModule(L.LightningModule):
         teacher = None
         total = 0.0
         for width in widths:
-            output = self.forward_width(inputs, width)
+            output = self.train_forward(inputs, width)
             loss = self.width_loss(width, output, target, teacher)
             if width == self.full_width and self.distill_weight > 0:
                 teacher = output.detach()
@@ -519,13 +525,29 @@ class LanguageModelModule(NestedWidthModule):
     Batches are ``(batch, seq_len + 1)`` token tensors. Validation reports loss (nats/token),
     perplexity and bits per byte (``loss / ln 2 / bytes_per_token``, using the data module's
     ``bytes_per_token`` when it knows it).
+
+    Args (besides the base ones):
+        head_chunk: compute the training step's LM head and cross-entropy ``head_chunk`` tokens
+            at a time, recomputing each chunk's logits in the backward, so the (tokens x vocab)
+            logits of the widths never exist at once (null: the plain head). Costs one more
+            forward GEMM of the head. Not combinable with distillation (it needs the logits) or,
+            for now, with ``compile``; not yet checked under FSDP.
     """
 
     task = "lm"
 
-    def __init__(self, name: str, **kwargs: Any) -> None:
+    def __init__(self, name: str, *, head_chunk: int | None = None, **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
         self.bytes_per_token: float | None = None
+        if head_chunk is not None and head_chunk <= 0:
+            raise ValueError(f"model.head_chunk must be a positive number of tokens or null, got {head_chunk}")
+        if head_chunk is not None and self.distill_weight > 0:
+            raise ValueError("model.head_chunk cannot be combined with model.distill.weight > 0 "
+                             "(distillation compares full logits); set one of them to null / 0")
+        if head_chunk is not None and self.hparams.compile:
+            raise ValueError("model.head_chunk is not supported with model.compile=true yet (the chunked "
+                             "loss reads the backbone outside the compiled forward); set one of them off")
+        self.head_chunk = head_chunk
 
     def check_data_compat(self, datamodule) -> None:
         vocab = getattr(datamodule, "vocab_size", None)
@@ -546,8 +568,15 @@ class LanguageModelModule(NestedWidthModule):
     def forward_width(self, inputs, width):
         return self.net(inputs, width=width).logits
 
-    def task_loss(self, logits, target):
-        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+    def train_forward(self, inputs, width):
+        if self.head_chunk is None:
+            return self.forward_width(inputs, width)
+        return LMHeadInput(self.net.hidden_states(inputs, width=width), self.net.lm_head.weight)
+
+    def task_loss(self, output, target):
+        if isinstance(output, LMHeadInput):
+            return chunked_lm_cross_entropy(output, target, self.head_chunk)
+        return F.cross_entropy(output.float().flatten(0, 1), target.flatten())
 
     def validation_update(self, width, logits, target):
         loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
