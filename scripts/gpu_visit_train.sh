@@ -5,6 +5,10 @@
 #   STAGES="check train" bash scripts/gpu_visit_train.sh     # gpu_check on GPU 1 beside bench_train on GPU 0
 #   STAGES="multigpu" bash scripts/gpu_visit_train.sh        # bench_multigpu over both GPUs
 #   BLOCK_ARGS="--cases block --no-baseline" STAGES="check train" ...  # bench_block before bench_train
+#   STAGES=ab AB_TREE=.ab_old bash scripts/gpu_visit_train.sh   # the block timed from an older tree and
+#       from this one, alternately, in one call (same machine): prepare the old tree here with
+#       mkdir .ab_old && git archive <rev> | tar -x -C .ab_old && echo /.ab_old/ >> .git/info/exclude
+#       and name .ab_old in the call's carry.
 #
 # Wheels the GPU image lacks (hydra-core, omegaconf, antlr4; mamba_ssm for the baselines) are
 # carried in .whl/: bash ../shared/tools/gpu_wheels.sh, plus the mamba_ssm wheel (see gpu_visit.sh).
@@ -61,6 +65,18 @@ for stage in $STAGES; do
             --json "$OUT/bench_multigpu.json" --markdown "$OUT/bench_multigpu.md" \
             --artifacts "$OUT/bench_multigpu" $MULTI_ARGS > "$OUT/bench_multigpu.log" 2>&1 &
         pids+=($!)
+        ;;
+    ab)      # same-run A/B of the block benchmark: older tree vs this one, twice each, on GPU 0
+        for round in 1 2; do
+            for tree in "${AB_TREE:?set AB_TREE to the older tree}" .; do
+                tag=$([ "$tree" = . ] && echo new || echo old)
+                (cd "$tree" && CUDA_VISIBLE_DEVICES=0 timeout 150 python3 scripts/bench_block.py \
+                    --cases block --no-baseline --json "$OUT/ab_${tag}_$round.json") \
+                    > "$OUT/ab_${tag}_$round.log" 2>&1
+                echo "=== A/B round $round, $tag tree ($tree)"
+                sed -n '/^=====/,$p' "$OUT/ab_${tag}_$round.log" | grep "block D768"
+            done
+        done
         ;;
     *) echo "unknown stage $stage"; exit 2 ;;
     esac
