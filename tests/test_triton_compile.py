@@ -20,48 +20,30 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
+from interpreter_groups import group_main, rel_err, run_group
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytest.importorskip("triton")
 
 
-def _run_group(group: str) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", MATMAMBA_SSD_CHUNK="16",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("MATMAMBA_IMPL", None)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), group], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"group {group} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    assert "ALL OK" in proc.stdout, proc.stdout[-4000:]
-
-
 @pytest.mark.parametrize("group", ["opcheck", "compile"])
 def test_custom_ops_and_compile_under_interpreter(group):
-    _run_group(group)
+    run_group(__file__, group, timeout=900, MATMAMBA_SSD_CHUNK="16")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor on the CPU needs a C++ compiler")
 def test_inductor_under_interpreter():
-    _run_group("inductor")
+    run_group(__file__, "inductor", timeout=900, MATMAMBA_SSD_CHUNK="16")
 
 
 # ---------------------------------------------------------------------------------------------
 # The checks (run in the subprocess)
 # ---------------------------------------------------------------------------------------------
-
-
-def _rel(actual, expected) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    if not bool(actual.isfinite().all()):
-        return math.inf
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def _opcheck(name, op, args, failures, **kwargs):
@@ -191,8 +173,8 @@ def _block_run(block, fn, u, width, autocast_dtype=None):
 def _compare_compiled(name, block, compiled, u, width, failures, autocast_dtype=None, tol=1e-5):
     out_e, grads_e = _block_run(block, block, u, width, autocast_dtype)
     out_c, grads_c = _block_run(block, compiled, u, width, autocast_dtype)
-    errors = {"out": _rel(out_c, out_e)}
-    errors.update({k: _rel(grads_c[k], v) if k in grads_c else math.inf for k, v in grads_e.items()})
+    errors = {"out": rel_err(out_c, out_e)}
+    errors.update({k: rel_err(grads_c[k], v) if k in grads_c else math.inf for k, v in grads_e.items()})
     worst = max(errors.values())
     same_dtype = out_c.dtype == out_e.dtype
     ok = worst <= tol and same_dtype and set(grads_c) == set(grads_e)
@@ -304,7 +286,7 @@ def _compile_group(failures: list) -> None:
     explained = torch._dynamo.explain(composed)(seq=seq, **leaves)
     outs_e, grads_e = run(composed)
     outs_c, grads_c = run(torch.compile(composed, fullgraph=True, backend="aot_eager"))
-    errors = [_rel(a, b) for a, b in zip(outs_c, outs_e)] + [_rel(grads_c[k], grads_e[k]) for k in grads_e]
+    errors = [rel_err(a, b) for a, b in zip(outs_c, outs_e)] + [rel_err(grads_c[k], grads_e[k]) for k in grads_e]
     ok = max(errors) <= 1e-5 and explained.graph_break_count == 0
     print(f"{'ok  ' if ok else 'FAIL'} composed ops (conv+scan+norm, states, seq_idx) compiled: "
           f"{explained.graph_break_count} breaks, worst {max(errors):.1e}")
@@ -330,7 +312,7 @@ def _compile_group(failures: list) -> None:
         y_e = decode(*eager_in)
         explained = torch._dynamo.explain(decode)(*decode_inputs())
         y_c = torch.compile(decode, fullgraph=True, backend="aot_eager")(*compiled_in)
-    errors = [_rel(y_c, y_e), _rel(compiled_in[1], eager_in[1]), _rel(compiled_in[4], eager_in[4])]
+    errors = [rel_err(y_c, y_e), rel_err(compiled_in[1], eager_in[1]), rel_err(compiled_in[4], eager_in[4])]
     ok = max(errors) <= 1e-6 and explained.graph_break_count == 0
     print(f"{'ok  ' if ok else 'FAIL'} decode step (in-place conv and SSM states, strided) compiled: "
           f"{explained.graph_break_count} breaks, errors (y, conv state, ssm state) {errors}")
@@ -366,7 +348,7 @@ def _inductor_group(failures: list) -> None:
             results.append((logits.detach(), {k: p.grad.clone() for k, p in model.named_parameters()
                                               if p.grad is not None}))
         (le, ge), (lc, gc) = results
-        errors = [_rel(lc, le)] + [_rel(gc[k], ge[k]) for k in ge]
+        errors = [rel_err(lc, le)] + [rel_err(gc[k], ge[k]) for k in ge]
         ok = max(errors) <= 1e-4 and set(gc) == set(ge)
         print(f"{'ok  ' if ok else 'FAIL'} compiled (inductor) vs eager, lm_tiny width {width}: worst {max(errors):.1e}")
         if not ok:
@@ -374,17 +356,8 @@ def _inductor_group(failures: list) -> None:
 
 
 def _main(group: str) -> int:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run through the test (sets TRITON_INTERPRET=1)"
-    import torch
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    failures: list = []
-    {"opcheck": _opcheck_group, "compile": _compile_group, "inductor": _inductor_group}[group](failures)
-    if failures:
-        print("FAILED:", failures)
-        return 1
-    print("ALL OK")
-    return 0
+    return group_main({"opcheck": _opcheck_group, "compile": _compile_group, "inductor": _inductor_group},
+                      group)
 
 
 if __name__ == "__main__":

@@ -13,42 +13,25 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 
 import pytest
+from interpreter_groups import group_main, rel_err, run_group
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # float32 against float64 (issue 3's target)
 
 pytest.importorskip("triton")
 
 
-def _run_group(group: str) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("MATMAMBA_IMPL", None)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), group], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"group {group} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    assert "ALL OK" in proc.stdout, proc.stdout[-4000:]
-
-
 @pytest.mark.parametrize("group", ["ssd_parallel", "ssd_sequential", "conv1d", "rmsnorm", "decode",
                                    "mixer", "dispatch"])
 def test_triton_kernels_under_interpreter(group):
-    _run_group(group)
+    run_group(__file__, group)
 
 
 # ---------------------------------------------------------------------------------------------
 # The checks (run in the subprocess)
 # ---------------------------------------------------------------------------------------------
-
-
-def _rel(actual, expected) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    if not bool(actual.isfinite().all()):
-        return math.inf
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def _compare(name, triton_fn, naive_fn, inputs: dict, failures: list, tol=TOL):
@@ -71,8 +54,8 @@ def _compare(name, triton_fn, naive_fn, inputs: dict, failures: list, tol=TOL):
                                 [low[k] for k in leaves])
     grads_ref = torch.autograd.grad(sum((o * g).sum() for o, g in zip(out_ref, cotangents)),
                                     [ref[k] for k in leaves])
-    errors = {f"out{i}": _rel(o, r) for i, (o, r) in enumerate(zip(out, out_ref))}
-    errors.update({f"d{k}": _rel(g, r) for k, g, r in zip(leaves, grads, grads_ref)})
+    errors = {f"out{i}": rel_err(o, r) for i, (o, r) in enumerate(zip(out, out_ref))}
+    errors.update({f"d{k}": rel_err(g, r) for k, g, r in zip(leaves, grads, grads_ref)})
     worst = max(errors.values())
     print(f"{'ok  ' if worst <= tol else 'FAIL'} {name}: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
     if not worst <= tol:
@@ -194,7 +177,7 @@ def _decode_group(failures: list) -> None:
         y = ssd_state_update_triton(state, x, dt, A, B, C, D=D, dt_bias=bias, dt_softplus=True)
         y_ref = ssd_state_update_naive(ref_state, x.double(), dt.double(), A.double(), B.double(),
                                        C.double(), D=D.double(), dt_bias=bias.double(), dt_softplus=True)
-        errors = (_rel(y, y_ref), _rel(state, ref_state), _rel(cache[:, h:], cache[:, h:].clone()))
+        errors = (rel_err(y, y_ref), rel_err(state, ref_state), rel_err(cache[:, h:], cache[:, h:].clone()))
         ok = max(errors) <= TOL
         print(f"{'ok  ' if ok else 'FAIL'} ssd_state_update b{b} h{h} p{p} n{n} g{g}: {errors}")
         if not ok:
@@ -205,7 +188,7 @@ def _decode_group(failures: list) -> None:
         ref_state = cache[:, :d].double().clone()
         y = causal_conv1d_update_triton(x, cache[:, :d], weight, bias, activation="silu")
         y_ref = causal_conv1d_update_naive(x.double(), ref_state, weight.double(), bias.double())
-        errors = (_rel(y, y_ref), _rel(cache[:, :d], ref_state))
+        errors = (rel_err(y, y_ref), rel_err(cache[:, :d], ref_state))
         ok = max(errors) <= TOL
         print(f"{'ok  ' if ok else 'FAIL'} causal_conv1d_update b{b} d{d} w{w}: {errors}")
         if not ok:
@@ -255,7 +238,7 @@ def _dispatch_group(failures: list) -> None:
     B, C = torch.randn(1, 40, 1, 16), torch.randn(1, 40, 1, 16)
     y_t = ops.ssd_scan(x, dt, A, B, C, D=torch.ones(3), dt_softplus=True, impl="triton")
     y_r = ops.ssd_scan(x, dt, A, B, C, D=torch.ones(3), dt_softplus=True, impl="torch")
-    errors = [_rel(y_t, y_r)]
+    errors = [rel_err(y_t, y_r)]
     block = MatMamba2(d_model=64, d_state=16, headdim=16)
     u = torch.randn(2, 21, 64)
     for width in (64, 32):
@@ -263,38 +246,11 @@ def _dispatch_group(failures: list) -> None:
             out_t = block(u, width=width)
         with ops.use_impl("torch"):
             out_r = block(u, width=width)
-        errors.append(_rel(out_t, out_r))
+        errors.append(rel_err(out_t, out_r))
     ok = max(errors) <= TOL
     print(f"{'ok  ' if ok else 'FAIL'} dispatch impl='triton' and the block at widths 64, 32: {errors}")
     if not ok:
         failures.append("dispatch")
-
-
-def _main(group: str) -> int:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run through the test (sets TRITON_INTERPRET=1)"
-    import torch
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    failures: list = []
-    runners = {
-        "ssd_parallel": lambda: _ssd_group("parallel", failures),
-        "ssd_sequential": lambda: _ssd_group("sequential", failures),
-        "conv1d": lambda: _conv_group(failures),
-        "rmsnorm": lambda: _rmsnorm_group(failures),
-        "decode": lambda: _decode_group(failures),
-        "mixer": lambda: _mixer_group(failures),
-        "dispatch": lambda: _dispatch_group(failures),
-    }
-    runners[group]()
-    if failures:
-        print("FAILED:", failures)
-        return 1
-    print("ALL OK")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1]))
 
 
 def test_ssd_launch_limits_are_explicit():
@@ -305,3 +261,19 @@ def test_ssd_launch_limits_are_explicit():
     triton_impl._check_chunks(65535, 64)
     with pytest.raises(ValueError, match="initial_state"):
         triton_impl._check_chunks(65536, 64)
+
+
+def _main(group: str) -> int:
+    return group_main({
+        "ssd_parallel": lambda failures: _ssd_group("parallel", failures),
+        "ssd_sequential": lambda failures: _ssd_group("sequential", failures),
+        "conv1d": _conv_group,
+        "rmsnorm": _rmsnorm_group,
+        "decode": _decode_group,
+        "mixer": _mixer_group,
+        "dispatch": _dispatch_group,
+    }, group)
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1]))

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_common.custom_ops import differentiable_triton_op, segment_ids
 from ..triton_common.columns import mapped_columns
 from .naive import check_conv1d_inputs, check_conv1d_update_inputs
 
@@ -36,13 +37,6 @@ Tensor = torch.Tensor
 
 BLOCK_L = 64
 BLOCK_D = 128
-
-
-def _segment_ids(seq_idx: Tensor) -> Tensor:
-    """(b,l) int32: number of changes of seq_idx up to each position (first sequence = 0)."""
-    changed = torch.zeros_like(seq_idx, dtype=torch.int32)
-    changed[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int32)
-    return changed.cumsum(dim=1, dtype=torch.int32)
 
 
 @triton.jit
@@ -338,7 +332,8 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.silu = silu
 
 
-def _conv_grads(ctx, dy, backward_op):
+def _conv_grads(ctx, grad_outputs, backward_op):
+    (dy,) = grad_outputs
     x, weight, bias, initial_state, segments = ctx.saved_tensors
     needs = ctx.needs_input_grad
     need_init = initial_state is not None and needs[3]
@@ -349,25 +344,9 @@ def _conv_grads(ctx, dy, backward_op):
             None, None)
 
 
-def _conv_backward_formula(ctx, dy):
-    return _conv_grads(ctx, dy, torch.ops.matmamba.causal_conv1d_bwd.default)
-
-
-causal_conv1d_fwd_op.register_autograd(_conv_backward_formula, setup_context=_conv_setup_context)
-
-
-class _CausalConv1dEager(torch.autograd.Function):
-    """Eager calls skip the dispatcher (same implementation, less host time per call)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _causal_conv1d_fwd_impl(*inputs)
-        _conv_setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _conv_grads(ctx, dy, _causal_conv1d_bwd_impl)
+_causal_conv1d = differentiable_triton_op(
+    "causal_conv1d", causal_conv1d_fwd_op, _causal_conv1d_fwd_impl, _causal_conv1d_bwd_impl,
+    _conv_setup_context, _conv_grads)
 
 
 def causal_conv1d_triton(
@@ -388,10 +367,8 @@ def causal_conv1d_triton(
     if x.dtype == torch.float64:
         raise TypeError("causal_conv1d_triton runs in float32, float16 or bfloat16; use "
                         "impl='torch' or 'naive' for float64")
-    segments = _segment_ids(seq_idx) if seq_idx is not None else None
-    conv = (torch.ops.matmamba.causal_conv1d_fwd.default if torch.compiler.is_compiling()
-            else _CausalConv1dEager.apply)
-    y = conv(x, weight, bias, initial_state, segments, use_silu)
+    segments = segment_ids(seq_idx) if seq_idx is not None else None
+    y = _causal_conv1d(x, weight, bias, initial_state, segments, use_silu)
     if not return_final_state:
         return y
     history = width - 1

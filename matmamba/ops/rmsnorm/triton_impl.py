@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_common.custom_ops import differentiable_triton_op
 from ..triton_common.columns import mapped_columns
 from .naive import check_rmsnorm_inputs
 
@@ -235,7 +236,8 @@ def _rmsnorm_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _rmsnorm_grads(ctx, dout, backward_op):
+def _rmsnorm_grads(ctx, grad_outputs, backward_op):
+    dout, _d_rstd = grad_outputs  # rstd is non-differentiable
     x, z, weight, rstd = ctx.saved_tensors
     norm_before_gate, group_size = ctx.config
     if dout is None:
@@ -246,26 +248,9 @@ def _rmsnorm_grads(ctx, dout, backward_op):
             dw if needs[2] else None, None, None, None)
 
 
-def _rmsnorm_backward_formula(ctx, dout, _d_rstd):
-    return _rmsnorm_grads(ctx, dout, torch.ops.matmamba.gated_rmsnorm_bwd.default)
-
-
-gated_rmsnorm_fwd_op.register_autograd(_rmsnorm_backward_formula,
-                                       setup_context=_rmsnorm_setup_context)
-
-
-class _GatedRMSNormEager(torch.autograd.Function):
-    """Eager calls skip the dispatcher (same implementation, less host time per call)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _gated_rmsnorm_fwd_impl(*inputs)
-        _rmsnorm_setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dout, _d_rstd):
-        return _rmsnorm_grads(ctx, dout, _gated_rmsnorm_bwd_impl)
+_gated_rmsnorm = differentiable_triton_op(
+    "gated_rmsnorm", gated_rmsnorm_fwd_op, _gated_rmsnorm_fwd_impl, _gated_rmsnorm_bwd_impl,
+    _rmsnorm_setup_context, _rmsnorm_grads)
 
 
 def gated_rmsnorm_triton(
@@ -283,6 +268,4 @@ def gated_rmsnorm_triton(
     if x.dtype == torch.float64:
         raise TypeError("gated_rmsnorm_triton runs in float32, float16 or bfloat16; use "
                         "impl='torch' or 'naive' for float64")
-    norm = (torch.ops.matmamba.gated_rmsnorm_fwd.default if torch.compiler.is_compiling()
-            else _GatedRMSNormEager.apply)
-    return norm(x, z, weight, float(eps), bool(norm_before_gate), group_size)[0]
+    return _gated_rmsnorm(x, z, weight, float(eps), bool(norm_before_gate), group_size)[0]

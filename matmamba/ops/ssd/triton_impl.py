@@ -57,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_common.custom_ops import differentiable_triton_op, segment_ids
 from .naive import check_ssd_inputs
 
 Tensor = torch.Tensor
@@ -1077,7 +1078,8 @@ def _ssd_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero tensors for unused outputs' gradients
 
 
-def _ssd_grads(ctx, dy, d_final, backward_op):
+def _ssd_grads(ctx, grad_outputs, backward_op):
+    dy, d_final = grad_outputs[:2]  # the rest are non-differentiable intermediates
     saved = ctx.saved_tensors
     x, D, dt_bias, initial_state = saved[0], saved[5], saved[6], saved[7]
     dt_softplus, dt_lo, dt_hi, chunk = ctx.config
@@ -1096,26 +1098,9 @@ def _ssd_grads(ctx, dy, d_final, backward_op):
             None, None, None, None, None)
 
 
-def _ssd_backward_formula(ctx, dy, d_final, *_intermediates):
-    return _ssd_grads(ctx, dy, d_final, torch.ops.matmamba.ssd_scan_bwd.default)
-
-
-ssd_scan_fwd_op.register_autograd(_ssd_backward_formula, setup_context=_ssd_setup_context)
-
-
-class _SSDScanEager(torch.autograd.Function):
-    """Eager calls skip the dispatcher: the same forward, setup and backward as the custom op,
-    at about a third of its host time per call (the narrow widths are bound by host time)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _ssd_scan_fwd_impl(*inputs)
-        _ssd_setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dy, d_final, *_intermediates):
-        return _ssd_grads(ctx, dy, d_final, _ssd_scan_bwd_impl)
+_ssd_scan = differentiable_triton_op(
+    "ssd_scan", ssd_scan_fwd_op, _ssd_scan_fwd_impl, _ssd_scan_bwd_impl, _ssd_setup_context,
+    _ssd_grads)
 
 
 def ssd_scan_triton(
@@ -1149,12 +1134,7 @@ def ssd_scan_triton(
     if initial_state is not None:
         initial_state = initial_state.contiguous()
     if seq_idx is not None:
-        # Segment ids (number of changes so far): equal exactly where no boundary lies between.
-        changed = torch.zeros_like(seq_idx, dtype=torch.int32)
-        changed[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int32)
-        seq_idx = changed.cumsum(dim=1, dtype=torch.int32)
-    scan = (torch.ops.matmamba.ssd_scan_fwd.default if torch.compiler.is_compiling()
-            else _SSDScanEager.apply)
-    y, final_state, *_ = scan(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx,
+        seq_idx = segment_ids(seq_idx)  # equal exactly where no boundary lies between
+    y, final_state, *_ = _ssd_scan(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx,
                               bool(dt_softplus), dt_lo, dt_hi, _chunk_length())
     return (y, final_state) if return_final_state else y

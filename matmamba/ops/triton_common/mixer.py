@@ -31,9 +31,10 @@ import math
 
 import torch
 
-from ..conv1d.triton_impl import _segment_ids, conv_backward, conv_forward
+from ..conv1d.triton_impl import conv_backward, conv_forward
 from ..rmsnorm.triton_impl import rmsnorm_backward, rmsnorm_forward
 from ..ssd.triton_impl import _chunk_length, _ssd_backward, _ssd_forward
+from .custom_ops import differentiable_triton_op, segment_ids
 
 Tensor = torch.Tensor
 
@@ -211,7 +212,8 @@ def _core_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _core_grads(ctx, d_out, backward_op):
+def _core_grads(ctx, grad_outputs, backward_op):
+    d_out = grad_outputs[0]  # the rest are non-differentiable intermediates
     saved = ctx.saved_tensors
     if d_out is None:
         return (None,) * 17
@@ -226,27 +228,9 @@ def _core_grads(ctx, d_out, backward_op):
             *(None,) * 10)
 
 
-def _core_backward_formula(ctx, d_out, *_intermediates):
-    return _core_grads(ctx, d_out, torch.ops.matmamba.mamba2_mixer_core_bwd.default)
-
-
-mamba2_mixer_core_fwd_op.register_autograd(_core_backward_formula,
-                                           setup_context=_core_setup_context)
-
-
-class _Mamba2CoreEager(torch.autograd.Function):
-    """Eager calls skip the dispatcher: the same forward, setup and backward as the custom op,
-    at about a third of its host time per call (the narrow widths are bound by host time)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _core_fwd_impl(*inputs)
-        _core_setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, d_out, *_intermediates):
-        return _core_grads(ctx, d_out, _core_bwd_impl)
+_mamba2_mixer_core = differentiable_triton_op(
+    "mamba2_mixer_core", mamba2_mixer_core_fwd_op, _core_fwd_impl, _core_bwd_impl,
+    _core_setup_context, _core_grads)
 
 
 def mamba2_mixer_core_triton(
@@ -289,11 +273,9 @@ def mamba2_mixer_core_triton(
     if dt_bias.shape != (k,) or A.shape != (k,):
         raise ValueError(f"dt_bias and A must be (k,) = ({k},) for the {k} heads zxbcdt holds; got "
                          f"{tuple(dt_bias.shape)} and {tuple(A.shape)}")
-    segments = _segment_ids(seq_idx) if seq_idx is not None else None
+    segments = segment_ids(seq_idx) if seq_idx is not None else None
     dt_lo, dt_hi = (float(v) for v in dt_limit)
-    core = (torch.ops.matmamba.mamba2_mixer_core_fwd.default if torch.compiler.is_compiling()
-            else _Mamba2CoreEager.apply)
-    return core(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments, ngroups,
+    return _mamba2_mixer_core(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments, ngroups,
                 dstate, headdim, nheads_total, float(eps), bool(norm_before_gate), dt_lo, dt_hi,
                 _chunk_length())[0]
 
