@@ -346,17 +346,35 @@ def fused_block_forward(block, u, width):
     return F.linear(y, block.out_proj.weight[:, :k * P], block.out_proj.bias)
 
 
-def block_step_fns(block, base, b, l, D, width, fused=False):
+def cuda_graphed(step):
+    """``step`` (a forward + backward whose gradients accumulate into existing .grad tensors)
+    captured once in a CUDA graph; returns the replay. The same GPU work without the host: what
+    a graph-captured training step (e.g. torch.compile mode="reduce-overhead") pays per block."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compile, autotune and create every .grad before capturing
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def block_step_fns(block, base, b, l, D, width, fused=False, graphed=False):
     u = torch.randn(b, l, D, device="cuda", requires_grad=True)
     g = torch.randn(b, l, D, device="cuda", dtype=torch.bfloat16)
+    # autocast's weight-cast cache must be off while capturing (torch.cuda.graph's advice)
+    autocast = dict(device_type="cuda", dtype=torch.bfloat16, cache_enabled=not graphed)
 
     def ours():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(**autocast):
             out = fused_block_forward(block, u, width) if fused else block(u, width=width)
         out.backward(g)
 
     def baseline():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(**autocast):
             out = base(u, width)
         out.backward(g)
 
@@ -365,12 +383,22 @@ def block_step_fns(block, base, b, l, D, width, fused=False):
             a = (fused_block_forward(block, u, width) if fused else block(u, width=width)).float()
             r = base(u, width).float()
         return ((a - r).norm() / r.norm()).item()
+    if graphed:
+        ours = cuda_graphed(ours)
+        if base is not None:
+            try:
+                baseline = cuda_graphed(baseline)
+            except Exception as error:  # noqa: BLE001 - report, time ours anyway
+                print(f"  baseline could not be captured: {type(error).__name__}: {error}", flush=True)
+                base = None
     return ours, (baseline if base is not None else None), (check if base is not None else None)
 
 
-def case_block(mamba, configs, label, variants=("fused", "block")):
+def case_block(mamba, configs, label, variants=("fused", "block", "graph")):
     """variants: "block" = the model's MatMamba2.forward (ops composed, as matmamba.models has
-    it); "fused" = the same weights through ``fused_block_forward``."""
+    it); "fused" = the same weights through ``fused_block_forward``; "graph" = the model's
+    forward + backward captured in a CUDA graph and replayed, the baseline likewise (GPU time
+    without host overhead on both sides)."""
     print(f"Block forward+backward ({label}; bf16 autocast, fp32 weights)", flush=True)
     for (D, b, l, widths) in configs:
         block, base = make_blocks(D, mamba)
@@ -378,11 +406,22 @@ def case_block(mamba, configs, label, variants=("fused", "block")):
             shape = f"D{D} b{b} l{l} width {width}"
             t_base = mem_base = None
             for variant in variants:
-                ours, baseline, check = block_step_fns(block, base, b, l, D, width,
-                                                       fused=variant == "fused")
+                graphed = variant == "graph"
+                try:
+                    ours, baseline, check = block_step_fns(block, base, b, l, D, width,
+                                                           fused=variant == "fused", graphed=graphed)
+                except Exception as error:  # noqa: BLE001 - e.g. a capture failure: next variant
+                    print(f"  {variant} width {width}: {type(error).__name__}: {error}", flush=True)
+                    continue
                 t_ours = bench(ours)
-                mem_ours = peak_mb(ours)
+                mem_ours = peak_mb(ours) if not graphed else None
                 note = ""
+                if graphed:
+                    t_graph_base = bench(baseline) if baseline is not None else None
+                    add(f"block {label} [{variant}]", shape, t_ours, t_graph_base, "published+mamba, graphed",
+                        "both captured in CUDA graphs", D=D, b=b, l=l, width=width, variant=variant,
+                        us_per_ktoken=t_ours["ms"] * 1e3 / (b * l / 1e3))
+                    continue
                 if baseline is not None:
                     if t_base is None:
                         t_base = bench(baseline)

@@ -64,7 +64,8 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 
 # Tiny shapes for --tiny (CPU smoke runs): widths 64, 32, 16, 8 with head dim 8.
 TINY_LM = ["++model.overrides.d_model=64", "++model.overrides.n_layer=2", "++model.overrides.d_state=16",
-           "++model.overrides.headdim=8", "++model.overrides.chunk_size=16", "++model.overrides.vocab_size=256"]
+           "++model.overrides.headdim=8", "++model.overrides.chunk_size=16", "++model.overrides.vocab_size=256",
+           "model.compile=false"]  # lm_130m compiles by default (a GPU recipe)
 TINY_VISION = ["++model.overrides.d_model=64", "++model.overrides.n_layer=2", "++model.overrides.d_state=16",
                "++model.overrides.headdim=8", "++model.overrides.chunk_size=16",
                "++model.overrides.image_size=32", "++model.overrides.patch_size=8", "data.image_size=32"]
@@ -401,21 +402,26 @@ class Bench:
         return ", ".join(parts)
 
     # -------------------------------------------------------------- LM runs shared by cases
-    def lm_overrides(self, devices: int, steps: int, total: int) -> list[str]:
+    def lm_overrides(self, devices: int, steps: int, total: int, micro: int | None = None,
+                     batch: int | None = None) -> list[str]:
+        """Default: global batch N x lm_micro (the N-device run's) in micro batches of lm_micro."""
         a = self.args
-        micro = a.lm_micro
+        micro = micro or a.lm_micro
+        batch = batch or self.n * a.lm_micro
         out = ["experiment=lm_130m", *self.common(devices, "ddp", steps),
                f"data.root={self.tokens}", f"data.seq_len={a.seq_len}",
-               f"data.batch_size={self.n * micro}", f"data.micro_batch_size={micro}",
+               f"data.batch_size={batch}", f"data.micro_batch_size={micro}",
                f"data.num_workers={a.lm_workers}",
                f"optim.total_steps={total}", f"optim.warmup_steps={max(1, total // 10)}"]
         if a.tiny:
             out += TINY_LM
         return out
 
-    def lm_run(self, devices: int) -> dict[str, Any] | None:
+    def lm_run(self, devices: int, micro: int | None = None, batch: int | None = None) -> dict[str, Any] | None:
         s = self.args.steps
-        return self.train(f"lm_130m_ddp_{devices}dev", self.lm_overrides(devices, s, s), devices=devices, kind="lm")
+        name = (f"lm_130m_ddp_{devices}dev" + (f"_micro{micro}" if micro else "")
+                + (f"_batch{batch}" if batch else ""))
+        return self.train(name, self.lm_overrides(devices, s, s, micro, batch), devices=devices, kind="lm")
 
     # -------------------------------------------------------------- cases
     def case_lm_ddp(self) -> None:
@@ -429,12 +435,37 @@ class Bench:
             "note": "the 1-device run accumulates N micro batches per optimizer step: same per-device "
                     "micro batch and same global batch as the N-device run",
         }
+        # Scaling is per-device throughput at the same per-device work per optimizer step: one
+        # device at batch = its micro batch (no accumulation) against N devices. The accumulating
+        # 1-device run (the loss reference) amortises the per-step costs over N micro batches,
+        # which would flatter the single device.
+        same_work = self.lm_run(1, batch=self.args.lm_micro) if self.args.weak_scaling_reference and many else None
+        if same_work:
+            case["runs"].append(f"lm_130m_ddp_1dev_batch{self.args.lm_micro}")
         if one and many:
-            case.update(self.scaling(one, many))
+            case.update(self.scaling(same_work or one, many))
+            case["scaling_reference"] = ("1 device, same per-device batch per step" if same_work
+                                         else "1 device accumulating to the same global batch")
+            if same_work and one.get("throughput_per_device") and many.get("throughput_per_device"):
+                case["scaling_efficiency_vs_accumulating"] = (many["throughput_per_device"]
+                                                              / one["throughput_per_device"])
             case["loss_1dev_vs_Ndev"] = loss_diff(self.curve(one), self.curve(many))
             case["final_loss_1dev"], case["final_loss_Ndev"] = one.get("final_loss"), many.get("final_loss")
             d = case["loss_1dev_vs_Ndev"]
             case["loss_same_within_tol"] = same_curve(d, self.args.loss_rtol)
+        # Noise reference: the same 1-device run with half the micro batch (twice the accumulation
+        # steps) is the same computation summed in another order. Training in bf16 amplifies such
+        # rounding differences step after step; the N-device run differs from the 1-device run
+        # only by its reduction order too, so its curve should stay as close as this one does.
+        half = self.args.lm_micro // 2
+        if one and many and half >= 1 and self.args.noise_reference:
+            ref = self.lm_run(1, micro=half)
+            case["runs"].append(f"lm_130m_ddp_1dev_micro{half}")
+            if ref:
+                noise = loss_diff(self.curve(one), self.curve(ref))
+                case["loss_1dev_vs_1dev_half_micro"] = noise
+                if noise and d:
+                    case["loss_same_within_noise"] = d["mean_abs_diff"] <= 2 * max(noise["mean_abs_diff"], 1e-12)
         self.cases["lm_ddp"] = case
 
     def scaling(self, one: dict[str, Any], many: dict[str, Any]) -> dict[str, Any]:
@@ -522,8 +553,20 @@ class Bench:
                                 "data_root": str(root), "classes": classes,
                                 "per_device_micro_batch": self.args.vision_micro,
                                 "workers_per_device": self.args.vision_workers}
+        # Scaling is per-device throughput at the same per-device work per optimizer step: one
+        # device at batch = its micro batch (no accumulation) against N devices. The accumulating
+        # 1-device run (the loss reference) amortises the per-step costs over N micro batches,
+        # which would flatter the single device.
+        same_work = self.lm_run(1, batch=self.args.lm_micro) if self.args.weak_scaling_reference and many else None
+        if same_work:
+            case["runs"].append(f"lm_130m_ddp_1dev_batch{self.args.lm_micro}")
         if one and many:
-            case.update(self.scaling(one, many))
+            case.update(self.scaling(same_work or one, many))
+            case["scaling_reference"] = ("1 device, same per-device batch per step" if same_work
+                                         else "1 device accumulating to the same global batch")
+            if same_work and one.get("throughput_per_device") and many.get("throughput_per_device"):
+                case["scaling_efficiency_vs_accumulating"] = (many["throughput_per_device"]
+                                                              / one["throughput_per_device"])
             case["input_wait_frac_1"], case["input_wait_frac_N"] = one.get("input_wait_frac"), many.get("input_wait_frac")
             for label, r in (("1", one), ("N", many)):
                 wait, tput = r.get("input_wait_frac"), r.get("throughput_per_device")
@@ -540,9 +583,6 @@ class Bench:
         a = self.args
         results = {}
         for strategy in ("fsdp", "ddp"):
-            if strategy == "fsdp" and self.cpu:
-                print("[lm_fsdp] FSDP needs CUDA devices in Lightning: only the DDP run on CPU", flush=True)
-                continue
             out = ["experiment=lm_1_4b", *self.common(self.n, strategy, a.fsdp_steps),
                    f"data.root={self.tokens}", f"data.seq_len={a.seq_len}",
                    f"data.batch_size={self.n * a.fsdp_micro}", f"data.micro_batch_size={a.fsdp_micro}",
@@ -643,6 +683,9 @@ def verdicts(report: dict[str, Any], args: argparse.Namespace) -> list[str]:
         x = c["lm_ddp"]
         d = x.get("loss_1dev_vs_Ndev") or {}
         out.append(f"lm_ddp: scaling efficiency {100 * x['scaling_efficiency']:.1f}% on {x['N']} devices "
+                   f"(against {x.get('scaling_reference', '1 device')}"
+                   + (f"; {100 * x['scaling_efficiency_vs_accumulating']:.1f}% against the accumulating run"
+                      if x.get("scaling_efficiency_vs_accumulating") else "") + ") "
                    f"(target {100 * args.efficiency_target:.0f}%: {'met' if x['efficiency_target_met'] else 'NOT met'}); "
                    f"loss (sum over widths) 1 vs N devices over {d.get('steps')} steps: max |diff| "
                    f"{fmt(d.get('max_abs_diff'), 4)} ({fmt(100 * d['max_rel_diff'] if d else None, 3, '%')}), "
@@ -650,6 +693,12 @@ def verdicts(report: dict[str, Any], args: argparse.Namespace) -> list[str]:
                    f"{'same' if x.get('loss_same_within_tol') else 'DIFFERENT'})"
                    + (f"; run-to-run noise of the N-device run: max |diff| {fmt(noise.get('max_abs_diff'), 4)}"
                       if noise else ""))
+        h = x.get("loss_1dev_vs_1dev_half_micro")
+        if h:
+            out.append(f"lm_ddp noise reference: the 1-device run against itself at half the micro batch (same "
+                       f"math, another summation order): max |diff| {fmt(h.get('max_abs_diff'), 4)} "
+                       f"({fmt(100 * h['max_rel_diff'], 3, '%')}), mean {fmt(h.get('mean_abs_diff'), 4)}; 1 vs N "
+                       f"devices is {'within' if x.get('loss_same_within_noise') else 'NOT within'} 2x that mean")
     if "weights" in c:
         w = c["weights"]["identical_across_ranks"]
         out.append(f"weights: {'identical across ranks' if w else 'NOT identical' if w is False else 'not checked'} "
@@ -747,6 +796,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 1024; 64 on CPU)")
     p.add_argument("--lm-micro", type=int, default=None, help="lm_130m sequences per device per micro batch (16; 2 on CPU)")
     p.add_argument("--lm-workers", type=int, default=None, help="data loader workers of the LM runs (2; 0 on CPU)")
+    p.add_argument("--weak-scaling-reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="lm_ddp: also run 1 device at the N-device run's per-device batch (no accumulation), "
+                        "the reference of the scaling efficiency")
+    p.add_argument("--noise-reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="lm_ddp: also run 1 device at half the micro batch, the loss curves' noise reference")
     p.add_argument("--fsdp-micro", type=int, default=None, help="lm_1_4b sequences per device (4; 2 on CPU)")
     p.add_argument("--fsdp-steps", type=int, default=None, help="steps of the lm_1_4b runs (20; 6 on CPU)")
     p.add_argument("--vision-micro", type=int, default=None, help="vision_35m images per device per micro batch (256; 4 on CPU)")

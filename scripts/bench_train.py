@@ -140,6 +140,7 @@ def compose_cfg(overrides: list[str], output_dir: Path):
 class Recipe:
     per_device_batch: int   # the recipe's global data.batch_size over its trainer.devices
     schedule_steps: int     # the length of its LR schedule
+    micro_batch: int | None = None  # the recipe's data.micro_batch_size (None: the whole batch)
 
 
 def recipe_facts(case: Case, args) -> Recipe:
@@ -147,7 +148,8 @@ def recipe_facts(case: Case, args) -> Recipe:
     devices = cfg.trainer.get("devices", 1)
     devices = devices if isinstance(devices, int) and devices > 0 else 1
     steps = cfg.optim.get("total_steps") or cfg.trainer.max_steps
-    return Recipe(max(1, int(cfg.data.batch_size) // devices), int(steps))
+    micro = cfg.data.get("micro_batch_size")
+    return Recipe(max(1, int(cfg.data.batch_size) // devices), int(steps), int(micro) if micro else None)
 
 
 def case_overrides(case: Case, args, recipe: Recipe, *, batch: int, micro: int, compile_on: bool,
@@ -943,7 +945,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps first")
     p.add_argument("--batch", type=int, default=None,
                    help="samples per optimizer step on this device (default: the recipe's global batch / its devices)")
-    p.add_argument("--micro-batch", type=int, default=None, help="samples per forward (default: --batch)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="samples per forward (default: the recipe's data.micro_batch_size, at most --batch)")
     p.add_argument("--widths", default=None, help="widths for every case, comma-separated (default: the recipe's)")
     p.add_argument("--backward-per-width", action="store_true",
                    help="model.backward_per_width=true: per-width backward times (and less activation memory)")
@@ -1041,7 +1044,7 @@ def main(argv: list[str] | None = None) -> dict:
             task = "lm" if case.experiment.startswith("lm") else "vision"
             recipe = recipe_facts(case, args)
             batch = args.batch or recipe.per_device_batch
-            micro = args.micro_batch or batch
+            micro = args.micro_batch or min(batch, recipe.micro_batch or batch)
             notes: list[str] = []
             run: CaseRun | None = None
             our_rows: list[dict] = []

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # One GPU visit for the training issues (#4, #6, #7) on a machine with 2 GPUs: each stage is one
-# line of STAGES, and each writes its log and JSON under $OUT.
+# word of STAGES, and each writes its log and JSON under $OUT, packed at the end into
+# $OUT/visit.tgz (the device tool returns at most 8 files; NO_PACK=1 keeps them loose).
 #
 #   STAGES="check train" bash scripts/gpu_visit_train.sh     # gpu_check on GPU 1 beside bench_train on GPU 0
 #   STAGES="multigpu" bash scripts/gpu_visit_train.sh        # bench_multigpu over both GPUs
+#   STAGES="multigpu train" ...                                  # then bench_train on GPU 0
+#   STAGES="pytest multigpu" PYTEST_ARGS="tests/test_fsdp_cpu.py" ...  # CPU tests beside the GPU stages
 #   BLOCK_ARGS="--cases block --no-baseline" STAGES="check train" ...  # bench_block before bench_train
-#   STAGES=ab AB_TREE=.ab_old bash scripts/gpu_visit_train.sh   # the block timed from an older tree and
-#       from this one, alternately, in one call (same machine): prepare the old tree here with
+#   TRAIN_ARGS=$'--cases lm_130m --compile off,on\n--cases vision_b16'  # one bench_train run per line
+#   STAGES="profile ab" AB_TREE=.ab_old bash scripts/gpu_visit_train.sh   # GPU vs host time of the block
+#       (scripts/profile_block.py), then the block timed from an older tree and from this one,
+#       alternately, in one call (same machine): prepare the old tree here with
 #       mkdir .ab_old && git archive <rev> | tar -x -C .ab_old && echo /.ab_old/ >> .git/info/exclude
 #       and name .ab_old in the call's carry.
 #
@@ -36,18 +41,29 @@ fi
 cat "$OUT/env.txt"
 
 pids=()
+cpu_pids=()
 for stage in $STAGES; do
     case $stage in
-    check)   # correctness of this visit's kernel code, on the second GPU, in parallel jobs
+    check)   # correctness of this visit's kernel code, on the second GPU, in parallel jobs; then
+             # (GPU1_TRAIN_ARGS) one bench_train run on that GPU once they are done
         mkdir -p /tmp/check_parts
-        i=0
-        while IFS= read -r job; do
-            [ -z "$job" ] && continue
-            i=$((i + 1))
-            CUDA_VISIBLE_DEVICES=1 timeout ${CHECK_TIMEOUT:-300} python3 scripts/gpu_check.py --json /tmp/check_parts/$i.json $job \
-                > /tmp/check_parts/$i.log 2>&1 &
-            pids+=($!)
-        done <<< "$CHECK_JOBS"
+        (
+            jobs_=()
+            i=0
+            while IFS= read -r job; do
+                [ -z "$job" ] && continue
+                i=$((i + 1))
+                CUDA_VISIBLE_DEVICES=1 timeout ${CHECK_TIMEOUT:-300} python3 scripts/gpu_check.py --json /tmp/check_parts/$i.json $job \
+                    > /tmp/check_parts/$i.log 2>&1 &
+                jobs_+=($!)
+            done <<< "$CHECK_JOBS"
+            wait "${jobs_[@]}"
+            if [ -n "${GPU1_TRAIN_ARGS:-}" ]; then
+                CUDA_VISIBLE_DEVICES=1 timeout ${GPU1_TRAIN_TIMEOUT:-300} python3 scripts/bench_train.py $GPU1_TRAIN_ARGS \
+                    --json "$OUT/bench_train_gpu1.json" > "$OUT/bench_train_gpu1.log" 2>&1
+            fi
+        ) &
+        pids+=($!)
         ;;
     train)   # on GPU 0: optionally the block benchmark first (BLOCK_ARGS), then bench_train
         (
@@ -55,16 +71,39 @@ for stage in $STAGES; do
                 CUDA_VISIBLE_DEVICES=0 timeout ${BLOCK_TIMEOUT:-200} python3 scripts/bench_block.py $BLOCK_ARGS \
                     --json "$OUT/bench_block.json" > "$OUT/bench_block.log" 2>&1
             fi
-            CUDA_VISIBLE_DEVICES=0 timeout ${TRAIN_TIMEOUT:-540} python3 scripts/bench_train.py $TRAIN_ARGS \
-                --json "$OUT/bench_train.json" > "$OUT/bench_train.log" 2>&1
+            # one bench_train run per line of TRAIN_ARGS (a case list, flags and overrides each)
+            i=0
+            while IFS= read -r args; do
+                [ -z "$args" ] && continue
+                i=$((i + 1))
+                tag=$([ $i = 1 ] && echo bench_train || echo bench_train_$i)
+                CUDA_VISIBLE_DEVICES=0 timeout ${TRAIN_TIMEOUT:-540} python3 scripts/bench_train.py $args \
+                    --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
+            done <<< "$TRAIN_ARGS"
         ) &
         pids+=($!)
         ;;
-    multigpu)
-        timeout 560 python3 scripts/bench_multigpu.py --gpus 2 --work-dir /tmp/bmg \
+    multigpu)  # both GPUs, in the foreground, after the stages before it: the ones after start when it is done
+        [ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
+        pids=()
+        timeout ${MULTI_TIMEOUT:-560} python3 scripts/bench_multigpu.py --gpus 2 --work-dir /tmp/bmg \
             --json "$OUT/bench_multigpu.json" --markdown "$OUT/bench_multigpu.md" \
-            --artifacts "$OUT/bench_multigpu" $MULTI_ARGS > "$OUT/bench_multigpu.log" 2>&1 &
-        pids+=($!)
+            --artifacts "$OUT/bench_multigpu" $MULTI_ARGS > "$OUT/bench_multigpu.log" 2>&1
+        ;;
+    profile) # GPU time vs host time of the block per width (scripts/profile_block.py), on GPU 0;
+             # also for AB_TREE when set (same tree layout, its own matmamba package), and for each
+             # of PROFILE_VARIANTS (profile_block.py --variant) on this tree
+        for tree in ${AB_TREE:-} .; do
+            tag=$([ "$tree" = . ] && echo new || echo old)
+            CUDA_VISIBLE_DEVICES=0 timeout 200 python3 scripts/profile_block.py --repo "$tree" \
+                --json "$OUT/profile_$tag.json" > "$OUT/profile_$tag.log" 2>&1
+            echo "=== profile, $tag tree ($tree)"; grep -E "^width" "$OUT/profile_$tag.log"
+        done
+        for variant in ${PROFILE_VARIANTS:-}; do
+            CUDA_VISIBLE_DEVICES=0 timeout 200 python3 scripts/profile_block.py --variant "$variant" \
+                --json "$OUT/profile_$variant.json" > "$OUT/profile_$variant.log" 2>&1
+            echo "=== profile, variant $variant"; grep -E "^width" "$OUT/profile_$variant.log"
+        done
         ;;
     ab)      # same-run A/B of the block benchmark: older tree vs this one, twice each, on GPU 0
         for round in 1 2; do
@@ -78,10 +117,17 @@ for stage in $STAGES; do
             done
         done
         ;;
+    pytest)  # CPU-only tests on this machine's versions (PYTEST_ARGS), beside the GPU stages
+        ( CUDA_VISIBLE_DEVICES= timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider $PYTEST_ARGS \
+            > "$OUT/pytest.log" 2>&1 ) &
+        cpu_pids+=($!)
+        ;;
     *) echo "unknown stage $stage"; exit 2 ;;
     esac
 done
-wait "${pids[@]}"
+[ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
+[ ${#cpu_pids[@]} -gt 0 ] && wait "${cpu_pids[@]}"
+[ -f "$OUT/pytest.log" ] && { echo "=== pytest ($PYTEST_ARGS)"; tail -15 "$OUT/pytest.log"; }
 
 if [ -d /tmp/check_parts ]; then
     cat /tmp/check_parts/*.log > "$OUT/gpu_check.log"
@@ -102,9 +148,15 @@ PY
     grep -E "^\[FAIL\]|Traceback|Error" "$OUT/gpu_check.log" | head -20
 fi
 [ -f "$OUT/bench_block.log" ] && { echo "=== bench_block"; sed -n '/^=====/,$p' "$OUT/bench_block.log"; }
-for log in bench_train bench_multigpu; do
-    [ -f "$OUT/$log.log" ] || continue
+for path in "$OUT"/bench_train*.log "$OUT"/bench_multigpu.log; do
+    [ -f "$path" ] || continue
+    log=$(basename "$path" .log)
     echo "=== $log"
     grep -E "Traceback|Error|error" "$OUT/$log.log" | head -15
     tail -40 "$OUT/$log.log"
 done
+
+# The device tool brings back at most 8 files: pack everything into one archive.
+if [ -z "${NO_PACK:-}" ]; then
+    tar czf /tmp/visit.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/visit.tgz "$OUT/visit.tgz"
+fi

@@ -138,19 +138,27 @@ def tokens(tmp_path):
 def test_cpu_ddp_scaling_loss_and_weights(tmp_path, tokens):
     report, stdout = run_bench(tmp_path, ["--cases", "lm_ddp,weights", "--steps", "4", "--tokens-root", str(tokens)])
     runs, case = report["runs"], report["cases"]["lm_ddp"]
-    assert set(runs) == {"lm_130m_ddp_1dev", "lm_130m_ddp_2dev"}
+    # the third run is the noise reference: 1 device at half the micro batch
+    # + the scaling reference (1 device, no accumulation) and the noise reference (half micro batch)
+    assert set(runs) == {"lm_130m_ddp_1dev", "lm_130m_ddp_2dev", "lm_130m_ddp_1dev_batch2",
+                         "lm_130m_ddp_1dev_micro1"}
     assert all(r["rc"] == 0 and r["global_step"] == 4 for r in runs.values())
     assert [s for s, _ in runs["lm_130m_ddp_1dev"]["loss_curve"]] == [1, 2, 3, 4]
     # 1 process accumulating 2 micro batches = 2 processes: the same loss of the global batch each step
     assert case["loss_1dev_vs_Ndev"]["steps"] == 4 and case["loss_1dev_vs_Ndev"]["max_abs_diff"] < 1e-4
     assert case["loss_same_within_tol"] and case["scaling_efficiency"] > 0
+    assert case["loss_1dev_vs_1dev_half_micro"]["steps"] == 4 and "loss_same_within_noise" in case
+    # the noise reference keeps the global batch: same loss of the same batch, summed in another order
+    assert case["loss_1dev_vs_1dev_half_micro"]["max_abs_diff"] < 1e-4
     assert all(r["throughput_per_device"] > 0 and r["max_rss_gib"] > 0 for r in runs.values())
     weights = report["cases"]["weights"]
     assert weights["identical_across_ranks"] is True
     assert weights["checks"]["lm_130m_ddp_2dev"]["mismatched_tensors"] == 0
     assert report["environment"]["child_env"]["NCCL_NVLS_ENABLE"] == "0"
     assert report["environment"]["versions"]["torch"] == torch.__version__
-    assert len(report["commands"]) == 2 and "lm_ddp: scaling efficiency" in stdout
+    assert case["scaling_reference"].startswith("1 device, same per-device batch")
+    assert len(report["commands"]) == 4 and "lm_ddp: scaling efficiency" in stdout
+    assert "lm_ddp noise reference" in stdout
     assert "| lm_ddp | lm_130m_ddp_2dev | 2 | ok |" in (tmp_path / "perf.md").read_text()
 
 
@@ -165,6 +173,7 @@ def test_cpu_resume_vision_and_large_lm(tmp_path, tokens):
     vision = report["cases"]["vision_ddp"]
     assert vision["classes"] == 3 and vision["scaling_efficiency"] > 0
     assert 0 <= vision["input_wait_frac_N"] < 1
-    fsdp = report["cases"]["lm_fsdp"]  # FSDP needs CUDA in Lightning: only DDP runs on CPU
-    assert "fsdp" not in fsdp and fsdp["ddp"]["ok"] and fsdp["ddp_fits"]
+    fsdp = report["cases"]["lm_fsdp"]  # FSDP2 (gloo) and DDP both run on CPU
+    assert fsdp["fsdp"]["ok"] and fsdp["ddp"]["ok"] and fsdp["ddp_fits"]
+    assert fsdp["loss_fsdp_vs_ddp"]["max_rel_diff"] < 1e-3  # float32: the same training
     assert report["failures"] == []

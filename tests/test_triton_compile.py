@@ -18,7 +18,6 @@ As in test_triton_kernels.py, each group runs in a fresh subprocess with TRITON_
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
 

@@ -28,7 +28,7 @@ TINY_VISION = ["++model.overrides.d_model=64", "++model.overrides.n_layer=2", "+
                "++model.overrides.headdim=8", "++model.overrides.chunk_size=16", "model.widths=null"]
 TINY_LM = ["++model.overrides.d_model=64", "++model.overrides.n_layer=2", "++model.overrides.d_state=16",
            "++model.overrides.headdim=8", "++model.overrides.chunk_size=16", "++model.overrides.vocab_size=256",
-           "model.widths=null"]
+           "model.widths=null", "model.compile=false"]  # lm_130m compiles by default (a GPU recipe)
 
 # Quiet, short, CPU-only runs.
 FAST = [

@@ -44,6 +44,13 @@ from matmamba.ops._dispatch import resolve_impl
 CPU_CHUNK_SIZE = 64
 
 
+def _prefix(t: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
+    """The first ``n`` entries of ``t`` along ``dim``: the width's view of a parameter. At full
+    width the parameter itself, so autograd adds no slice node (whose backward zero-fills a
+    full-size gradient and copies into it: two launches per parameter for nothing)."""
+    return t if t.shape[dim] == n else t.narrow(dim, 0, n)
+
+
 @dataclass
 class InferenceParams:
     """Recurrent decoding state shared by the layers of a model (mamba_ssm-compatible fields)."""
@@ -67,7 +74,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        return ops.gated_rmsnorm(x, z, self.weight[: x.shape[-1]], eps=self.eps,
+        return ops.gated_rmsnorm(x, z, _prefix(self.weight, x.shape[-1]), eps=self.eps,
                                  norm_before_gate=self.norm_before_gate)
 
 
@@ -229,28 +236,31 @@ class MatMamba2(nn.Module):
         b, l, _ = u.shape
         P, gn = self.headdim, self._gn
         rows = self._in_proj_rows(k)
-        bias = self.in_proj.bias[:rows] if self.in_proj.bias is not None else None
-        zxbcdt = self.drop1(F.linear(u, self.in_proj.weight[:rows], bias))
+        bias = _prefix(self.in_proj.bias, rows) if self.in_proj.bias is not None else None
+        zxbcdt = self.drop1(F.linear(u, _prefix(self.in_proj.weight, rows), bias))
 
         channels = self._conv_channels(k)
-        conv_bias = self.conv_bias[:channels] if self.conv_bias is not None else None
-        A = -torch.exp(self.A_log[:k].float())
+        conv_weight = _prefix(self.conv_weight, channels)
+        conv_bias = _prefix(self.conv_bias, channels) if self.conv_bias is not None else None
+        A = -torch.exp(_prefix(self.A_log, k).float())
+        dt_bias = _prefix(self.dt_bias, k)
+        out_proj_weight = _prefix(self.out_proj.weight, k * P, dim=1)
         if conv_state is None and resolve_impl("ssd", "auto", (u,)) == "triton":
             # CUDA: conv -> scan -> gated norm as one fused node that reads z, x, B, C and dt by
             # strides straight out of the in_proj output and writes its gradient once.
             from matmamba.ops.triton_common.mixer import mamba2_mixer_core_triton
 
             y = mamba2_mixer_core_triton(
-                zxbcdt, self.conv_weight[:channels], conv_bias, self.dt_bias[:k], A, self._D(k),
-                self.norm.weight[: k * P], ngroups=self.ngroups, dstate=self.d_state, headdim=P,
+                zxbcdt, conv_weight, conv_bias, dt_bias, A, self._D(k),
+                _prefix(self.norm.weight, k * P), ngroups=self.ngroups, dstate=self.d_state, headdim=P,
                 nheads_total=self.nheads, eps=self.norm.eps, norm_before_gate=self.norm_before_gate,
                 dt_limit=self.dt_limit, seq_idx=seq_idx)
-            return self.drop2(F.linear(y, self.out_proj.weight[:, : k * P], self.out_proj.bias))
+            return self.drop2(F.linear(y, out_proj_weight, self.out_proj.bias))
 
         z, x, BC, dt = self._split_projection(zxbcdt, k)
         xBC = torch.cat([BC, x.reshape(b, l, k * P)], dim=-1)
         conv_out = ops.causal_conv1d(
-            xBC, self.conv_weight[:channels], conv_bias, activation="silu", seq_idx=seq_idx,
+            xBC, conv_weight, conv_bias, activation="silu", seq_idx=seq_idx,
             return_final_state=conv_state is not None)
         if conv_state is not None:
             conv_out, conv_final = conv_out
@@ -263,18 +273,20 @@ class MatMamba2(nn.Module):
         # the CPU a short chunk is several times faster (the Triton kernels pick their own chunk).
         chunk_size = self.chunk_size if u.is_cuda else min(self.chunk_size, CPU_CHUNK_SIZE)
         y = ops.ssd_scan(
-            x, dt, A, B, C, chunk_size=chunk_size, D=self._D(k), dt_bias=self.dt_bias[:k],
+            x, dt, A, B, C, chunk_size=chunk_size, D=self._D(k), dt_bias=dt_bias,
             dt_softplus=True, dt_limit=self.dt_limit, seq_idx=seq_idx,
             return_final_state=ssm_state is not None)
         if ssm_state is not None:
             y, ssm_final = y
             ssm_state[:, :k].copy_(ssm_final)
         y = self.norm(y.reshape(b, l, k * P), z.reshape(b, l, k * P))
-        out = F.linear(y, self.out_proj.weight[:, : k * P], self.out_proj.bias)
+        out = F.linear(y, out_proj_weight, self.out_proj.bias)
         return self.drop2(out)
 
     def _D(self, k: int) -> torch.Tensor:
-        return self.D[: k * self.headdim].view(k, self.headdim) if self.D_has_hdim else self.D[:k]
+        if self.D_has_hdim:
+            return _prefix(self.D, k * self.headdim).view(k, self.headdim)
+        return _prefix(self.D, k)
 
     # ----------------------------------------------------------------- decoding
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 0, dtype=None, **kwargs):
@@ -319,8 +331,8 @@ class MatMamba2(nn.Module):
         C = xBC[:, gn : 2 * gn].unflatten(-1, (self.ngroups, self.d_state))
         x = xBC[:, 2 * gn :].unflatten(-1, (k, P))
         A = -torch.exp(self.A_log[:k].float())
-        y = ops.ssd_state_update(ssm_state[:, :k], x, dt, A, B, C, D=self._D(k), dt_bias=self.dt_bias[:k],
-                                 dt_softplus=True, dt_limit=self.dt_limit)
+        y = ops.ssd_state_update(ssm_state[:, :k], x, dt, A, B, C, D=self._D(k),
+                                 dt_bias=_prefix(self.dt_bias, k), dt_softplus=True, dt_limit=self.dt_limit)
         y = self.norm(y.reshape(b, k * P), z.reshape(b, k * P))
         out = F.linear(y, self.out_proj.weight[:, : k * P], self.out_proj.bias)
         return out.unsqueeze(1)

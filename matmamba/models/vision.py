@@ -126,7 +126,6 @@ class MatMamba2Vision(NestedModelMixin, nn.Module):
     def num_params(self, width=None, non_embedding: bool = False) -> int:
         """Parameters of the dense submodel at ``width``. ``non_embedding`` leaves out the patch
         embedding, the positions and the class token."""
-        c = self.config
         n = self._layers_params(width) + sum(p.numel() for p in self.norm_f.parameters())
         n += sum(p.numel() for p in self.head.parameters())
         if not non_embedding:

@@ -14,8 +14,9 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
+
+from matmamba.training.strategies import is_fsdp
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +271,7 @@ class RankWeightsCheck(L.Callback):
     @torch.no_grad()
     def on_train_end(self, trainer, pl_module) -> None:
         result: dict[str, Any] = {"world_size": trainer.world_size, "global_step": trainer.global_step}
-        if isinstance(trainer.strategy, FSDPStrategy):
+        if is_fsdp(trainer.strategy):
             result.update(status="skipped", reason="FSDP shards the weights across ranks")
         elif not _distributed():
             result.update(status="skipped", reason="a single process")

@@ -23,12 +23,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy
 from torchmetrics import MeanMetric
 
 from matmamba import create_model
 from matmamba.training.losses import LMHeadInput, chunked_lm_cross_entropy
 from matmamba.training.optim import build_param_groups, cosine_with_warmup
+from matmamba.training.strategies import check_not_fsdp1, is_fsdp, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +203,26 @@ class NestedWidthModule(L.LightningModule):
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        check_not_fsdp1(strategy)
+        if is_fsdp(strategy):
+            self._shard_model(strategy)
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.net.compile()
             self._compiled = True
+
+    def _shard_model(self, strategy) -> None:
+        """FSDP2 (``trainer=fsdp``): shard ``self.net`` in place, each residual block one unit
+        (:func:`matmamba.training.strategies.shard_model`). Runs for fit and again for validate:
+        a sharded model is left as it is."""
+        mesh = self.device_mesh
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError("MatMamba models have no tensor-parallel plan: use ModelParallelStrategy with "
+                             "tensor_parallel_size=1 (trainer=fsdp does)")
+        if hasattr(strategy, "shard_mesh"):  # trainer=fsdp: its sharding options
+            shard_model(self.net, strategy.shard_mesh(), **strategy.shard_options())
+        else:  # a plain ModelParallelStrategy: FULL_SHARD over the data-parallel ranks
+            shard_model(self.net, mesh["data_parallel"])
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
@@ -212,7 +230,8 @@ class NestedWidthModule(L.LightningModule):
         groups = build_param_groups(named, self.no_decay, cfg.get("weight_decay", 0.0))
         fused = cfg.get("fused", "auto")
         if fused == "auto":
-            fused = self.device.type == "cuda" and not isinstance(self.trainer.strategy, FSDPStrategy)
+            # not under FSDP: the parameters are DTensors (fused AdamW is not checked with them)
+            fused = self.device.type == "cuda" and not is_fsdp(self.trainer.strategy)
         optimizer = torch.optim.AdamW(
             groups,
             lr=cfg.get("lr", 1e-3),
@@ -234,11 +253,8 @@ class NestedWidthModule(L.LightningModule):
         self.accumulate = int(getattr(datamodule, "accumulate", 1))
         strategy = self.trainer.strategy
         needs_several_backwards = self.backward_per_width or self.accumulate > 1
-        if isinstance(strategy, FSDPStrategy) and self.backward_per_width:
-            raise ValueError(
-                "model.backward_per_width is not supported with FSDP; bound activation memory with "
-                "trainer.strategy.activation_checkpointing=true instead"
-            )
+        # FSDP2 (trainer=fsdp) handles several backward passes per step itself (backward_per_width,
+        # accumulation): each reduce-scatters into the sharded gradients, which add up.
         # DDP syncs gradients inside backward; with several backward passes per step we turn that
         # off and all-reduce once per optimizer step instead.
         self._manual_grad_sync = (
@@ -332,11 +348,14 @@ class NestedWidthModule(L.LightningModule):
     def _clip_gradients(self, optimizer) -> torch.Tensor:
         """Clip to ``optim.grad_clip`` (if set) and return the total gradient norm before clipping."""
         max_norm = self.optim_cfg.get("grad_clip") or float("inf")
-        model = self.trainer.strategy.model
-        if isinstance(self.trainer.strategy, FSDPStrategy) and hasattr(model, "clip_grad_norm_"):
-            return model.clip_grad_norm_(max_norm)
         params = [p for p in self.parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not is_fsdp(self.trainer.strategy):
+            return norm
+        from torch.distributed.tensor import DTensor
+
+        # FSDP2: DTensor gradients give a DTensor norm (of the whole model); log it as a tensor
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -531,7 +550,7 @@ class LanguageModelModule(NestedWidthModule):
             at a time, recomputing each chunk's logits in the backward, so the (tokens x vocab)
             logits of the widths never exist at once (null: the plain head). Costs one more
             forward GEMM of the head. Not combinable with distillation (it needs the logits) or,
-            for now, with ``compile``; not yet checked under FSDP.
+            for now, with ``compile``. Works under ``trainer=fsdp`` (gradients checked on CPU).
     """
 
     task = "lm"

@@ -11,10 +11,10 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from matmamba.training.checkpoint import AtomicCheckpointIO
+from matmamba.training.strategies import gather_full_model, is_fsdp
 from matmamba.training.utils import (
     ConfigError,
     close_loggers,
@@ -110,9 +110,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             **_checkpoint_paths(trainer),
         }
         export_dir = cfg.get("export_dir")
-        if export_dir and trainer.is_global_zero and not isinstance(trainer.strategy, FSDPStrategy):
-            module.net.save_pretrained(export_dir)
-            extra["export_dir"] = str(export_dir)
+        if export_dir:
+            # FSDP: every rank takes part in gathering the full weights onto rank 0
+            net = gather_full_model(module.net) if is_fsdp(trainer.strategy) else module.net
+            if trainer.is_global_zero:
+                net.save_pretrained(export_dir)
+                extra["export_dir"] = str(export_dir)
         if metrics:
             report(module, metrics, output_dir if trainer.is_global_zero else None, extra)
         status = "success"

@@ -131,7 +131,8 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(f"optimized_mode must be 'min' or 'max', got {mode!r}")
 
     ckpt = cfg.get("ckpt_path")
-    if ckpt is not None and "://" not in str(ckpt) and not Path(ckpt).is_file():
+    # a file, or the folder of a sharded checkpoint (trainer=fsdp with state_dict_type=sharded)
+    if ckpt is not None and "://" not in str(ckpt) and not Path(ckpt).exists():
         problems.append(f"ckpt_path={ckpt} does not exist")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

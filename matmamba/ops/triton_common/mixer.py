@@ -40,6 +40,15 @@ Tensor = torch.Tensor
 
 _COLUMN_MAPS: dict = {}
 
+# Whether the backward hands the scan its output gradient dy in fp32 instead of y's (16-bit)
+# dtype. fp32 lowers the error of the single-head sums dD and d dt_bias a little (on the CPU in
+# fp16, by 6-16%), but on an H200 (D768 b8 l2048, bf16) it made the per-group dB/dC kernel 1.78x
+# slower (0.383 -> 0.680 ms) and the norm's backward 1.39x (0.155 -> 0.216 ms): +0.44 ms of
+# 3.1 ms of GPU time per forward + backward. Those single-head sums are ill-conditioned in 16 bits
+# whatever computes them (scripts/gpu_check.py compares against the 16-bit baselines), so the
+# default is off. scripts/profile_block.py --variant core_dy_fp32 measures the other setting.
+SCAN_DY_IN_FP32 = False
+
 
 def _map_vector_width(gn: int, nheads_total: int, headdim: int, row_stride: int) -> int:
     """Largest v in (8, 4, 2, 1) such that every aligned group of v channels maps to v
@@ -152,15 +161,15 @@ def _core_bwd_impl(d_out, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_we
     if nheads_total > k:
         d_zxbcdt[..., 2 * gn + k:2 * gn + nheads_total].zero_()
 
-    # norm: dz into d_zxbcdt's z columns; dy for the scan kept in fp32 (rounding it to a 16-bit
-    # input dtype here cost the single-head sums dD and d dt_bias about 1e-2 relative in bf16)
+    # norm: dz into d_zxbcdt's z columns; dy for the scan in y's dtype (see SCAN_DY_IN_FP32)
     d_out2 = d_out.reshape(batch * seqlen, k * headdim)
     if d_out2.stride(-1) != 1:
         d_out2 = d_out2.contiguous()
     dy, _, d_norm_weight = rmsnorm_backward(
         d_out2, y.view(batch * seqlen, k * headdim), zxbcdt.view(batch * seqlen, width_cols),
         norm_weight, rstd, norm_before_gate, k * headdim, z_cols,
-        dz_out=d_zxbcdt.view(batch * seqlen, width_cols), zmap_vec=vec, dx_dtype=torch.float32)
+        dz_out=d_zxbcdt.view(batch * seqlen, width_cols), zmap_vec=vec,
+        dx_dtype=torch.float32 if SCAN_DY_IN_FP32 else None)
 
     # scan: d dt into d_zxbcdt, dx / dB / dC into the conv output's gradient
     d_conv_out = torch.empty_like(conv_out)
