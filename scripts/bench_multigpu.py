@@ -553,20 +553,8 @@ class Bench:
                                 "data_root": str(root), "classes": classes,
                                 "per_device_micro_batch": self.args.vision_micro,
                                 "workers_per_device": self.args.vision_workers}
-        # Scaling is per-device throughput at the same per-device work per optimizer step: one
-        # device at batch = its micro batch (no accumulation) against N devices. The accumulating
-        # 1-device run (the loss reference) amortises the per-step costs over N micro batches,
-        # which would flatter the single device.
-        same_work = self.lm_run(1, batch=self.args.lm_micro) if self.args.weak_scaling_reference and many else None
-        if same_work:
-            case["runs"].append(f"lm_130m_ddp_1dev_batch{self.args.lm_micro}")
         if one and many:
-            case.update(self.scaling(same_work or one, many))
-            case["scaling_reference"] = ("1 device, same per-device batch per step" if same_work
-                                         else "1 device accumulating to the same global batch")
-            if same_work and one.get("throughput_per_device") and many.get("throughput_per_device"):
-                case["scaling_efficiency_vs_accumulating"] = (many["throughput_per_device"]
-                                                              / one["throughput_per_device"])
+            case.update(self.scaling(one, many))
             case["input_wait_frac_1"], case["input_wait_frac_N"] = one.get("input_wait_frac"), many.get("input_wait_frac")
             for label, r in (("1", one), ("N", many)):
                 wait, tput = r.get("input_wait_frac"), r.get("throughput_per_device")

@@ -172,6 +172,7 @@ def test_cpu_resume_vision_and_large_lm(tmp_path, tokens):
     assert resume["continues_curve"] and resume["bitwise_same_curve"]  # float32 on CPU: exact
     vision = report["cases"]["vision_ddp"]
     assert vision["classes"] == 3 and vision["scaling_efficiency"] > 0
+    assert vision["runs"] == ["vision_35m_ddp_1dev", "vision_35m_ddp_2dev"]  # no stray runs of other cases
     assert 0 <= vision["input_wait_frac_N"] < 1
     fsdp = report["cases"]["lm_fsdp"]  # FSDP2 (gloo) and DDP both run on CPU
     assert fsdp["fsdp"]["ok"] and fsdp["ddp"]["ok"] and fsdp["ddp_fits"]

@@ -70,8 +70,11 @@ def compose_cfg(overrides: list[str], output_dir: Path | None = None, config_nam
 
 def run_train_script(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600):
     """Run train.py in a subprocess (what a user runs); returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
-    full_env.update(env or {})
+    env = env or {}
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1", **env}
+    # the repository first; the caller's PYTHONPATH after it (packages installed with --target)
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (env.get("PYTHONPATH", str(ROOT)), os.environ.get("PYTHONPATH", "")) if p)
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
