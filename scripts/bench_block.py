@@ -26,7 +26,6 @@ does not need).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -35,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 
 import torch
 import torch.nn.functional as F
@@ -118,14 +116,9 @@ def import_baselines():
     reasons = {}
     mamba = None
     try:
-        sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
-        spec = importlib.util.find_spec("mamba_ssm")
-        if spec is None:
-            raise ImportError("mamba_ssm is not installed")
-        if "mamba_ssm" not in sys.modules:
-            pkg = types.ModuleType("mamba_ssm")
-            pkg.__path__ = list(spec.submodule_search_locations)
-            sys.modules["mamba_ssm"] = pkg
+        from mamba_baseline import expose_mamba_ssm_package
+
+        expose_mamba_ssm_package()
         from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined

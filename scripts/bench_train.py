@@ -65,7 +65,6 @@ import contextlib
 import dataclasses
 import functools
 import gc
-import importlib.util
 import itertools
 import json
 import math
@@ -632,16 +631,14 @@ def import_mamba2():
     replaced by an empty module and the package ``__init__`` (which imports it and Mamba-3) is
     bypassed: Mamba2 needs neither.
     """
+    from mamba_baseline import expose_mamba_ssm_package
+
     try:
-        spec = importlib.util.find_spec("mamba_ssm")
-        if spec is None:
-            return None, None, "mamba_ssm is not installed"
-        sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+        expose_mamba_ssm_package()
+    except ImportError as error:
+        return None, None, str(error)
+    try:
         _ensure_hub_mixin()
-        if "mamba_ssm" not in sys.modules:
-            pkg = types.ModuleType("mamba_ssm")
-            pkg.__path__ = list(spec.submodule_search_locations)
-            sys.modules["mamba_ssm"] = pkg
         from mamba_ssm.modules import mamba2 as module
     except Exception as error:  # noqa: BLE001 - any import failure means: no baseline
         return None, None, f"mamba_ssm import failed: {type(error).__name__}: {error}"

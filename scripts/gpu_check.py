@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # mamba_baseline, bench_block
 
 STAGES = ("ssd", "conv", "rmsnorm", "state_update", "mixer", "long", "block", "models", "decode", "compile")
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -138,15 +138,11 @@ def mamba_ssm_kernels():
     """(dict(scan=mamba_chunk_scan_combined, rmsnorm=rmsnorm_fn), None), or (None, why not).
 
     The ``mamba_ssm`` package's __init__ imports CUDA extensions that the Mamba2 Triton path does
-    not need, so it is bypassed (as in scripts/bench_block.py's import_baselines)."""
+    not need, so it is bypassed (scripts/mamba_baseline.py)."""
     try:
-        spec = importlib.util.find_spec("mamba_ssm")
-        if spec is None:
-            raise ImportError("mamba_ssm is not installed")
-        if "mamba_ssm" not in sys.modules:
-            package = types.ModuleType("mamba_ssm")
-            package.__path__ = list(spec.submodule_search_locations)
-            sys.modules["mamba_ssm"] = package
+        from mamba_baseline import expose_mamba_ssm_package
+
+        expose_mamba_ssm_package()
         from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception as error:  # noqa: BLE001 - the baseline is optional
