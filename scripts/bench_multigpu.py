@@ -403,12 +403,12 @@ class Bench:
 
     # -------------------------------------------------------------- LM runs shared by cases
     def lm_overrides(self, devices: int, steps: int, total: int, micro: int | None = None,
-                     batch: int | None = None) -> list[str]:
+                     batch: int | None = None, experiment: str = "lm_130m", strategy: str = "ddp") -> list[str]:
         """Default: global batch N x lm_micro (the N-device run's) in micro batches of lm_micro."""
         a = self.args
         micro = micro or a.lm_micro
         batch = batch or self.n * a.lm_micro
-        out = ["experiment=lm_130m", *self.common(devices, "ddp", steps),
+        out = [f"experiment={experiment}", *self.common(devices, strategy, steps),
                f"data.root={self.tokens}", f"data.seq_len={a.seq_len}",
                f"data.batch_size={batch}", f"data.micro_batch_size={micro}",
                f"data.num_workers={a.lm_workers}",
@@ -571,13 +571,8 @@ class Bench:
         a = self.args
         results = {}
         for strategy in ("fsdp", "ddp"):
-            out = ["experiment=lm_1_4b", *self.common(self.n, strategy, a.fsdp_steps),
-                   f"data.root={self.tokens}", f"data.seq_len={a.seq_len}",
-                   f"data.batch_size={self.n * a.fsdp_micro}", f"data.micro_batch_size={a.fsdp_micro}",
-                   f"data.num_workers={a.lm_workers}",
-                   f"optim.total_steps={a.fsdp_steps}", f"optim.warmup_steps={max(1, a.fsdp_steps // 10)}"]
-            if a.tiny:
-                out += TINY_LM
+            out = self.lm_overrides(self.n, a.fsdp_steps, a.fsdp_steps, micro=a.fsdp_micro,
+                                    batch=self.n * a.fsdp_micro, experiment="lm_1_4b", strategy=strategy)
             results[strategy] = self.train(f"lm_1_4b_{strategy}_{self.n}dev", out, devices=self.n, kind="lm")
         case: dict[str, Any] = {"runs": [f"lm_1_4b_fsdp_{self.n}dev", f"lm_1_4b_ddp_{self.n}dev"],
                                 "per_device_micro_batch": a.fsdp_micro, "seq_len": a.seq_len}
