@@ -53,6 +53,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -218,20 +220,23 @@ class Bench:
         return self.args.time_budget - self.elapsed()
 
     # -------------------------------------------------------------- children
-    def env(self) -> dict[str, str]:
+    def env(self, gpu: int | None = None) -> dict[str, str]:
         env = {**os.environ, **SAFE_ENV, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         env.setdefault("WANDB_MODE", "offline")
         if self.cpu:
             env["OMP_NUM_THREADS"] = str(self.args.cpu_threads)
         return env
 
-    def call(self, cmd: list[str], log: Path, timeout: float) -> tuple[int, float]:
-        """Run ``cmd`` in its own process group (its DDP ranks included); kill the group on timeout."""
+    def call(self, cmd: list[str], log: Path, timeout: float, gpu: int | None = None) -> tuple[int, float]:
+        """Run ``cmd`` in its own process group (its DDP ranks included); kill the group on timeout.
+        ``gpu``: pin a one-device run to that GPU (for runs side by side)."""
         log.parent.mkdir(parents=True, exist_ok=True)
         started = now()
         with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env(gpu), stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             try:
                 rc = proc.wait(timeout=timeout)
@@ -314,8 +319,9 @@ class Bench:
         return out
 
     def train(self, name: str, overrides: list[str], *, devices: int, kind: str, keep_ckpt: bool = False,
-              ckpt_from: str | None = None) -> dict[str, Any] | None:
-        """Run train.py once (memoised by name); returns the parsed result, None if skipped."""
+              ckpt_from: str | None = None, gpu: int | None = None) -> dict[str, Any] | None:
+        """Run train.py once (memoised by name); returns the parsed result, None if skipped.
+        ``gpu``: run a one-device job on that GPU (the others stay free for a job beside it)."""
         if name in self.runs or name in self.planned:
             return self.runs.get(name)
         self.planned.add(name)
@@ -340,8 +346,10 @@ class Bench:
         if run_dir.exists():
             shutil.rmtree(run_dir)
         timeout = max(60.0, min(self.args.run_timeout, self.remaining() + self.args.grace))
-        rc, wall = self.call(cmd, self.work / "logs" / f"{name}.log", timeout)
+        rc, wall = self.call(cmd, self.work / "logs" / f"{name}.log", timeout, gpu)
         result = self.parse(name, run_dir, kind, devices)
+        if gpu is not None:
+            result["gpu"] = gpu
         result.update(command=text, rc=rc, wall_s=round(wall, 1), log=str(self.work / "logs" / f"{name}.log"))
         if rc != 0:
             tail = (self.work / "logs" / f"{name}.log").read_text(errors="replace")[-4000:]
@@ -417,15 +425,32 @@ class Bench:
             out += TINY_LM
         return out
 
-    def lm_run(self, devices: int, micro: int | None = None, batch: int | None = None) -> dict[str, Any] | None:
+    def lm_run(self, devices: int, micro: int | None = None, batch: int | None = None,
+               gpu: int | None = None) -> dict[str, Any] | None:
         s = self.args.steps
         name = (f"lm_130m_ddp_{devices}dev" + (f"_micro{micro}" if micro else "")
                 + (f"_batch{batch}" if batch else ""))
-        return self.train(name, self.lm_overrides(devices, s, s, micro, batch), devices=devices, kind="lm")
+        return self.train(name, self.lm_overrides(devices, s, s, micro, batch), devices=devices, kind="lm",
+                          gpu=gpu)
+
+    def side_by_side(self, *jobs: Callable[[int], Any]) -> list[Any]:
+        """Run one-device jobs at once, job i on GPU i; results in order."""
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            return [f.result() for f in [pool.submit(job, i) for i, job in enumerate(jobs)]]
 
     # -------------------------------------------------------------- cases
     def case_lm_ddp(self) -> None:
-        one = self.lm_run(1)
+        half = self.args.lm_micro // 2
+        want_noise = half >= 1 and self.args.noise_reference
+        # The two accumulating one-device runs exist for their loss curves only (scaling is taken
+        # against the one-device run at the same per-device batch, run alone below), so on 2+ GPUs
+        # they run side by side, one per GPU.
+        concurrent = want_noise and self.n >= 2 and not self.cpu and self.args.side_by_side
+        if concurrent:
+            one, ref = self.side_by_side(lambda gpu: self.lm_run(1, gpu=gpu),
+                                         lambda gpu: self.lm_run(1, micro=half, gpu=gpu))
+        else:
+            one = self.lm_run(1)
         many = self.lm_run(self.n)
         case: dict[str, Any] = {
             "runs": ["lm_130m_ddp_1dev", f"lm_130m_ddp_{self.n}dev"],
@@ -434,6 +459,7 @@ class Bench:
             "tokens_per_step": self.n * self.args.lm_micro * self.args.seq_len,
             "note": "the 1-device run accumulates N micro batches per optimizer step: same per-device "
                     "micro batch and same global batch as the N-device run",
+            "loss_references_side_by_side": concurrent,
         }
         # Scaling is per-device throughput at the same per-device work per optimizer step: one
         # device at batch = its micro batch (no accumulation) against N devices. The accumulating
@@ -446,7 +472,7 @@ class Bench:
             case.update(self.scaling(same_work or one, many))
             case["scaling_reference"] = ("1 device, same per-device batch per step" if same_work
                                          else "1 device accumulating to the same global batch")
-            if same_work and one.get("throughput_per_device") and many.get("throughput_per_device"):
+            if same_work and not concurrent and one.get("throughput_per_device") and many.get("throughput_per_device"):
                 case["scaling_efficiency_vs_accumulating"] = (many["throughput_per_device"]
                                                               / one["throughput_per_device"])
             case["loss_1dev_vs_Ndev"] = loss_diff(self.curve(one), self.curve(many))
@@ -457,9 +483,9 @@ class Bench:
         # steps) is the same computation summed in another order. Training in bf16 amplifies such
         # rounding differences step after step; the N-device run differs from the 1-device run
         # only by its reduction order too, so its curve should stay as close as this one does.
-        half = self.args.lm_micro // 2
-        if one and many and half >= 1 and self.args.noise_reference:
-            ref = self.lm_run(1, micro=half)
+        if one and many and want_noise:
+            if not concurrent:
+                ref = self.lm_run(1, micro=half)
             case["runs"].append(f"lm_130m_ddp_1dev_micro{half}")
             if ref:
                 noise = loss_diff(self.curve(one), self.curve(ref))
@@ -784,6 +810,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the reference of the scaling efficiency")
     p.add_argument("--noise-reference", action=argparse.BooleanOptionalAction, default=True,
                    help="lm_ddp: also run 1 device at half the micro batch, the loss curves' noise reference")
+    p.add_argument("--side-by-side", action=argparse.BooleanOptionalAction, default=True,
+                   help="lm_ddp on 2+ GPUs: run the two accumulating 1-device runs (loss curves only) at "
+                        "once, on GPUs 0 and 1; the scaling reference always runs alone")
     p.add_argument("--fsdp-micro", type=int, default=None, help="lm_1_4b sequences per device (4; 2 on CPU)")
     p.add_argument("--fsdp-steps", type=int, default=None, help="steps of the lm_1_4b runs (20; 6 on CPU)")
     p.add_argument("--vision-micro", type=int, default=None, help="vision_35m images per device per micro batch (256; 4 on CPU)")

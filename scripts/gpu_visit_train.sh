@@ -9,6 +9,7 @@
 #   STAGES="pytest multigpu" PYTEST_ARGS="tests/test_fsdp_cpu.py" ...  # CPU tests beside the GPU stages
 #   BLOCK_ARGS="--cases block --no-baseline" STAGES="check train" ...  # bench_block before bench_train
 #   TRAIN_ARGS=$'--cases lm_130m --compile off,on\n--cases vision_b16'  # one bench_train run per line
+#   STAGES="check tune" TUNE_ARGS="--shapes block" ...   # gpu_check on GPU 1, SSD launch options on GPU 0
 #   STAGES="profile ab" AB_TREE=.ab_old bash scripts/gpu_visit_train.sh   # GPU vs host time of the block
 #       (scripts/profile_block.py), then the block timed from an older tree and from this one,
 #       alternately, in one call (same machine): prepare the old tree here with
@@ -105,6 +106,12 @@ for stage in $STAGES; do
             echo "=== profile, variant $variant"; grep -E "^width" "$OUT/profile_$variant.log"
         done
         ;;
+    tune)    # launch options of the SSD kernels (scripts/tune_ssd.py TUNE_ARGS) on GPU 0, beside the
+             # stages on GPU 1
+        ( CUDA_VISIBLE_DEVICES=0 timeout ${TUNE_TIMEOUT:-560} python3 scripts/tune_ssd.py ${TUNE_ARGS:-} \
+            --json "$OUT/tune_ssd.json" > "$OUT/tune_ssd.log" 2>&1 ) &
+        pids+=($!)
+        ;;
     ab)      # same-run A/B of the block benchmark: older tree vs this one, twice each, on GPU 0
         for round in 1 2; do
             for tree in "${AB_TREE:?set AB_TREE to the older tree}" .; do
@@ -147,6 +154,7 @@ PY
     cat "$OUT/gpu_check_summary.txt"
     grep -E "^\[FAIL\]|Traceback|Error" "$OUT/gpu_check.log" | head -20
 fi
+[ -f "$OUT/tune_ssd.log" ] && { echo "=== tune_ssd"; grep -vE "^\s*$" "$OUT/tune_ssd.log" | tail -45; }
 [ -f "$OUT/bench_block.log" ] && { echo "=== bench_block"; sed -n '/^=====/,$p' "$OUT/bench_block.log"; }
 for path in "$OUT"/bench_train*.log "$OUT"/bench_multigpu.log; do
     [ -f "$path" ] || continue

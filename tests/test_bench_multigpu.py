@@ -45,7 +45,7 @@ def test_dry_run_composes_every_case(tmp_path, capsys):
     assert any("make_bench_data.py tokens" in c for c in commands)
     assert any("make_bench_data.py imagenet" in c for c in commands)
     assert set(by_name) == {
-        "lm_130m_ddp_1dev", "lm_130m_ddp_2dev", "lm_130m_ddp_2dev_to20", "lm_130m_ddp_2dev_resume20to40",
+        "lm_130m_ddp_1dev", "lm_130m_ddp_1dev_micro8", "lm_130m_ddp_2dev", "lm_130m_ddp_2dev_to20", "lm_130m_ddp_2dev_resume20to40",
         "vision_35m_ddp_1dev", "vision_35m_ddp_2dev", "lm_1_4b_fsdp_2dev", "lm_1_4b_ddp_2dev",
     }
     one, two = by_name["lm_130m_ddp_1dev"], by_name["lm_130m_ddp_2dev"]
@@ -54,6 +54,9 @@ def test_dry_run_composes_every_case(tmp_path, capsys):
         assert "data.batch_size=32 data.micro_batch_size=16" in cmd and "trainer=ddp" in cmd
         assert "callbacks.model_checkpoint=null" in cmd and "validate=false" in cmd
     assert "trainer.devices=1" in one and "trainer.devices=2" in two
+    # the loss-noise reference (planned beside the 1-device run, on the other GPU): same global
+    # batch in micro batches of half the size
+    assert "data.batch_size=32 data.micro_batch_size=8" in by_name["lm_130m_ddp_1dev_micro8"]
     first, resumed = by_name["lm_130m_ddp_2dev_to20"], by_name["lm_130m_ddp_2dev_resume20to40"]
     assert "trainer.max_steps=20" in first and "optim.total_steps=40" in first
     assert "callbacks.model_checkpoint=null" not in first  # it writes last.ckpt

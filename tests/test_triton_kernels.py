@@ -23,8 +23,8 @@ TOL = 1e-4  # float32 against float64 (issue 3's target)
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("group", ["ssd_parallel", "ssd_sequential", "conv1d", "rmsnorm", "decode",
-                                   "mixer", "dispatch"])
+@pytest.mark.parametrize("group", ["ssd_parallel", "ssd_sequential", "ssd_launch_options", "conv1d",
+                                   "rmsnorm", "decode", "mixer", "dispatch"])
 def test_triton_kernels_under_interpreter(group):
     run_group(__file__, group)
 
@@ -102,6 +102,35 @@ def _ssd_group(form: str, failures: list) -> None:
             inputs["seq_idx"] = seq
         name = f"ssd[{form}] b{b} l{l} h{h} p{p} g{g} n{n} Q{chunk} {sorted(k for k, v in opt.items() if v)}"
         _compare(name, ssd_scan_triton, ssd_scan_naive, inputs, failures)
+
+
+def _ssd_launch_options_group(failures: list) -> None:
+    """Non-default launch options (the ones scripts/tune_ssd.py tries) compute the same scan, in
+    both state forms, and an override really reaches its launch (a bad one fails)."""
+    from matmamba.ops.ssd import triton_impl
+
+    small_tiles = {name: dict(BLOCK_N=16) for name in (
+        "cb", "state_fwd_fused", "chunk_state_fwd", "chunk_out_fwd", "state_bwd_fused",
+        "chunk_dstate_bwd", "bwd_dx", "bwd_dbdc")}
+    small_tiles.update(state_pass_fwd=dict(BLOCK=128), state_pass_bwd=dict(BLOCK=64))
+    triton_impl.LAUNCH_OVERRIDES.update(small_tiles)  # n = 32 below: two N blocks everywhere
+    try:
+        for form in ("parallel", "sequential"):
+            _ssd_group(form, failures)
+        os.environ["MATMAMBA_SSD_STATE"] = "parallel"
+        triton_impl.LAUNCH_OVERRIDES["state_pass_bwd"] = dict(BLOCK=3)  # not a power of 2
+        import torch
+
+        x = torch.randn(1, 40, 2, 8, requires_grad=True)
+        y = triton_impl.ssd_scan_triton(x, torch.rand(1, 40, 2), -torch.rand(2),
+                                        torch.randn(1, 40, 1, 32), torch.randn(1, 40, 1, 32))
+        try:
+            y.sum().backward()
+            failures.append("a bad state_pass_bwd override did not reach its launch")
+        except Exception as exc:  # Triton refuses tl.arange(0, 3)
+            print(f"ok   a bad override fails its launch: {type(exc).__name__}")
+    finally:
+        triton_impl.LAUNCH_OVERRIDES.clear()
 
 
 def _conv_group(failures: list) -> None:
@@ -267,6 +296,7 @@ def _main(group: str) -> int:
     return group_main({
         "ssd_parallel": lambda failures: _ssd_group("parallel", failures),
         "ssd_sequential": lambda failures: _ssd_group("sequential", failures),
+        "ssd_launch_options": _ssd_launch_options_group,
         "conv1d": _conv_group,
         "rmsnorm": _rmsnorm_group,
         "decode": _decode_group,

@@ -769,6 +769,22 @@ def _num_warps(Q: int, block_p: int) -> int:
     return 8 if Q >= 128 or block_p >= 128 else 4
 
 
+# Launch options (num_warps, num_stages, the free tile sizes) of each kernel, by the kernel's short
+# name ("cb", "state_fwd_fused", "chunk_state_fwd", "state_pass_fwd", "chunk_out_fwd",
+# "state_bwd_fused", "chunk_dstate_bwd", "state_pass_bwd", "bwd_dx", "bwd_dbdc"). Entries here
+# replace the defaults chosen in _ssd_forward / _ssd_backward; scripts/tune_ssd.py sets them to
+# time alternatives against each other on the GPU. Results do not depend on them beyond rounding.
+# The defaults are that script's winners on an H200 (bf16; scan shapes of the D=768 block, issue
+# 3's h64 p24 case, ViT-B/16 and a 3-head narrow width; docs/performance.md, session 4).
+LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
+
+
+def _launch(kernel: str, **defaults) -> dict:
+    opts = dict(defaults)
+    opts.update(LAUNCH_OVERRIDES.get(kernel, {}))
+    return opts
+
+
 def _sm_count(device) -> int:
     if device.type != "cuda":
         return 4
@@ -838,46 +854,53 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
 
     _cb_kernel[(batch * ngroups, nchunks)](
         C, B, CB, seqlen, ngroups, dstate, *C.stride(), *B.stride(),
-        Q=Q, BLOCK_N=block_n, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, num_warps=warps)
+        Q=Q, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
+        **_launch("cb", BLOCK_N=block_n, num_warps=warps))
     state_size = headdim * dstate
     if _state_form(batch * nheads, dstate, dev) == "sequential":
-        block_n_seq = _sequential_block_n(batch * nheads, dstate, dev)
-        _state_fwd_fused_kernel[(batch * nheads, triton.cdiv(dstate, block_n_seq))](
+        opts = _launch("state_fwd_fused", BLOCK_N=_sequential_block_n(batch * nheads, dstate, dev),
+                       num_warps=4)
+        _state_fwd_fused_kernel[(batch * nheads, triton.cdiv(dstate, opts["BLOCK_N"]))](
             x, dt, A, dt_bias if dt_bias is not None else A, B, seq_arg,
             initial_state if initial_state is not None else A,
             dtp, lam, entering, final_state,
             seqlen, nheads, heads_per_group, headdim, dstate, padded_len, nchunks, dt_lo, dt_hi,
             *x.stride(), *dt.stride(), *B.stride(), *s_seq,
-            Q=Q, BLOCK_P=block_p, BLOCK_N=block_n_seq, HAS_BIAS=dt_bias is not None,
+            Q=Q, BLOCK_P=block_p, HAS_BIAS=dt_bias is not None,
             SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None,
-            HAS_INIT=initial_state is not None, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
-            num_warps=4)
+            HAS_INIT=initial_state is not None, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
     else:
         chunk_states = torch.empty(batch, nchunks, nheads, headdim, dstate, device=dev,
                                    dtype=torch.float32)
-        block_n_state = min(block_n_full, 64)
-        _chunk_state_fwd_kernel[(batch * nheads, nchunks, triton.cdiv(dstate, block_n_state))](
+        # the whole N in one program: 1.2x (p=64) to 1.7x (p=24, with 2 warps) over 64-wide blocks
+        opts = _launch("chunk_state_fwd", BLOCK_N=min(block_n_full, 128),
+                       num_warps=2 if block_p <= 32 else 4)
+        _chunk_state_fwd_kernel[(batch * nheads, nchunks, triton.cdiv(dstate, opts["BLOCK_N"]))](
             x, dt, A, dt_bias if dt_bias is not None else A, B, seq_arg,
             dtp, lam, chunk_states,
             seqlen, nheads, heads_per_group, headdim, dstate, padded_len, dt_lo, dt_hi,
             *x.stride(), *dt.stride(), *B.stride(), *s_seq,
-            Q=Q, BLOCK_P=block_p, BLOCK_N=block_n_state, HAS_BIAS=dt_bias is not None,
+            Q=Q, BLOCK_P=block_p, HAS_BIAS=dt_bias is not None,
             SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None,
-            DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, num_warps=4)
-        block_flat = min(1024, triton.next_power_of_2(state_size))
-        _state_pass_kernel[(batch * nheads, triton.cdiv(state_size, block_flat))](
+            DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
+        opts = _launch("state_pass_fwd", BLOCK=min(1024, triton.next_power_of_2(state_size)),
+                       num_warps=4)
+        _state_pass_kernel[(batch * nheads, triton.cdiv(state_size, opts["BLOCK"]))](
             chunk_states, entering, initial_state if initial_state is not None else chunk_states,
             final_state, lam, seq_arg,
             seqlen, nheads, state_size, padded_len, nchunks, *s_seq,
-            Q=Q, BLOCK=block_flat, HAS_START=initial_state is not None,
-            HAS_SEQ=seq_idx is not None, REVERSE=False, num_warps=4)
+            Q=Q, HAS_START=initial_state is not None,
+            HAS_SEQ=seq_idx is not None, REVERSE=False, **opts)
     _chunk_out_fwd_kernel[(batch * nheads, nchunks)](
         x, C, CB, entering, dtp, lam, D if D is not None else A, seq_arg, y,
         seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len,
         *x.stride(), *C.stride(), *y.stride(), *s_seq,
-        Q=Q, BLOCK_P=block_p, BLOCK_N=min(block_n_full, 64), HAS_D=D is not None,
+        Q=Q, BLOCK_P=block_p, HAS_D=D is not None,
         D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_SEQ=seq_idx is not None,
-        DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, num_warps=warps)
+        DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
+        # narrow heads: the whole N per step, no pipelining (1.10x at p=24); p=64: 64-wide, 3 stages
+        **_launch("chunk_out_fwd", BLOCK_N=min(block_n_full, 128 if block_p <= 32 else 64),
+                  num_stages=1 if block_p <= 32 else 3, num_warps=warps))
     return y, final_state, (dtp, lam, CB, entering)
 
 
@@ -913,30 +936,32 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     d_initial = torch.empty(batch, nheads, headdim, dstate, device=dev, dtype=torch.float32)
     state_size = headdim * dstate
     if _state_form(batch * nheads, dstate, dev) == "sequential":
-        block_n_seq = _sequential_block_n(batch * nheads, dstate, dev)
-        _state_bwd_fused_kernel[(batch * nheads, triton.cdiv(dstate, block_n_seq))](
+        opts = _launch("state_bwd_fused", BLOCK_N=_sequential_block_n(batch * nheads, dstate, dev),
+                       num_warps=4)
+        _state_bwd_fused_kernel[(batch * nheads, triton.cdiv(dstate, opts["BLOCK_N"]))](
             dy, C, lam, seq_arg, d_final if d_final is not None else lam, leaving_grad, d_initial,
             seqlen, nheads, heads_per_group, headdim, dstate, padded_len, nchunks,
             *dy.stride(), *C.stride(), *s_seq,
-            Q=Q, BLOCK_P=block_p, BLOCK_N=block_n_seq, HAS_SEQ=seq_idx is not None,
-            HAS_DFINAL=d_final is not None, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
-            num_warps=4)
+            Q=Q, BLOCK_P=block_p, HAS_SEQ=seq_idx is not None,
+            HAS_DFINAL=d_final is not None, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
     else:
         d_local = torch.empty(batch, nchunks, nheads, headdim, dstate, device=dev,
                               dtype=torch.float32)
-        block_n_state = min(block_n_full, 64)
-        _chunk_dstate_bwd_kernel[(batch * nheads, nchunks, triton.cdiv(dstate, block_n_state))](
+        opts = _launch("chunk_dstate_bwd", BLOCK_N=min(block_n_full, 128),   # 1.15x - 1.4x
+                       num_warps=2 if block_p <= 32 else 4)
+        _chunk_dstate_bwd_kernel[(batch * nheads, nchunks, triton.cdiv(dstate, opts["BLOCK_N"]))](
             dy, C, lam, seq_arg, d_local,
             seqlen, nheads, heads_per_group, headdim, dstate, padded_len,
             *dy.stride(), *C.stride(), *s_seq,
-            Q=Q, BLOCK_P=block_p, BLOCK_N=block_n_state, HAS_SEQ=seq_idx is not None,
-            DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, num_warps=4)
-        block_flat = min(1024, triton.next_power_of_2(state_size))
-        _state_pass_kernel[(batch * nheads, triton.cdiv(state_size, block_flat))](
+            Q=Q, BLOCK_P=block_p, HAS_SEQ=seq_idx is not None,
+            DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
+        opts = _launch("state_pass_bwd", BLOCK=min(1024, triton.next_power_of_2(state_size)),
+                       num_warps=4)
+        _state_pass_kernel[(batch * nheads, triton.cdiv(state_size, opts["BLOCK"]))](
             d_local, leaving_grad, d_final if d_final is not None else d_local, d_initial, lam,
             seq_arg, seqlen, nheads, state_size, padded_len, nchunks, *s_seq,
-            Q=Q, BLOCK=block_flat, HAS_START=d_final is not None,
-            HAS_SEQ=seq_idx is not None, REVERSE=True, num_warps=4)
+            Q=Q, HAS_START=d_final is not None,
+            HAS_SEQ=seq_idx is not None, REVERSE=True, **opts)
 
     # B3: per head
     dx = out.get("dx")
@@ -957,25 +982,34 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
         seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, dt_lo, dt_hi,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(),
         *ddt.stride(), *s_seq,
-        Q=Q, BLOCK_P=block_p, BLOCK_N=min(block_n_full, 64),
+        Q=Q, BLOCK_P=block_p,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None,
-        DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, num_warps=warps)  # 8 warps: 2.99 vs 2.17 ms
+        DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
+        # 32-wide N steps, 3 stages: 1.03x - 1.12x over 64-wide at every shape tuned. 4 warps at
+        # Q = 64 (8 warps: 2.99 vs 2.17 ms, session 1)
+        **_launch("bwd_dx", BLOCK_N=min(block_n_full, 32), num_stages=3, num_warps=warps))
 
     # B4: per group
-    block_n_bc = min(block_n_full, 128 if Q <= 64 else 64)
+    block_n_bc = _launch("bwd_dbdc", BLOCK_N=min(block_n_full, 128 if Q <= 64 else 64))["BLOCK_N"]
     n_blocks = triton.cdiv(dstate, block_n_bc)
     splits = _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, dev)
     heads_per_split = triton.cdiv(heads_per_group, splits)
     splits = triton.cdiv(heads_per_group, heads_per_split)
+    # 8 warps pay with 64-wide heads and several heads per program; with one head per program
+    # (few heads, e.g. a narrow width) the head loop has nothing to pipeline: 4 warps, 1 stage
+    # (1.5x at 3 heads); p = 24: 4 warps (1.1x)
+    several = heads_per_split > 1
+    opts = _launch("bwd_dbdc", BLOCK_N=block_n_bc, num_stages=3 if several else 1,
+                   num_warps=8 if Q >= 64 and block_p >= 64 and several else 4)
     dB_part = torch.empty(splits, batch, seqlen, ngroups, dstate, device=dev, dtype=torch.float32)
     dC_part = torch.empty_like(dB_part)
     _chunk_bwd_dbdc_kernel[(batch * ngroups, nchunks, n_blocks * splits)](
         x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, dB_part, dC_part,
         seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, heads_per_split,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *s_seq,
-        Q=Q, BLOCK_P=block_p, BLOCK_N=block_n_bc, HAS_SEQ=seq_idx is not None,
-        DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, num_warps=8 if Q >= 64 else 4)
+        Q=Q, BLOCK_P=block_p, HAS_SEQ=seq_idx is not None,
+        DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
     dB = dB_part[0] if splits == 1 else dB_part.sum(0)
     dC = dC_part[0] if splits == 1 else dC_part.sum(0)
     dB = out["dB"].copy_(dB) if "dB" in out else dB.to(B.dtype)

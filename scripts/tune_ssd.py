@@ -1,0 +1,391 @@
+#!/usr/bin/env python
+"""Time each SSD kernel under alternative launch options (num_warps, num_stages, tile sizes) on
+the GPU, check every alternative's outputs, and print which options are fastest.
+
+    python scripts/tune_ssd.py --json /tmp/tune_ssd.json                 # all kernels, 3 shapes
+    python scripts/tune_ssd.py --kernels bwd_dx,bwd_dbdc --shapes block
+    python scripts/tune_ssd.py --cpu-dry-run                             # the plumbing, on the CPU
+
+How: every launch of the SSD kernels goes through ``triton_impl._launch(name, **defaults)``, which
+applies ``triton_impl.LAUNCH_OVERRIDES[name]``. For each kernel and each candidate option set
+this script sets that override, runs the scan's forward + backward, and times that one kernel's
+launch with CUDA events (each kernel object is wrapped so its launches are bracketed by events;
+median over ``--reps`` calls after warm-up). Each timed call is queued behind a few milliseconds of
+``torch.cuda._sleep``, so the GPU never waits for the host between launches: an event pair then
+brackets the kernel's GPU time only. (Without that, the scan is host-bound at these shapes and a
+kernel's events also caught the host's launch latency: a first visit measured up to 7x swings.) The default options are timed in the same process.
+Each kernel is varied alone (the others at their defaults), then the best of every kernel are
+combined and the whole forward + backward is timed against all-defaults.
+
+Every candidate is also run on a small awkward problem (length not a multiple of the chunk, an
+odd head count, p=24, packed sequences, an initial state), with freshly NaN-poisoned buffers, and
+its outputs and gradients compared with the float64 reference; a candidate whose error exceeds
+``max(2 x the defaults' error, 1e-2)`` (bf16) is rejected. Launch options change pipelining, and
+Triton 3.4 - 3.7.0 is reported to miscompile some pipelined backward kernels on Hopper.
+
+Compiling ~100 variants per shape dominates the run; ``--workers`` processes compile them in
+parallel first (Triton's on-disk cache is shared), then one process times them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+# Scan shapes (b, l, h, p, g, n). "block": the D=768 MatMamba2 block (inner 1536 = 24 heads of
+# 64); "ssd": issue #3's SSD case; "vit": the ViT-B/16 block (197 tokens).
+SHAPES = {
+    "block": (8, 2048, 24, 64, 1, 128),
+    "ssd": (8, 2048, 64, 24, 1, 128),
+    "vit": (64, 197, 24, 64, 1, 128),
+    "lm_width96": (8, 2048, 3, 64, 1, 128),
+}
+CHECK_SHAPE = (2, 300, 5, 24, 1, 128)  # awkward: 300 = 4 x 64 + 44, odd heads, p = 24
+QUEUE_CYCLES = 12_000_000  # ~6 ms at 1.98 GHz: longer than the host needs to queue one call
+
+# name -> (kernel attribute in triton_impl, candidate grid). Kernels without an inner loop get no
+# num_stages axis (it changes nothing there).
+_DOT_GRID = dict(num_warps=(4, 8), num_stages=(1, 2, 3), BLOCK_N=(32, 64, 128))
+_FLAT_GRID = dict(num_warps=(2, 4, 8), BLOCK_N=(32, 64, 128))
+KERNELS = {
+    "cb": ("_cb_kernel", _DOT_GRID),
+    "chunk_state_fwd": ("_chunk_state_fwd_kernel", _FLAT_GRID),
+    "state_pass_fwd": ("_state_pass_kernel", dict(num_warps=(2, 4, 8), BLOCK=(256, 512, 1024, 2048))),
+    "chunk_out_fwd": ("_chunk_out_fwd_kernel", _DOT_GRID),
+    "chunk_dstate_bwd": ("_chunk_dstate_bwd_kernel", _FLAT_GRID),
+    "state_pass_bwd": ("_state_pass_kernel", dict(num_warps=(2, 4, 8), BLOCK=(256, 512, 1024, 2048))),
+    "bwd_dx": ("_chunk_bwd_dx_kernel", _DOT_GRID),
+    "bwd_dbdc": ("_chunk_bwd_dbdc_kernel", _DOT_GRID),
+}
+# The state pass kernel serves both directions; its REVERSE flag tells the launches apart.
+_KERNEL_OF_LAUNCH = {("_state_pass_kernel", False): "state_pass_fwd",
+                     ("_state_pass_kernel", True): "state_pass_bwd"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="block,ssd,vit", help=f"comma-separated of {list(SHAPES)}")
+    p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated of {list(KERNELS)}")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1),
+                   help="processes that compile the variants in parallel before timing (0: none)")
+    p.add_argument("--other-chunks", default="128",
+                   help="chunk lengths (MATMAMBA_SSD_CHUNK) whose all-default forward + backward is "
+                        "also timed, for comparison with the default chunk ('' for none)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--cpu-dry-run", action="store_true",
+                   help="tiny shapes, 2 candidates per kernel, Triton interpreter on the CPU")
+    p.add_argument("--time-budget", type=float, default=480.0,
+                   help="seconds; kernels not reached by then are reported as skipped")
+    return p.parse_args(argv)
+
+
+def candidates(kernel: str, limit: int | None = None) -> list[dict]:
+    grid = KERNELS[kernel][1]
+    names = list(grid)
+    out = [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+    return out[:limit] if limit else out
+
+
+def make_inputs(shape, dtype, dev, seed=0, awkward=False):
+    b, l, h, p, g, n = shape
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, device=dev, dtype=torch.float64, generator=gen)  # noqa: E731
+    dt0 = torch.exp(torch.rand(h, device=dev, generator=gen, dtype=torch.float64)
+                    * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+    leaves = dict(
+        x=rnd(b, l, h, p), dt=rnd(b, l, h) * 0.5, A=-torch.rand(h, device=dev, dtype=torch.float64, generator=gen) * 15 - 1,
+        B=rnd(b, l, g, n), C=rnd(b, l, g, n), D=rnd(h), dt_bias=dt0 + torch.log(-torch.expm1(-dt0)))
+    if awkward:
+        leaves["initial_state"] = rnd(b, h, p, n)
+    low = {k: (v.to(dtype) if k in ("x", "dt", "B", "C") else v.float()).requires_grad_()
+           for k, v in leaves.items()}
+    ref = {k: v.detach().double().requires_grad_() for k, v in low.items()}  # the same values
+    seq = None
+    if awkward:
+        seq = torch.zeros(b, l, dtype=torch.int32, device=dev)
+        for cut in (l // 5, l // 2, l // 2 + 3, l - 2):
+            seq[:, cut:] += 1
+    return low, ref, seq
+
+
+def scan_fwd_bwd(fn, inputs, seq, dy, d_final):
+    x = {k: v for k, v in inputs.items()}
+    y, final = fn(x["x"], x["dt"], x["A"], x["B"], x["C"], D=x["D"], dt_bias=x["dt_bias"],
+                  dt_softplus=True, initial_state=x.get("initial_state"), seq_idx=seq,
+                  return_final_state=True)
+    total = (y.double() * dy).sum() + (final.double() * d_final).sum()
+    grads = torch.autograd.grad(total, list(inputs.values()))
+    return [y, final, *grads]
+
+
+class TimedKernel:
+    """Stands in for a Triton kernel object in triton_impl: ``kernel[grid](...)`` launches the
+    real kernel between two CUDA events when timing is on."""
+
+    def __init__(self, real, attr):
+        self.real, self.attr, self.events, self.timing = real, attr, {}, False
+
+    def __getitem__(self, grid):
+        launcher = self.real[grid]
+
+        def launch(*args, **kwargs):
+            name = _KERNEL_OF_LAUNCH.get((self.attr, kwargs.get("REVERSE")), None) or \
+                next(k for k, (a, _) in KERNELS.items() if a == self.attr)
+            if not self.timing:
+                return launcher(*args, **kwargs)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = launcher(*args, **kwargs)
+            end.record()
+            self.events.setdefault(name, []).append((start, end))
+            return result
+
+        return launch
+
+
+def install_timers(triton_impl) -> dict[str, TimedKernel]:
+    timers = {}
+    for attr in {a for a, _ in KERNELS.values()}:
+        timers[attr] = TimedKernel(getattr(triton_impl, attr), attr)
+        setattr(triton_impl, attr, timers[attr])
+    return timers
+
+
+def time_config(triton_impl, timers, fn, inputs, seq, dy, d_final, overrides, reps, warmup):
+    """-> (median ms per kernel name, median ms of the whole forward + backward)."""
+    triton_impl.LAUNCH_OVERRIDES.clear()
+    triton_impl.LAUNCH_OVERRIDES.update(overrides)
+    for _ in range(warmup):
+        scan_fwd_bwd(fn, inputs, seq, dy, d_final)
+    torch.cuda.synchronize()
+    for t in timers.values():
+        t.events, t.timing = {}, True
+    whole = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(QUEUE_CYCLES)  # the GPU waits here while the host queues the call
+        start.record()
+        scan_fwd_bwd(fn, inputs, seq, dy, d_final)
+        end.record()
+        whole.append((start, end))
+    torch.cuda.synchronize()
+    per_kernel = {}
+    for t in timers.values():
+        t.timing = False
+        for name, pairs in t.events.items():
+            per_launch = [s.elapsed_time(e) for s, e in pairs]
+            calls = len(per_launch) // reps
+            per_call = [sum(per_launch[i * calls:(i + 1) * calls]) for i in range(reps)]
+            per_kernel[name] = statistics.median(per_call)
+    triton_impl.LAUNCH_OVERRIDES.clear()
+    return per_kernel, statistics.median(s.elapsed_time(e) for s, e in whole)
+
+
+def check_config(triton_impl, fn, check, overrides) -> list[float]:
+    """Relative errors (outputs, then gradients) of the scan under ``overrides`` against float64,
+    on the awkward problem, with NaN-poisoned fresh buffers."""
+    from gpu_check import poisoned_allocations, rel_err
+
+    low, ref, seq, dy, d_final, ref_outs = check
+    triton_impl.LAUNCH_OVERRIDES.clear()
+    triton_impl.LAUNCH_OVERRIDES.update(overrides)
+    try:
+        with poisoned_allocations():
+            outs = scan_fwd_bwd(fn, low, seq, dy, d_final)
+    finally:
+        triton_impl.LAUNCH_OVERRIDES.clear()
+    return [rel_err(o, r) for o, r in zip(outs, ref_outs)]
+
+
+def prepare_check(fn_ref, shape, dtype, dev):
+    low, ref, seq = make_inputs(shape, dtype, dev, seed=7, awkward=True)
+    b, l, h, p, g, n = shape
+    gen = torch.Generator(device=dev).manual_seed(11)
+    dy = torch.randn(b, l, h, p, device=dev, dtype=torch.float64, generator=gen)
+    d_final = torch.randn(b, h, p, n, device=dev, dtype=torch.float64, generator=gen)
+    ref_outs = [t.detach() for t in scan_fwd_bwd(fn_ref, ref, seq, dy, d_final)]
+    return low, ref, seq, dy, d_final, ref_outs
+
+
+def compile_worker(job):
+    """Run each (shape, kernel, candidate) of ``job`` once so Triton compiles it into the on-disk
+    cache. Runs in a child process."""
+    shapes, items, dtype_name, dev_name = job
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+    from matmamba.ops.ssd import triton_impl
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    dev = torch.device(dev_name)
+    problems = {}
+    for shape in shapes:
+        low, _, seq = make_inputs(shape, dtype, dev, awkward=shape == CHECK_SHAPE)
+        b, l, h, p, g, n = shape
+        problems[shape] = (low, seq, torch.randn(b, l, h, p, device=dev, dtype=torch.float64),
+                           torch.randn(b, h, p, n, device=dev, dtype=torch.float64))
+    for kernel, cand in items:
+        for shape, (low, seq, dy, d_final) in problems.items():
+            triton_impl.LAUNCH_OVERRIDES.clear()
+            triton_impl.LAUNCH_OVERRIDES[kernel] = cand
+            try:
+                scan_fwd_bwd(triton_impl.ssd_scan_triton, low, seq, dy, d_final)
+            except Exception:  # reported by the timing pass
+                pass
+    return len(items)
+
+
+def precompile(shapes, jobs, dtype_name, workers):
+    if workers <= 1 or not jobs:
+        return 0.0
+    import multiprocessing as mp
+
+    start = time.perf_counter()
+    chunks = [jobs[i::workers] for i in range(workers)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        pool.map(compile_worker, [(shapes, c, dtype_name, "cuda") for c in chunks if c])
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dry = args.cpu_dry_run
+    if dry:
+        os.environ["TRITON_INTERPRET"] = "1"
+    from matmamba.ops.ssd import triton_impl
+    from matmamba.ops.ssd.naive import ssd_scan_naive
+
+    if not dry and not torch.cuda.is_available():
+        sys.exit("tune_ssd.py times CUDA kernels: run it on a GPU machine (or --cpu-dry-run)")
+    dev = torch.device("cpu" if dry else "cuda")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if dry:
+        dtype = torch.float32  # the interpreter cannot read bf16
+    shape_names = args.shapes.split(",")
+    kernel_names = args.kernels.split(",")
+    for s in shape_names:
+        if s not in SHAPES:
+            sys.exit(f"--shapes: unknown shape {s!r}; valid: {', '.join(SHAPES)}")
+    for k in kernel_names:
+        if k not in KERNELS:
+            sys.exit(f"--kernels: unknown kernel {k!r}; valid: {', '.join(KERNELS)}")
+    shapes = {s: ((1, 70, 3, 24, 1, 16) if dry else SHAPES[s]) for s in shape_names}
+    check_shape = (1, 70, 3, 24, 1, 16) if dry else CHECK_SHAPE
+    limit = 2 if dry else None
+    cands = {k: candidates(k, limit) for k in kernel_names}
+    fn = triton_impl.ssd_scan_triton
+    t_start = time.perf_counter()
+
+    jobs = [(k, c) for k in kernel_names for c in cands[k]]
+    compile_s = 0.0 if dry else precompile(list(shapes.values()) + [check_shape], jobs, args.dtype,
+                                           args.workers)
+    if compile_s:
+        print(f"compiled {len(jobs)} variants x {len(shapes) + 1} problems in {compile_s:.0f} s "
+              f"with {args.workers} processes", flush=True)
+
+    check = prepare_check(ssd_scan_naive, check_shape, dtype, dev)
+    default_errors = check_config(triton_impl, fn, check, {})
+    tol = [max(2 * e, 1e-2 if dtype != torch.float32 else 1e-4) for e in default_errors]
+    print(f"defaults on {check_shape}: worst error {max(default_errors):.2e}", flush=True)
+
+    timers = install_timers(triton_impl) if not dry else {}
+    report = dict(device=torch.cuda.get_device_name() if not dry else "cpu (dry run)",
+                  torch=torch.__version__, triton=__import__("triton").__version__,
+                  dtype=args.dtype, check_shape=check_shape, default_errors=default_errors,
+                  compile_s=compile_s, shapes={})
+    for shape_name, shape in shapes.items():
+        low, _, seq = make_inputs(shape, dtype, dev)
+        b, l, h, p, g, n = shape
+        dy = torch.randn(b, l, h, p, device=dev, dtype=torch.float64)
+        d_final = torch.randn(b, h, p, n, device=dev, dtype=torch.float64)
+        entry = report["shapes"][shape_name] = dict(shape=shape, kernels={})
+        if dry:
+            base_kernels, base_total = {}, float("nan")
+        else:
+            base_kernels, base_total = time_config(triton_impl, timers, fn, low, seq, dy, d_final,
+                                                   {}, args.reps, args.warmup)
+        entry["default_total_ms"] = base_total
+        entry["default_kernels_ms"] = base_kernels
+        print(f"\n== {shape_name} {shape}: forward + backward {base_total:.3f} ms with defaults",
+              flush=True)
+        entry["other_chunks_total_ms"] = {}
+        for chunk in filter(None, args.other_chunks.split(",")):
+            if dry:
+                break
+            os.environ["MATMAMBA_SSD_CHUNK"] = chunk
+            try:
+                _, total = time_config(triton_impl, timers, fn, low, seq, dy, d_final, {},
+                                       args.reps, args.warmup)
+            finally:
+                del os.environ["MATMAMBA_SSD_CHUNK"]
+            entry["other_chunks_total_ms"][chunk] = total
+            print(f"   chunk {chunk}: {total:.3f} ms", flush=True)
+        best_all = {}
+        for kernel in kernel_names:
+            if time.perf_counter() - t_start > args.time_budget:
+                entry["kernels"][kernel] = dict(skipped="time budget")
+                print(f"  {kernel}: skipped (time budget)", flush=True)
+                continue
+            rows = []
+            for cand in cands[kernel]:
+                overrides = {kernel: cand}
+                try:
+                    errors = check_config(triton_impl, fn, check, overrides)
+                    ok = all(e <= t for e, t in zip(errors, tol))
+                    if dry:
+                        ms = float("nan")
+                    else:
+                        per_kernel, _ = time_config(triton_impl, timers, fn, low, seq, dy, d_final,
+                                                    overrides, args.reps, args.warmup)
+                        ms = per_kernel.get(kernel, float("nan"))
+                    rows.append(dict(options=cand, ms=ms, ok=ok, worst_error=max(errors)))
+                except Exception as exc:  # e.g. out of shared memory / registers
+                    rows.append(dict(options=cand, ms=float("nan"), ok=False,
+                                     error=f"{type(exc).__name__}: {exc}"[:200]))
+            good = [r for r in rows if r["ok"] and (dry or not math.isnan(r["ms"]))]
+            best = min(good, key=lambda r: 0.0 if dry else r["ms"]) if good else None
+            default_ms = base_kernels.get(kernel, float("nan"))
+            entry["kernels"][kernel] = dict(default_ms=default_ms, best=best, rows=rows,
+                                            rejected=[r for r in rows if not r["ok"]])
+            if best:
+                best_all[kernel] = best["options"]
+                print(f"  {kernel:<17} default {default_ms:7.3f} ms  best {best['ms']:7.3f} ms "
+                      f"({default_ms / best['ms']:.2f}x) {best['options']}  "
+                      f"[{len(rows) - len(good)} of {len(rows)} rejected]", flush=True)
+            else:
+                print(f"  {kernel:<17} no candidate passed: "
+                      f"{[r.get('error', r.get('worst_error')) for r in rows][:3]}", flush=True)
+        if not dry and best_all:
+            tuned_kernels, tuned_total = time_config(triton_impl, timers, fn, low, seq, dy, d_final,
+                                                     best_all, args.reps, args.warmup)
+            _, base_again = time_config(triton_impl, timers, fn, low, seq, dy, d_final, {},
+                                        args.reps, args.warmup)
+            entry.update(best_options=best_all, tuned_total_ms=tuned_total,
+                         tuned_kernels_ms=tuned_kernels, default_total_again_ms=base_again)
+            print(f"  all bests together: {tuned_total:.3f} ms vs defaults {base_again:.3f} ms "
+                  f"({base_again / tuned_total:.2f}x)", flush=True)
+        if dry:
+            entry["best_options"] = best_all
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    print(f"\ndone in {time.perf_counter() - t_start:.0f} s")
+    return report
+
+
+if __name__ == "__main__":
+    main()
