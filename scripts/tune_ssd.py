@@ -10,21 +10,24 @@ How: every launch of the SSD kernels goes through ``triton_impl._launch(name, **
 applies ``triton_impl.LAUNCH_OVERRIDES[name]``. For each kernel and each candidate option set
 this script sets that override, runs the scan's forward + backward, and times that one kernel's
 launch with CUDA events (each kernel object is wrapped so its launches are bracketed by events;
-median over ``--reps`` calls after warm-up). Each timed call is queued behind a few milliseconds of
-``torch.cuda._sleep``, so the GPU never waits for the host between launches: an event pair then
-brackets the kernel's GPU time only. (Without that, the scan is host-bound at these shapes and a
-kernel's events also caught the host's launch latency: a first visit measured up to 7x swings.) The default options are timed in the same process.
-Each kernel is varied alone (the others at their defaults), then the best of every kernel are
-combined and the whole forward + backward is timed against all-defaults.
+median over ``--reps`` calls after warm-up). Each timed call is queued behind a few milliseconds
+of ``torch.cuda._sleep``, so the GPU never waits for the host between launches and an event pair
+brackets the kernel's GPU time only (without that the scan is host-bound at these shapes, the
+events also caught the host's launch latency, and a first visit measured swings of up to 7x).
+The default options are timed in the same process. Each kernel is varied alone (the others at
+their defaults), then the best of every kernel are combined and the whole forward + backward is
+timed against all-defaults.
 
-Every candidate is also run on a small awkward problem (length not a multiple of the chunk, an
-odd head count, p=24, packed sequences, an initial state), with freshly NaN-poisoned buffers, and
-its outputs and gradients compared with the float64 reference; a candidate whose error exceeds
-``max(2 x the defaults' error, 1e-2)`` (bf16) is rejected. Launch options change pipelining, and
-Triton 3.4 - 3.7.0 is reported to miscompile some pipelined backward kernels on Hopper.
-
-Compiling ~100 variants per shape dominates the run; ``--workers`` processes compile them in
-parallel first (Triton's on-disk cache is shared), then one process times them.
+Every candidate is vetted first, in child processes (``--workers`` of them, which also compiles
+the variants in parallel into Triton's shared on-disk cache): its outputs and gradients on two
+small check problems (lengths not a multiple of the chunk, odd head counts, p = 24 and 32, n = 128
+and 16, packed sequences, an initial state), with freshly NaN-poisoned buffers, against the
+float64 reference, and one run at each timing shape. A candidate whose error exceeds
+``max(2 x the defaults' error, 1e-2)`` (bf16), that fails to compile or launch, or whose kernel
+faults (which kills its child; the child is restarted for the rest) is rejected, and only vetted
+candidates ever run in the timing process. Launch options change pipelining and register
+allocation, and Triton does miscompile some of them on Hopper: in session 4, num_stages=1 with 4
+warps in ``bwd_dbdc`` made an illegal address at n = 16 (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -52,7 +56,13 @@ SHAPES = {
     "vit": (64, 197, 24, 64, 1, 128),
     "lm_width96": (8, 2048, 3, 64, 1, 128),
 }
-CHECK_SHAPE = (2, 300, 5, 24, 1, 128)  # awkward: 300 = 4 x 64 + 44, odd heads, p = 24
+# Check problems ((b, l, h, p, g, n), awkward): awkward adds packed sequences and an initial
+# state. The second is where num_stages=1 faulted in bwd_dbdc on the H200 (n = 16, one head per
+# program), found by gpu_check after a first tuning run that checked only the first.
+CHECKS = [((2, 300, 5, 24, 1, 128), True), ((1, 77, 3, 32, 1, 16), False)]
+DRY_SHAPE = (1, 70, 3, 24, 1, 16)
+DRY_CHECKS = [(DRY_SHAPE, True)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUEUE_CYCLES = 12_000_000  # ~6 ms at 1.98 GHz: longer than the host needs to queue one call
 
 # name -> (kernel attribute in triton_impl, candidate grid). Kernels without an inner loop get no
@@ -89,6 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="tiny shapes, 2 candidates per kernel, Triton interpreter on the CPU")
+    p.add_argument("--vet-worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--time-budget", type=float, default=480.0,
                    help="seconds; kernels not reached by then are reported as skipped")
     return p.parse_args(argv)
@@ -196,85 +207,148 @@ def time_config(triton_impl, timers, fn, inputs, seq, dy, d_final, overrides, re
     return per_kernel, statistics.median(s.elapsed_time(e) for s, e in whole)
 
 
-def check_config(triton_impl, fn, check, overrides) -> list[float]:
+def check_errors(triton_impl, problem, overrides) -> list[float]:
     """Relative errors (outputs, then gradients) of the scan under ``overrides`` against float64,
-    on the awkward problem, with NaN-poisoned fresh buffers."""
+    with NaN-poisoned fresh buffers."""
     from gpu_check import poisoned_allocations, rel_err
 
-    low, ref, seq, dy, d_final, ref_outs = check
+    low, seq, dy, d_final, ref_outs = problem
     triton_impl.LAUNCH_OVERRIDES.clear()
     triton_impl.LAUNCH_OVERRIDES.update(overrides)
     try:
         with poisoned_allocations():
-            outs = scan_fwd_bwd(fn, low, seq, dy, d_final)
+            outs = scan_fwd_bwd(triton_impl.ssd_scan_triton, low, seq, dy, d_final)
+        if low["x"].is_cuda:
+            torch.cuda.synchronize()  # a faulting kernel raises here, inside its candidate
     finally:
         triton_impl.LAUNCH_OVERRIDES.clear()
     return [rel_err(o, r) for o, r in zip(outs, ref_outs)]
 
 
-def prepare_check(fn_ref, shape, dtype, dev):
-    low, ref, seq = make_inputs(shape, dtype, dev, seed=7, awkward=True)
+def check_problem(shape, awkward, dtype, dev):
+    """Inputs, cotangents and the float64 reference outputs and gradients of one check problem."""
+    from matmamba.ops.ssd.naive import ssd_scan_naive
+
+    low, ref, seq = make_inputs(shape, dtype, dev, seed=7, awkward=awkward)
     b, l, h, p, g, n = shape
     gen = torch.Generator(device=dev).manual_seed(11)
     dy = torch.randn(b, l, h, p, device=dev, dtype=torch.float64, generator=gen)
     d_final = torch.randn(b, h, p, n, device=dev, dtype=torch.float64, generator=gen)
-    ref_outs = [t.detach() for t in scan_fwd_bwd(fn_ref, ref, seq, dy, d_final)]
-    return low, ref, seq, dy, d_final, ref_outs
+    ref_outs = [t.detach() for t in scan_fwd_bwd(ssd_scan_naive, ref, seq, dy, d_final)]
+    return low, seq, dy, d_final, ref_outs
 
 
-def compile_worker(job):
-    """Run each (shape, kernel, candidate) of ``job`` once so Triton compiles it into the on-disk
-    cache. Runs in a child process."""
-    shapes, items, dtype_name, dev_name = job
-    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+def vet_worker(job_path: str, out_path: str) -> int:
+    """Child process: for each candidate of the job file, a line ``start`` then a line with its
+    errors on every check problem and whether it ran on every timing shape (which also compiles
+    it into Triton's on-disk cache for the timing process). A kernel that faults leaves the CUDA
+    context unusable, so the process stops there; its parent marks that candidate as crashed and
+    starts a new process for the rest."""
+    job = json.load(open(job_path))
+    dev = torch.device(job["device"])
+    if dev.type == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before Triton decorates the kernels
     from matmamba.ops.ssd import triton_impl
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    dev = torch.device(dev_name)
-    problems = {}
-    for shape in shapes:
-        low, _, seq = make_inputs(shape, dtype, dev, awkward=shape == CHECK_SHAPE)
+    dtype = DTYPES[job["dtype"]]
+    checks = [check_problem(tuple(shape), awkward, dtype, dev) for shape, awkward in job["checks"]]
+    timing = []
+    for shape in job["timing_shapes"]:
+        low, _, seq = make_inputs(tuple(shape), dtype, dev)
         b, l, h, p, g, n = shape
-        problems[shape] = (low, seq, torch.randn(b, l, h, p, device=dev, dtype=torch.float64),
-                           torch.randn(b, h, p, n, device=dev, dtype=torch.float64))
-    for kernel, cand in items:
-        for shape, (low, seq, dy, d_final) in problems.items():
-            triton_impl.LAUNCH_OVERRIDES.clear()
-            triton_impl.LAUNCH_OVERRIDES[kernel] = cand
+        timing.append((low, seq, torch.randn(b, l, h, p, device=dev, dtype=torch.float64),
+                       torch.randn(b, h, p, n, device=dev, dtype=torch.float64)))
+    with open(out_path, "a") as out:
+        for index, (kernel, options) in job["items"]:
+            out.write(json.dumps(dict(start=index)) + "\n")
+            out.flush()
+            if os.environ.get("TUNE_SSD_FAULT_AT") == str(index):  # tests: die as a faulting kernel does
+                os._exit(139)
+            overrides = {kernel: options} if kernel else {}
             try:
-                scan_fwd_bwd(triton_impl.ssd_scan_triton, low, seq, dy, d_final)
-            except Exception:  # reported by the timing pass
-                pass
-    return len(items)
+                errors = [check_errors(triton_impl, problem, overrides) for problem in checks]
+                triton_impl.LAUNCH_OVERRIDES.update(overrides)
+                for low, seq, dy, d_final in timing:
+                    scan_fwd_bwd(triton_impl.ssd_scan_triton, low, seq, dy, d_final)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                record = dict(done=index, errors=errors)
+            except Exception as exc:  # compile errors (resources), launch failures, faults
+                record = dict(done=index, error=f"{type(exc).__name__}: {exc}"[:300])
+            finally:
+                triton_impl.LAUNCH_OVERRIDES.clear()
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            if "error" in record and dev.type == "cuda":
+                return 3  # the context may be broken: let the parent start a fresh process
+    return 0
 
 
-def precompile(shapes, jobs, dtype_name, workers):
-    if workers <= 1 or not jobs:
-        return 0.0
-    import multiprocessing as mp
+def vet_candidates(items, checks, timing_shapes, dtype_name, device, workers, workdir):
+    """Run ``vet_worker`` over (kernel, options) items in ``workers`` parallel child processes,
+    restarting a child after each crash. -> {index: record}; a crashed candidate's record says so."""
+    import subprocess
+    import threading
 
-    start = time.perf_counter()
-    chunks = [jobs[i::workers] for i in range(workers)]
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(workers) as pool:
-        pool.map(compile_worker, [(shapes, c, dtype_name, "cuda") for c in chunks if c])
-    return time.perf_counter() - start
+    indexed = list(enumerate(items))
+    results: dict[int, dict] = {}
+    lock = threading.Lock()
+
+    def run_share(share, slot):
+        pending = list(share)
+        attempt = 0
+        while pending:
+            attempt += 1
+            job_path = os.path.join(workdir, f"vet_{slot}_{attempt}.json")
+            out_path = os.path.join(workdir, f"vet_{slot}_{attempt}.jsonl")
+            with open(job_path, "w") as f:
+                json.dump(dict(items=pending, checks=checks, timing_shapes=timing_shapes,
+                               dtype=dtype_name, device=device), f)
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--vet-worker", job_path,
+                                   out_path], capture_output=True, text=True)
+            started, done = None, {}
+            if os.path.exists(out_path):
+                for line in open(out_path):
+                    rec = json.loads(line)
+                    if "start" in rec:
+                        started = rec["start"]
+                    else:
+                        done[rec["done"]] = rec
+            if started is not None and started not in done:  # the process died inside it
+                done[started] = dict(done=started, error=f"process died (rc {proc.returncode}): "
+                                                         + proc.stderr.strip()[-300:])
+            if not done:  # died before its first candidate: nothing to learn by retrying
+                for index, _ in pending:
+                    done[index] = dict(done=index, error=f"worker failed (rc {proc.returncode}): "
+                                                         + proc.stderr.strip()[-300:])
+            with lock:
+                results.update(done)
+            pending = [(i, item) for i, item in pending if i not in done]
+
+    shares = [indexed[i::workers] for i in range(max(1, workers))]
+    threads = [threading.Thread(target=run_share, args=(share, slot))
+               for slot, share in enumerate(shares) if share]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.vet_worker:
+        return vet_worker(*args.vet_worker)
     dry = args.cpu_dry_run
     if dry:
         os.environ["TRITON_INTERPRET"] = "1"
     from matmamba.ops.ssd import triton_impl
-    from matmamba.ops.ssd.naive import ssd_scan_naive
 
     if not dry and not torch.cuda.is_available():
         sys.exit("tune_ssd.py times CUDA kernels: run it on a GPU machine (or --cpu-dry-run)")
     dev = torch.device("cpu" if dry else "cuda")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    if dry:
-        dtype = torch.float32  # the interpreter cannot read bf16
+    dtype_name = "fp32" if dry else args.dtype  # the interpreter cannot read bf16
+    dtype = DTYPES[dtype_name]
     shape_names = args.shapes.split(",")
     kernel_names = args.kernels.split(",")
     for s in shape_names:
@@ -283,30 +357,47 @@ def main(argv=None):
     for k in kernel_names:
         if k not in KERNELS:
             sys.exit(f"--kernels: unknown kernel {k!r}; valid: {', '.join(KERNELS)}")
-    shapes = {s: ((1, 70, 3, 24, 1, 16) if dry else SHAPES[s]) for s in shape_names}
-    check_shape = (1, 70, 3, 24, 1, 16) if dry else CHECK_SHAPE
-    limit = 2 if dry else None
-    cands = {k: candidates(k, limit) for k in kernel_names}
+    shapes = {s: (DRY_SHAPE if dry else SHAPES[s]) for s in shape_names}
+    checks = DRY_CHECKS if dry else CHECKS
+    cands = {k: candidates(k, 2 if dry else None) for k in kernel_names}
     fn = triton_impl.ssd_scan_triton
     t_start = time.perf_counter()
 
-    jobs = [(k, c) for k in kernel_names for c in cands[k]]
-    compile_s = 0.0 if dry else precompile(list(shapes.values()) + [check_shape], jobs, args.dtype,
-                                           args.workers)
-    if compile_s:
-        print(f"compiled {len(jobs)} variants x {len(shapes) + 1} problems in {compile_s:.0f} s "
-              f"with {args.workers} processes", flush=True)
+    # Vet every candidate (and the defaults, item 0) in child processes: errors on the check
+    # problems, and one run at each timing shape, which compiles it for the timing below.
+    items = [(None, None)] + [(k, c) for k in kernel_names for c in cands[k]]
+    with tempfile.TemporaryDirectory(prefix="tune_ssd_") as workdir:
+        vetted = vet_candidates(items, checks, sorted(set(shapes.values())), dtype_name, dev.type,
+                                max(1, args.workers), workdir)
+    vet_s = time.perf_counter() - t_start
+    defaults = vetted[0]
+    if "error" in defaults:
+        sys.exit(f"the default launch options fail: {defaults['error']}")
+    floor = 1e-4 if dtype == torch.float32 else 1e-2
+    tols = [[max(2 * e, floor) for e in errs] for errs in defaults["errors"]]
 
-    check = prepare_check(ssd_scan_naive, check_shape, dtype, dev)
-    default_errors = check_config(triton_impl, fn, check, {})
-    tol = [max(2 * e, 1e-2 if dtype != torch.float32 else 1e-4) for e in default_errors]
-    print(f"defaults on {check_shape}: worst error {max(default_errors):.2e}", flush=True)
+    def verdict(index):
+        rec = vetted[index]
+        if "error" in rec:
+            return dict(ok=False, error=rec["error"])
+        worst = max(max(errs) for errs in rec["errors"])
+        ok = all(e <= t for errs, ts in zip(rec["errors"], tols) for e, t in zip(errs, ts))
+        return dict(ok=ok, worst_error=worst)
+
+    verdicts = {i: verdict(i) for i in range(1, len(items))}
+    crashed = [items[i] for i, v in verdicts.items() if "error" in v]
+    print(f"vetted {len(items) - 1} candidates (+ defaults) on {len(checks)} check problems and "
+          f"{len(shapes)} timing shapes in {vet_s:.0f} s with {args.workers} processes; "
+          f"{sum(not v['ok'] for v in verdicts.values())} rejected, {len(crashed)} of them failing "
+          f"to run", flush=True)
+    for kernel, options in crashed:
+        print(f"  fails: {kernel} {options}: {verdicts[items.index((kernel, options))]['error'][:160]}")
 
     timers = install_timers(triton_impl) if not dry else {}
     report = dict(device=torch.cuda.get_device_name() if not dry else "cpu (dry run)",
                   torch=torch.__version__, triton=__import__("triton").__version__,
-                  dtype=args.dtype, check_shape=check_shape, default_errors=default_errors,
-                  compile_s=compile_s, shapes={})
+                  dtype=dtype_name, checks=checks, default_errors=defaults["errors"],
+                  vet_s=vet_s, shapes={})
     for shape_name, shape in shapes.items():
         low, _, seq = make_inputs(shape, dtype, dev)
         b, l, h, p, g, n = shape
@@ -342,25 +433,16 @@ def main(argv=None):
                 continue
             rows = []
             for cand in cands[kernel]:
-                overrides = {kernel: cand}
-                try:
-                    errors = check_config(triton_impl, fn, check, overrides)
-                    ok = all(e <= t for e, t in zip(errors, tol))
-                    if dry:
-                        ms = float("nan")
-                    else:
-                        per_kernel, _ = time_config(triton_impl, timers, fn, low, seq, dy, d_final,
-                                                    overrides, args.reps, args.warmup)
-                        ms = per_kernel.get(kernel, float("nan"))
-                    rows.append(dict(options=cand, ms=ms, ok=ok, worst_error=max(errors)))
-                except Exception as exc:  # e.g. out of shared memory / registers
-                    rows.append(dict(options=cand, ms=float("nan"), ok=False,
-                                     error=f"{type(exc).__name__}: {exc}"[:200]))
+                row = dict(options=cand, ms=float("nan"), **verdicts[items.index((kernel, cand))])
+                if row["ok"] and not dry:  # only vetted candidates ever run in this process
+                    per_kernel, _ = time_config(triton_impl, timers, fn, low, seq, dy, d_final,
+                                                {kernel: cand}, args.reps, args.warmup)
+                    row["ms"] = per_kernel.get(kernel, float("nan"))
+                rows.append(row)
             good = [r for r in rows if r["ok"] and (dry or not math.isnan(r["ms"]))]
             best = min(good, key=lambda r: 0.0 if dry else r["ms"]) if good else None
             default_ms = base_kernels.get(kernel, float("nan"))
-            entry["kernels"][kernel] = dict(default_ms=default_ms, best=best, rows=rows,
-                                            rejected=[r for r in rows if not r["ok"]])
+            entry["kernels"][kernel] = dict(default_ms=default_ms, best=best, rows=rows)
             if best:
                 best_all[kernel] = best["options"]
                 print(f"  {kernel:<17} default {default_ms:7.3f} ms  best {best['ms']:7.3f} ms "
@@ -369,17 +451,16 @@ def main(argv=None):
             else:
                 print(f"  {kernel:<17} no candidate passed: "
                       f"{[r.get('error', r.get('worst_error')) for r in rows][:3]}", flush=True)
+        entry["best_options"] = best_all
         if not dry and best_all:
             tuned_kernels, tuned_total = time_config(triton_impl, timers, fn, low, seq, dy, d_final,
                                                      best_all, args.reps, args.warmup)
             _, base_again = time_config(triton_impl, timers, fn, low, seq, dy, d_final, {},
                                         args.reps, args.warmup)
-            entry.update(best_options=best_all, tuned_total_ms=tuned_total,
-                         tuned_kernels_ms=tuned_kernels, default_total_again_ms=base_again)
+            entry.update(tuned_total_ms=tuned_total, tuned_kernels_ms=tuned_kernels,
+                         default_total_again_ms=base_again)
             print(f"  all bests together: {tuned_total:.3f} ms vs defaults {base_again:.3f} ms "
                   f"({base_again / tuned_total:.2f}x)", flush=True)
-        if dry:
-            entry["best_options"] = best_all
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=str)
@@ -388,4 +469,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main() if "--vet-worker" in sys.argv else (main() and 0))

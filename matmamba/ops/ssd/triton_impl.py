@@ -898,9 +898,9 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
         Q=Q, BLOCK_P=block_p, HAS_D=D is not None,
         D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_SEQ=seq_idx is not None,
         DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
-        # narrow heads: the whole N per step, no pipelining (1.10x at p=24); p=64: 64-wide, 3 stages
-        **_launch("chunk_out_fwd", BLOCK_N=min(block_n_full, 128 if block_p <= 32 else 64),
-                  num_stages=1 if block_p <= 32 else 3, num_warps=warps))
+        # (num_stages=1 with the whole N was 1.10x faster at p=24, but num_stages=1 is where Triton
+        # 3.6 miscompiled bwd_dbdc on the H200 (an illegal address at n=16): not used anywhere)
+        **_launch("chunk_out_fwd", BLOCK_N=min(block_n_full, 64), num_warps=warps))
     return y, final_state, (dtp, lam, CB, entering)
 
 
@@ -996,11 +996,12 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     splits = _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, dev)
     heads_per_split = triton.cdiv(heads_per_group, splits)
     splits = triton.cdiv(heads_per_group, heads_per_split)
-    # 8 warps pay with 64-wide heads and several heads per program; with one head per program
-    # (few heads, e.g. a narrow width) the head loop has nothing to pipeline: 4 warps, 1 stage
-    # (1.5x at 3 heads); p = 24: 4 warps (1.1x)
+    # 8 warps pay with 64-wide heads and several heads per program; p = 24: 4 warps (1.1x). With
+    # one head per program (few heads) 4 warps and num_stages=1 measured 1.5x faster, but Triton
+    # 3.6 miscompiles that on the H200 at n = 16 (illegal address; fine with 2 or 3 stages or 8
+    # warps), so it keeps 3 stages.
     several = heads_per_split > 1
-    opts = _launch("bwd_dbdc", BLOCK_N=block_n_bc, num_stages=3 if several else 1,
+    opts = _launch("bwd_dbdc", BLOCK_N=block_n_bc, num_stages=3,
                    num_warps=8 if Q >= 64 and block_p >= 64 and several else 4)
     dB_part = torch.empty(splits, batch, seqlen, ngroups, dstate, device=dev, dtype=torch.float32)
     dC_part = torch.empty_like(dB_part)
