@@ -10,10 +10,16 @@ Every measurement is a short run of ``python train.py experiment=... trainer=ddp
 trainer.devices=N ...``, what a user runs; the script reads the run folder afterwards
 (``csv/metrics.csv``, ``metrics.json``, ``weights_check.json``). Cases:
 
+- ``allreduce``: the link first (scripts/allreduce_probe.py on N ranks): all-reduce bus bandwidth
+  per message size, NCCL's transport per channel, and what one fp32 all-reduce of lm_130m's
+  gradients (a DDP step's communication) costs at that rate.
 - ``lm_ddp``: ``lm_130m`` with DDP on 1 and on N GPUs at the same per-GPU micro batch and the same
   global batch (the 1-GPU run accumulates N micro batches per step). Tokens/s per GPU, scaling
   efficiency = (N-GPU tokens/s per GPU) / (1-GPU tokens/s), and the training-loss curves of the two
   runs step by step (``train/loss_global``: the loss of the whole global batch, averaged over ranks).
+  Scaling is taken against 1 GPU at the N-GPU run's per-device batch (no accumulation), and the
+  loss curves against a noise reference: the 1-GPU run at half the micro batch (the same sums in
+  another order). On 2+ GPUs the two accumulating 1-GPU runs go side by side, one per GPU.
 - ``weights``: after the N-GPU DDP runs, every parameter and buffer of every rank is compared
   bitwise with rank 0's (``RankWeightsCheck``).
 - ``resume``: the N-GPU ``lm_130m`` run stopped at step k (``--resume-at``) and resumed from its
@@ -60,7 +66,7 @@ from typing import Any
 
 STARTED = time.monotonic()  # the time budget counts from here (versions and data included)
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("lm_ddp", "weights", "resume", "vision_ddp", "lm_fsdp")
+CASES = ("allreduce", "lm_ddp", "weights", "resume", "vision_ddp", "lm_fsdp")
 # Never enable NVLink multicast (NVLS) in any child.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -230,13 +236,15 @@ class Bench:
             env["OMP_NUM_THREADS"] = str(self.args.cpu_threads)
         return env
 
-    def call(self, cmd: list[str], log: Path, timeout: float, gpu: int | None = None) -> tuple[int, float]:
+    def call(self, cmd: list[str], log: Path, timeout: float, gpu: int | None = None,
+             extra_env: dict[str, str] | None = None) -> tuple[int, float]:
         """Run ``cmd`` in its own process group (its DDP ranks included); kill the group on timeout.
         ``gpu``: pin a one-device run to that GPU (for runs side by side)."""
         log.parent.mkdir(parents=True, exist_ok=True)
         started = now()
         with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env(gpu), stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(cmd, cwd=ROOT, env={**self.env(gpu), **(extra_env or {})}, stdout=out,
+                                    stderr=subprocess.STDOUT,
                                     start_new_session=True)
             try:
                 rc = proc.wait(timeout=timeout)
@@ -439,6 +447,41 @@ class Bench:
             return [f.result() for f in [pool.submit(job, i) for i, job in enumerate(jobs)]]
 
     # -------------------------------------------------------------- cases
+    def case_allreduce(self) -> None:
+        """All-reduce bandwidth between the devices and NCCL's transport (scripts/allreduce_probe.py),
+        and what one fp32 all-reduce of lm_130m's gradients (the DDP step's communication) costs at
+        the largest size's rate."""
+        a = self.args
+        out, log = self.work / "allreduce.json", self.work / "logs" / "allreduce.log"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.n}",
+               str(ROOT / "scripts" / "allreduce_probe.py"), "--sizes-mb", a.allreduce_sizes,
+               "--json", str(out), "--nccl-log", str(log)]
+        text = shlex.join(["NCCL_DEBUG=INFO", "python", *cmd[1:]])
+        self.commands.append(text)
+        print(f"\n[allreduce] $ {text}", flush=True)
+        if a.dry_run:
+            return
+        out.unlink(missing_ok=True)
+        rc, wall = self.call(cmd, log, timeout=max(60.0, min(300.0, self.remaining())),
+                             extra_env={"NCCL_DEBUG": "INFO"})
+        if rc != 0 or not out.is_file():
+            self.failed.append(f"allreduce: rc={rc}, see {log}")
+            self.cases["allreduce"] = {"error": f"rc={rc}", "log": str(log)}
+            return
+        result = json.loads(out.read_text())
+        import torch
+
+        from matmamba import create_model
+
+        with torch.device("meta"):  # shapes only, no memory
+            params = sum(p.numel() for p in create_model("lm_130m").parameters())
+        largest = max(result["rows"], key=lambda r: r["bytes"])
+        result.update(lm_130m_params=params, lm_130m_grad_bytes=4 * params,
+                      lm_130m_grad_allreduce_ms=4 * params / (largest["algbw_gbs"] * 1e9) * 1e3, wall_s=round(wall, 1))
+        self.cases["allreduce"] = result
+        print(f"[allreduce] done in {wall:.0f} s: {largest['size_mb']:.0f} MiB at {largest['busbw_gbs']:.1f} GB/s bus "
+              f"bandwidth; transports {result.get('transports') or '-'}", flush=True)
+
     def case_lm_ddp(self) -> None:
         half = self.args.lm_micro // 2
         want_noise = half >= 1 and self.args.noise_reference
@@ -636,7 +679,7 @@ class Bench:
             if self.tokens is None:
                 print("no token data: the LM cases are skipped", flush=True)
         for case in a.cases:
-            if case != "vision_ddp" and self.tokens is None:
+            if case not in ("vision_ddp", "allreduce") and self.tokens is None:
                 self.cases[case] = {"error": "no token data (see the failures)"}
                 continue
             getattr(self, f"case_{case}")()
@@ -687,6 +730,12 @@ HEADER = ["case", "run", "dev", "status", "per device", "scaling", "MFU", "peak 
 def verdicts(report: dict[str, Any], args: argparse.Namespace) -> list[str]:
     out = []
     c = report["cases"]
+    ar = c.get("allreduce") or {}
+    if ar.get("rows"):
+        sizes = ", ".join(f"{r['size_mb']:g} MiB {r['busbw_gbs']:.1f}" for r in ar["rows"])
+        out.append(f"allreduce ({ar['backend']}, {ar['world_size']} ranks): bus bandwidth GB/s: {sizes}; "
+                   f"transports {ar.get('transports') or 'not logged'}; one fp32 all-reduce of lm_130m's "
+                   f"{ar['lm_130m_params'] / 1e6:.0f}M gradients: {ar['lm_130m_grad_allreduce_ms']:.1f} ms")
     noise = (c.get("resume") or {}).get("before_stop_vs_uninterrupted") or {}
     if "lm_ddp" in c and "scaling_efficiency" in c["lm_ddp"]:
         x = c["lm_ddp"]
@@ -810,6 +859,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the reference of the scaling efficiency")
     p.add_argument("--noise-reference", action=argparse.BooleanOptionalAction, default=True,
                    help="lm_ddp: also run 1 device at half the micro batch, the loss curves' noise reference")
+    p.add_argument("--allreduce-sizes", default=None,
+                   help="allreduce case: message sizes in MiB (1,16,128,512 on GPU; 1,4 on CPU)")
     p.add_argument("--side-by-side", action=argparse.BooleanOptionalAction, default=True,
                    help="lm_ddp on 2+ GPUs: run the two accumulating 1-device runs (loss curves only) at "
                         "once, on GPUs 0 and 1; the scaling reference always runs alone")
@@ -870,7 +921,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = {  # (gpu, cpu)
         "seq_len": (1024, 64), "lm_micro": (16, 2), "lm_workers": (2, 0), "fsdp_micro": (4, 2),
         "fsdp_steps": (20, 6), "vision_micro": (256, 4), "vision_steps": (30, 6), "window": (5, 2),
-        "skip_windows": (2, 1), "tiny": (False, True),
+        "skip_windows": (2, 1), "tiny": (False, True), "allreduce_sizes": ("1,16,128,512", "1,4"),
     }
     for key, (gpu_value, cpu_value) in defaults.items():
         if getattr(args, key) is None:

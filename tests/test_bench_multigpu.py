@@ -44,6 +44,8 @@ def test_dry_run_composes_every_case(tmp_path, capsys):
                and "$ " in line}
     assert any("make_bench_data.py tokens" in c for c in commands)
     assert any("make_bench_data.py imagenet" in c for c in commands)
+    probe = by_name.pop("allreduce")
+    assert "allreduce_probe.py" in probe and "--nproc_per_node=2" in probe and "NCCL_DEBUG=INFO" in probe
     assert set(by_name) == {
         "lm_130m_ddp_1dev", "lm_130m_ddp_1dev_micro8", "lm_130m_ddp_2dev", "lm_130m_ddp_2dev_to20", "lm_130m_ddp_2dev_resume20to40",
         "vision_35m_ddp_1dev", "vision_35m_ddp_2dev", "lm_1_4b_fsdp_2dev", "lm_1_4b_ddp_2dev",
@@ -181,3 +183,17 @@ def test_cpu_resume_vision_and_large_lm(tmp_path, tokens):
     assert fsdp["fsdp"]["ok"] and fsdp["ddp"]["ok"] and fsdp["ddp_fits"]
     assert fsdp["loss_fsdp_vs_ddp"]["max_rel_diff"] < 1e-3  # float32: the same training
     assert report["failures"] == []
+
+
+def test_allreduce_case_measures_the_link_on_cpu(tmp_path):
+    """The allreduce case launches scripts/allreduce_probe.py on 2 ranks (gloo here, NCCL on GPUs),
+    checks the sums, reports bandwidth per size and what lm_130m's gradient all-reduce costs."""
+    assert bench.main(["--accelerator", "cpu", "--cases", "allreduce", "--work-dir", str(tmp_path),
+                       "--allreduce-sizes", "1,2", "--time-budget", "120"]) == 0
+    report = json.loads((tmp_path / "bench_multigpu.json").read_text())
+    ar = report["cases"]["allreduce"]
+    assert ar["backend"] == "gloo" and ar["world_size"] == 2
+    assert [r["size_mb"] for r in ar["rows"]] == [1.0, 2.0]
+    assert all(r["sum_ok"] and r["busbw_gbs"] > 0 for r in ar["rows"])
+    assert 120e6 < ar["lm_130m_params"] < 140e6 and ar["lm_130m_grad_allreduce_ms"] > 0
+    assert not report["failures"]
