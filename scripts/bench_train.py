@@ -151,7 +151,15 @@ def recipe_facts(case: Case, args) -> Recipe:
     return Recipe(max(1, int(cfg.data.batch_size) // devices), int(steps), int(micro) if micro else None)
 
 
-def case_overrides(case: Case, args, recipe: Recipe, *, batch: int, micro: int, compile_on: bool,
+COMPILE_SETTINGS = ("off", "on", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_override(setting: str) -> str:
+    """``--compile`` value -> ``model.compile`` value: off/on, or a torch.compile mode by name."""
+    return {"off": "false", "on": "true"}.get(setting, setting)
+
+
+def case_overrides(case: Case, args, recipe: Recipe, *, batch: int, micro: int, compile_setting: str,
                    data_root: str | None, max_steps: int | None = None) -> list[str]:
     """Hydra overrides that turn the recipe into one benchmark run on one device. The LR
     schedule keeps the recipe's length (``optim.total_steps``), so the timed steps run at the
@@ -172,7 +180,7 @@ def case_overrides(case: Case, args, recipe: Recipe, *, batch: int, micro: int, 
         "export_dir=null",
         f"data.batch_size={batch}",
         f"data.micro_batch_size={micro}",
-        f"model.compile={'true' if compile_on else 'false'}",
+        f"model.compile={compile_override(compile_setting)}",
     ]
     widths = case.widths or args.widths
     if widths:
@@ -500,13 +508,14 @@ class CaseRun:
     """A recipe built for benchmarking: module on the device (compiled if the recipe says so),
     its optimizer and schedule, the data module, and the batch layout."""
 
-    def __init__(self, case: Case, args, recipe: Recipe, *, batch: int, micro: int, compile_on: bool,
+    def __init__(self, case: Case, args, recipe: Recipe, *, batch: int, micro: int, compile_setting: str,
                  data_root: str | None):
         from matmamba.training.pipeline import build
 
-        self.case, self.args, self.batch, self.micro, self.compile_on = case, args, batch, micro, compile_on
+        self.case, self.args, self.batch, self.micro = case, args, batch, micro
+        self.compile_on = compile_setting != "off"
         self.device = bench_device(args.device)
-        self.overrides = case_overrides(case, args, recipe, batch=batch, micro=micro, compile_on=compile_on,
+        self.overrides = case_overrides(case, args, recipe, batch=batch, micro=micro, compile_setting=compile_setting,
                                         data_root=data_root)
         self.cfg = compose_cfg(self.overrides, Path(args.workdir))
         if batch % micro:
@@ -772,14 +781,14 @@ def build_baseline(run: CaseRun, impl: str):
 # =============================================================================================
 
 
-def lightning_throughput(case: Case, args, recipe: Recipe, *, batch: int, micro: int, compile_on: bool,
+def lightning_throughput(case: Case, args, recipe: Recipe, *, batch: int, micro: int, compile_setting: str,
                          data_root: str) -> dict:
     """Run ``trainer.fit`` for whole ThroughputMonitor windows of ``--steps`` steps (the first
     window holds the warm-up) and return the last window's figures."""
     from matmamba.training.pipeline import build
 
     windows = math.ceil(max(args.warmup, 1) / args.steps) + 1
-    overrides = case_overrides(case, args, recipe, batch=batch, micro=micro, compile_on=compile_on,
+    overrides = case_overrides(case, args, recipe, batch=batch, micro=micro, compile_setting=compile_setting,
                                data_root=data_root, max_steps=windows * args.steps)
     overrides += ["callbacks=throughput", f"callbacks.throughput.window={args.steps}",
                   "+trainer.enable_checkpointing=false", "trainer.limit_val_batches=0"]
@@ -933,7 +942,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cases", default="lm_130m,vision_b16,vision_35m",
                    help="experiments, comma-separated; 'name:w1/w2' trains only those widths")
     p.add_argument("--data", default="synthetic,real", help="data modes: synthetic, real")
-    p.add_argument("--compile", default="off,on", help="torch.compile settings: off, on")
+    p.add_argument("--compile", default="off,on",
+                   help=f"torch.compile settings, comma-separated: {', '.join(COMPILE_SETTINGS)} (a mode "
+                        "compiles with that torch.compile mode; reduce-overhead adds CUDA graphs)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the published-style mamba_ssm baseline (GPU)")
     p.add_argument("--baseline-impl", default="mamba_ssm", choices=["mamba_ssm", "dense"],
@@ -979,8 +990,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.widths = [int(w) for w in args.widths.split(",")] if args.widths else None
     if not set(args.data) <= {"synthetic", "real"}:
         p.error(f"--data takes synthetic and/or real, got {args.data}")
-    if not set(args.compile) <= {"off", "on"}:
-        p.error(f"--compile takes off and/or on, got {args.compile}")
+    if not set(args.compile) <= set(COMPILE_SETTINGS):
+        p.error(f"--compile takes {', '.join(COMPILE_SETTINGS)}; got {args.compile}")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1037,7 +1048,7 @@ def main(argv: list[str] | None = None) -> dict:
     baselines: dict[str, dict] = {}
     for compile_mode in args.compile:
         for case in args.cases:
-            compile_on = compile_mode == "on"
+            compile_setting = compile_mode
             task = "lm" if case.experiment.startswith("lm") else "vision"
             recipe = recipe_facts(case, args)
             batch = args.batch or recipe.per_device_batch
@@ -1056,7 +1067,7 @@ def main(argv: list[str] | None = None) -> dict:
                     try:
                         if run is None:
                             log(f"building {case.label} compile={compile_mode} batch={batch} micro-batch={micro}")
-                            run = CaseRun(case, args, recipe, batch=batch, micro=micro, compile_on=compile_on,
+                            run = CaseRun(case, args, recipe, batch=batch, micro=micro, compile_setting=compile_setting,
                                           data_root=roots[task])
                         source = run.synthetic if data == "synthetic" else LoaderSource(
                             run.datamodule, device, run.module.items_in_batch)
@@ -1132,7 +1143,7 @@ def main(argv: list[str] | None = None) -> dict:
                 try:
                     log(f"{case.label}: trainer.fit for comparison")
                     fit = lightning_throughput(case, args, recipe, batch=batch, micro=lightning_micro,
-                                               compile_on=compile_on, data_root=roots[task])
+                                               compile_setting=compile_setting, data_root=roots[task])
                     fit["act_ckpt"] = False  # trainer.fit runs the recipe as configured
                     for row in our_rows:
                         if row["data"] == "real":

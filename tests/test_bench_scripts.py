@@ -182,3 +182,15 @@ def test_tune_ssd_vets_every_candidate_and_survives_a_dying_one(tmp_path):
     assert kernels["bwd_dbdc"]["best"]["options"] == dbdc[0]["options"]
     assert all(r["ok"] for r in kernels["state_pass_bwd"]["rows"])
     assert "1 of them failing to run" in proc.stdout
+
+
+def test_bench_train_compile_settings_map_to_model_compile(tmp_path):
+    """--compile takes off, on or a torch.compile mode, each mapped to the model.compile value of the
+    run's overrides; other settings are refused."""
+    assert [bench_train.compile_override(s) for s in ("off", "on", "reduce-overhead")] == \
+        ["false", "true", "reduce-overhead"]
+    args = bench_train.parse_args(["--compile", "off,reduce-overhead", "--device", "cpu",
+                                   "--workdir", str(tmp_path)])
+    assert args.compile == ["off", "reduce-overhead"]
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--compile", "fast", "--device", "cpu"])

@@ -34,6 +34,7 @@ def _one_thread():
         (["optimized_mode=biggest"], "optimized_mode must be 'min' or 'max'"),
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt does not exist"),
         (["data.batch_size=0"], "data.batch_size must be a positive integer"),
+        (["model.compile=fast"], "model.compile must be true, false or a torch.compile mode .default, reduce-overhead"),
     ],
 )
 def test_bad_config_values(overrides, message, tmp_path):
@@ -92,3 +93,14 @@ def test_script_reports_bad_override_and_exits_nonzero(tmp_path):
     result = run_train_script(["optim.lr=-3", "extras.print_config=false", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert result.returncode != 0
     assert "optim.lr must be a positive number" in result.stderr
+
+
+def test_compile_mode_by_name_reaches_torch_compile(tmp_path, monkeypatch):
+    """model.compile=<mode> compiles the network with that torch.compile mode; true with the default."""
+    seen = []
+    for setting, expected in (("reduce-overhead", "reduce-overhead"), ("true", None)):
+        cfg = compose_cfg([*FAST, *DIGITS_TINY, f"model.compile={setting}"], tmp_path / setting)
+        _, module, _, _ = build(cfg)
+        monkeypatch.setattr(module.net, "compile", lambda mode=None, **kw: seen.append(mode))
+        module.configure_model()
+        assert seen[-1] == expected

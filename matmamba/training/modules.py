@@ -30,8 +30,19 @@ from matmamba import create_model
 from matmamba.training.losses import LMHeadInput, chunked_lm_cross_entropy
 from matmamba.training.optim import build_param_groups, cosine_with_warmup
 from matmamba.training.strategies import check_not_fsdp1, is_fsdp, shard_model
+from matmamba.training.utils import COMPILE_MODES
 
 log = logging.getLogger(__name__)
+
+def compile_mode(setting: bool | str | None) -> str | None:
+    """``model.compile`` -> the ``mode`` passed to torch.compile (None: its default)."""
+    if setting is None or isinstance(setting, bool):
+        return None
+    if setting not in COMPILE_MODES:
+        raise ValueError(f"model.compile={setting!r} is not valid: true, false, or a torch.compile mode "
+                         f"({', '.join(COMPILE_MODES)})")
+    return setting
+
 
 # Wrapper prefixes that FSDP, activation checkpointing and torch.compile insert in parameter names.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -60,7 +71,9 @@ class NestedWidthModule(L.LightningModule):
             memory to one width at a time; same gradients).
         optim: ``lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio, total_steps,
             grad_clip, no_decay_1d, no_decay`` (see ``conf/optim/adamw.yaml``).
-        compile: wrap the model in ``torch.compile``.
+        compile: ``true`` wraps the model in ``torch.compile``; a torch.compile mode by name
+            (``reduce-overhead``: also CUDA graphs; ``max-autotune``,
+            ``max-autotune-no-cudagraphs``) compiles with that mode; ``false`` runs eagerly.
         seed: seed of the width subsets.
     """
 
@@ -76,10 +89,11 @@ class NestedWidthModule(L.LightningModule):
         distill: dict[str, float] | None = None,
         backward_per_width: bool = False,
         optim: dict[str, Any] | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        compile_mode(compile)  # a clear error for a mode torch.compile does not have
         self.save_hyperparameters()
         self.automatic_optimization = False
 
@@ -208,7 +222,7 @@ class NestedWidthModule(L.LightningModule):
         if is_fsdp(strategy):
             self._shard_model(strategy)
         if self.hparams.compile and not getattr(self, "_compiled", False):
-            self.net.compile()
+            self.net.compile(mode=compile_mode(self.hparams.compile))
             self._compiled = True
 
     def _shard_model(self, strategy) -> None:
