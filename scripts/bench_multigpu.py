@@ -419,11 +419,12 @@ class Bench:
 
     # -------------------------------------------------------------- LM runs shared by cases
     def lm_overrides(self, devices: int, steps: int, total: int, micro: int | None = None,
-                     batch: int | None = None, experiment: str = "lm_130m", strategy: str = "ddp") -> list[str]:
+                     batch: int | None = None, experiment: str = "lm_130m", strategy: str | None = None) -> list[str]:
         """Default: global batch N x lm_micro (the N-device run's) in micro batches of lm_micro."""
         a = self.args
         micro = micro or a.lm_micro
         batch = batch or self.n * a.lm_micro
+        strategy = strategy or a.ddp_config
         out = [f"experiment={experiment}", *self.common(devices, strategy, steps),
                f"data.root={self.tokens}", f"data.seq_len={a.seq_len}",
                f"data.batch_size={batch}", f"data.micro_batch_size={micro}",
@@ -592,7 +593,7 @@ class Bench:
 
     def vision_overrides(self, devices: int, root: Path, classes: int | None) -> list[str]:
         a = self.args
-        out = ["experiment=vision_35m", *self.common(devices, "ddp", a.vision_steps, vision=True),
+        out = ["experiment=vision_35m", *self.common(devices, a.ddp_config, a.vision_steps, vision=True),
                f"data.root={root}", f"data.batch_size={self.n * a.vision_micro}",
                f"data.micro_batch_size={a.vision_micro}", f"data.num_workers={a.vision_workers}",
                f"optim.total_steps={a.vision_steps}", f"optim.warmup_steps={max(1, a.vision_steps // 10)}"]
@@ -639,7 +640,7 @@ class Bench:
     def case_lm_fsdp(self) -> None:
         a = self.args
         results = {}
-        for strategy in ("fsdp", "ddp"):
+        for strategy in ("fsdp", "ddp"):  # FSDP against plain DDP, whatever --ddp-config says
             out = self.lm_overrides(self.n, a.fsdp_steps, a.fsdp_steps, micro=a.fsdp_micro,
                                     batch=self.n * a.fsdp_micro, experiment="lm_1_4b", strategy=strategy)
             results[strategy] = self.train(f"lm_1_4b_{strategy}_{self.n}dev", out, devices=self.n, kind="lm")
@@ -859,6 +860,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the reference of the scaling efficiency")
     p.add_argument("--noise-reference", action=argparse.BooleanOptionalAction, default=True,
                    help="lm_ddp: also run 1 device at half the micro batch, the loss curves' noise reference")
+    p.add_argument("--ddp-config", default="ddp", choices=("ddp", "ddp_bf16_grads"),
+                   help="trainer config of the DDP runs (ddp_bf16_grads: gradients all-reduced in bf16)")
     p.add_argument("--allreduce-sizes", default=None,
                    help="allreduce case: message sizes in MiB (1,16,128,512 on GPU; 1,4 on CPU)")
     p.add_argument("--side-by-side", action=argparse.BooleanOptionalAction, default=True,

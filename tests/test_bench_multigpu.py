@@ -197,3 +197,13 @@ def test_allreduce_case_measures_the_link_on_cpu(tmp_path):
     assert all(r["sum_ok"] and r["busbw_gbs"] > 0 for r in ar["rows"])
     assert 120e6 < ar["lm_130m_params"] < 140e6 and ar["lm_130m_grad_allreduce_ms"] > 0
     assert not report["failures"]
+
+
+def test_ddp_config_choice_reaches_the_ddp_runs(tmp_path, capsys):
+    """--ddp-config ddp_bf16_grads: the DDP runs (LM and vision) use it; FSDP's DDP reference does not."""
+    assert bench.main(["--dry-run", "--gpus", "2", "--work-dir", str(tmp_path), "--ddp-config", "ddp_bf16_grads"]) == 0
+    by_name = {line.split("]")[0][1:]: line.split("$ ", 1)[1] for line in capsys.readouterr().out.splitlines()
+               if line.startswith("[") and "$ " in line}
+    for name in ("lm_130m_ddp_1dev", "lm_130m_ddp_2dev", "vision_35m_ddp_2dev"):
+        assert "trainer=ddp_bf16_grads" in by_name[name], name
+    assert "trainer=ddp " in by_name["lm_1_4b_ddp_2dev"] + " "

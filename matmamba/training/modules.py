@@ -34,6 +34,24 @@ from matmamba.training.utils import COMPILE_MODES
 
 log = logging.getLogger(__name__)
 
+def manual_sync_dtype(hook) -> torch.dtype:
+    """dtype of the gradient all-reduce that backward_per_width / accumulation run themselves under
+    DDP: that of the strategy's compressing comm hook, or fp32. Other hooks only act inside DDP's
+    own reducer, so they are refused rather than silently skipped."""
+    if hook is None:
+        return torch.float32
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    known = {default_hooks.bf16_compress_hook: torch.bfloat16, default_hooks.fp16_compress_hook: torch.float16,
+             default_hooks.allreduce_hook: torch.float32}
+    if hook not in known:
+        raise ValueError(f"trainer.strategy.ddp_comm_hook={getattr(hook, '__name__', hook)} is not applied to the "
+                         "all-reduce that model.backward_per_width and gradient accumulation run once per step; "
+                         "use bf16_compress_hook (trainer=ddp_bf16_grads), fp16_compress_hook or allreduce_hook "
+                         "with them")
+    return known[hook]
+
+
 def compile_mode(setting: bool | str | None) -> str | None:
     """``model.compile`` -> the ``mode`` passed to torch.compile (None: its default)."""
     if setting is None or isinstance(setting, bool):
@@ -274,6 +292,14 @@ class NestedWidthModule(L.LightningModule):
         self._manual_grad_sync = (
             isinstance(strategy, DDPStrategy) and self.trainer.world_size > 1 and needs_several_backwards
         )
+        self._grad_comm_dtype = torch.float32
+        hook = getattr(strategy, "_ddp_comm_hook", None) if isinstance(strategy, DDPStrategy) else None
+        if self._manual_grad_sync:
+            self._grad_comm_dtype = manual_sync_dtype(hook)
+        elif hook is not None and strategy.root_device.type != "cuda" and self.trainer.world_size > 1:
+            # Lightning registers DDP comm hooks on CUDA only; gloo runs them as well, and a config
+            # that names one should not be silently ignored on CPU.
+            strategy.model.register_comm_hook(getattr(strategy, "_ddp_comm_state", None), hook)
         precision = str(self.trainer.precision)
         if precision.startswith("16"):
             raise ValueError("trainer.precision=16-mixed is not supported (gradient clipping needs unscaled "
@@ -350,12 +376,18 @@ class NestedWidthModule(L.LightningModule):
         if not grads:
             return
         world = self.trainer.world_size
-        # Coalesce into flat buffers of one dtype to keep the number of collectives small.
+        # Coalesce into flat buffers of one dtype to keep the number of collectives small. With a
+        # compressing DDP comm hook (trainer=ddp_bf16_grads) the sum travels in its dtype, divided
+        # first, as the hook does inside DDP.
         for dtype in {g.dtype for g in grads}:
             group = [g for g in grads if g.dtype == dtype]
             flat = torch._utils._flatten_dense_tensors(group)
-            dist.all_reduce(flat)
-            flat.div_(world)
+            wire = flat.div(world).to(self._grad_comm_dtype) if self._grad_comm_dtype != dtype else flat
+            dist.all_reduce(wire)
+            if wire is flat:
+                flat.div_(world)
+            else:
+                flat.copy_(wire)
             for g, synced in zip(group, torch._utils._unflatten_dense_tensors(flat, group), strict=True):
                 g.copy_(synced)
 
