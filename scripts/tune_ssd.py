@@ -38,6 +38,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -99,6 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="tiny shapes, 2 candidates per kernel, Triton interpreter on the CPU")
+    p.add_argument("--candidate-timeout", type=float, default=300.0,
+                   help="seconds one candidate may take in a vetting child before it is killed and rejected")
     p.add_argument("--vet-worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--time-budget", type=float, default=480.0,
                    help="seconds; kernels not reached by then are reported as skipped")
@@ -264,6 +267,8 @@ def vet_worker(job_path: str, out_path: str) -> int:
             out.flush()
             if os.environ.get("TUNE_SSD_FAULT_AT") == str(index):  # tests: die as a faulting kernel does
                 os._exit(139)
+            if os.environ.get("TUNE_SSD_HANG_AT") == str(index):  # tests: hang as a stuck kernel does
+                time.sleep(3600)
             overrides = {kernel: options} if kernel else {}
             try:
                 errors = [check_errors(triton_impl, problem, overrides) for problem in checks]
@@ -284,10 +289,42 @@ def vet_worker(job_path: str, out_path: str) -> int:
     return 0
 
 
-def vet_candidates(items, checks, timing_shapes, dtype_name, device, workers, workdir):
+def read_progress(out_path):
+    """-> (index of the last candidate started, {index: record of each finished one})."""
+    started, done = None, {}
+    if os.path.exists(out_path):
+        for line in open(out_path):
+            rec = json.loads(line)
+            if "start" in rec:
+                started = rec["start"]
+            else:
+                done[rec["done"]] = rec
+    return started, done
+
+
+def watch_child(proc, out_path, candidate_timeout) -> bool:
+    """Wait for a vetting child; kill it when one candidate has run longer than
+    ``candidate_timeout`` seconds (a hung compile or kernel). -> whether it was killed."""
+    last, since = None, time.monotonic()
+    while True:
+        try:
+            proc.wait(timeout=1.0)
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+        progress = os.path.getsize(out_path) if os.path.exists(out_path) else 0
+        if progress != last:
+            last, since = progress, time.monotonic()
+        elif time.monotonic() - since > candidate_timeout:
+            proc.kill()
+            proc.wait()
+            return True
+
+
+def vet_candidates(items, checks, timing_shapes, dtype_name, device, workers, workdir,
+                   candidate_timeout=300.0):
     """Run ``vet_worker`` over (kernel, options) items in ``workers`` parallel child processes,
     restarting a child after each crash. -> {index: record}; a crashed candidate's record says so."""
-    import subprocess
     import threading
 
     indexed = list(enumerate(items))
@@ -304,23 +341,20 @@ def vet_candidates(items, checks, timing_shapes, dtype_name, device, workers, wo
             with open(job_path, "w") as f:
                 json.dump(dict(items=pending, checks=checks, timing_shapes=timing_shapes,
                                dtype=dtype_name, device=device), f)
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--vet-worker", job_path,
-                                   out_path], capture_output=True, text=True)
-            started, done = None, {}
-            if os.path.exists(out_path):
-                for line in open(out_path):
-                    rec = json.loads(line)
-                    if "start" in rec:
-                        started = rec["start"]
-                    else:
-                        done[rec["done"]] = rec
+            err_path = out_path + ".stderr"
+            with open(err_path, "w") as err:
+                proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--vet-worker",
+                                         job_path, out_path], stdout=subprocess.DEVNULL, stderr=err)
+                hung = watch_child(proc, out_path, candidate_timeout)
+            stderr = open(err_path, errors="replace").read().strip()[-300:]
+            started, done = read_progress(out_path)
             if started is not None and started not in done:  # the process died inside it
-                done[started] = dict(done=started, error=f"process died (rc {proc.returncode}): "
-                                                         + proc.stderr.strip()[-300:])
+                why = (f"no result after {candidate_timeout:.0f} s (killed)" if hung
+                       else f"process died (rc {proc.returncode})")
+                done[started] = dict(done=started, error=f"{why}: {stderr}")
             if not done:  # died before its first candidate: nothing to learn by retrying
                 for index, _ in pending:
-                    done[index] = dict(done=index, error=f"worker failed (rc {proc.returncode}): "
-                                                         + proc.stderr.strip()[-300:])
+                    done[index] = dict(done=index, error=f"worker failed (rc {proc.returncode}): {stderr}")
             with lock:
                 results.update(done)
             pending = [(i, item) for i, item in pending if i not in done]
@@ -368,7 +402,7 @@ def main(argv=None):
     items = [(None, None)] + [(k, c) for k in kernel_names for c in cands[k]]
     with tempfile.TemporaryDirectory(prefix="tune_ssd_") as workdir:
         vetted = vet_candidates(items, checks, sorted(set(shapes.values())), dtype_name, dev.type,
-                                max(1, args.workers), workdir)
+                                max(1, args.workers), workdir, args.candidate_timeout)
     vet_s = time.perf_counter() - t_start
     defaults = vetted[0]
     if "error" in defaults:
