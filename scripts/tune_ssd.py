@@ -138,10 +138,10 @@ def make_inputs(shape, dtype, dev, seed=0, awkward=False):
 
 
 def scan_fwd_bwd(fn, inputs, seq, dy, d_final):
-    x = {k: v for k, v in inputs.items()}
-    y, final = fn(x["x"], x["dt"], x["A"], x["B"], x["C"], D=x["D"], dt_bias=x["dt_bias"],
-                  dt_softplus=True, initial_state=x.get("initial_state"), seq_idx=seq,
-                  return_final_state=True)
+    """Forward + backward of the scan ``fn`` -> [y, final state, the gradient of every input]."""
+    y, final = fn(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], D=inputs["D"],
+                  dt_bias=inputs["dt_bias"], dt_softplus=True,
+                  initial_state=inputs.get("initial_state"), seq_idx=seq, return_final_state=True)
     total = (y.double() * dy).sum() + (final.double() * d_final).sum()
     grads = torch.autograd.grad(total, list(inputs.values()))
     return [y, final, *grads]
