@@ -30,9 +30,10 @@ from matmamba import create_model
 from matmamba.training.losses import LMHeadInput, chunked_lm_cross_entropy
 from matmamba.training.optim import build_param_groups, cosine_with_warmup
 from matmamba.training.strategies import check_not_fsdp1, is_fsdp, shard_model
-from matmamba.training.utils import COMPILE_MODES
+from matmamba.training.utils import compile_mode
 
 log = logging.getLogger(__name__)
+
 
 def manual_sync_dtype(hook) -> torch.dtype:
     """dtype of the gradient all-reduce that backward_per_width / accumulation run themselves under
@@ -50,16 +51,6 @@ def manual_sync_dtype(hook) -> torch.dtype:
                          "use bf16_compress_hook (trainer=ddp_bf16_grads), fp16_compress_hook or allreduce_hook "
                          "with them")
     return known[hook]
-
-
-def compile_mode(setting: bool | str | None) -> str | None:
-    """``model.compile`` -> the ``mode`` passed to torch.compile (None: its default)."""
-    if setting is None or isinstance(setting, bool):
-        return None
-    if setting not in COMPILE_MODES:
-        raise ValueError(f"model.compile={setting!r} is not valid: true, false, or a torch.compile mode "
-                         f"({', '.join(COMPILE_MODES)})")
-    return setting
 
 
 # Wrapper prefixes that FSDP, activation checkpointing and torch.compile insert in parameter names.

@@ -41,6 +41,16 @@ def _is_num(x: Any) -> bool:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def compile_mode(setting: bool | str | None) -> str | None:
+    """``model.compile`` -> the ``mode`` passed to torch.compile (None: its default)."""
+    if setting is None or isinstance(setting, bool):
+        return None
+    if setting not in COMPILE_MODES:
+        raise ValueError(f"model.compile must be true, false or a torch.compile mode ({', '.join(COMPILE_MODES)}), "
+                         f"got {setting!r}")
+    return setting
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check the settings that can be checked before anything is built; raise one ConfigError
     listing every problem with what is valid. (Model-dependent checks, such as which widths a
@@ -93,10 +103,10 @@ def validate_config(cfg: DictConfig) -> None:
     k = model.get("widths_per_step")
     if k is not None and (not _is_int(k) or k < 1 or (widths is not None and k > len(widths))):
         problems.append(f"model.widths_per_step must be null or an integer in [1, number of widths], got {k}")
-    compile_setting = model.get("compile", False)
-    if not isinstance(compile_setting, bool) and compile_setting not in COMPILE_MODES:
-        problems.append(f"model.compile must be true, false or a torch.compile mode ({', '.join(COMPILE_MODES)}), "
-                        f"got {compile_setting!r}")
+    try:
+        compile_mode(model.get("compile", False))
+    except ValueError as e:
+        problems.append(str(e))
     distill = model.get("distill") or {}
     weight = distill.get("weight", 0.0)
     if not _is_num(weight) or not 0 <= weight <= 1:
