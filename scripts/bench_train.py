@@ -52,6 +52,16 @@ baseline / ours for the same batch and widths.
         --model-overrides d_model=64 n_layer=2 d_state=16 headdim=8 chunk_size=16 \\
         --overrides data.seq_len=64 data.num_workers=0
 
+Kernel profile (``--kernel-profile``): after each of our timed runs (not the baseline's), in every
+compile setting, ``--kernel-profile-steps`` more steps run under ``torch.profiler`` (the timed
+figures are not affected). Each kernel's self device time is classified by its name
+(``classify_kernel``, patterns in ``KERNEL_CATEGORIES``): SSD scan, conv1d, gated RMSNorm, GEMM,
+loss, optimizer, inductor's fused kernels, ATen elementwise/copies, NCCL, other. The row's
+``kernel_profile`` holds ms, share and launches per step by category, the top kernels, and GPU
+busy time (union of the kernels' intervals) against the step's wall time: a host-bound step
+shows a low busy share. A short block per case follows the main table;
+``--kernel-profile-trace DIR`` also writes each case's Chrome trace.
+
 Cases are experiment names, optionally with widths: ``lm_130m:768`` trains the full width alone
 (its MFU is the full-width step's), ``lm_130m:768/96`` two widths. Out-of-memory at a micro-batch
 halves it (gradient accumulation keeps the step's batch, as the recipes do on fewer GPUs) and
@@ -70,6 +80,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -596,8 +607,9 @@ def apply_activation_checkpointing(net) -> None:
           check_fn=lambda m: isinstance(m, ResidualBlock))
 
 
-def measure(run: CaseRun, source, args, gemm: dict, peak: float | None) -> dict[str, Any]:
-    """Time ``run`` on ``source``; derive throughput and MFU."""
+def measure(run: CaseRun, source, args, gemm: dict, peak: float | None, tag: str = "") -> dict[str, Any]:
+    """Time ``run`` on ``source``; derive throughput and MFU. With ``--kernel-profile``, then
+    profile ``--kernel-profile-steps`` more steps (the timed figures are not affected)."""
     device = run.device
     result = timed_run(run.spec, source, device, args.warmup, args.steps, drain=source.kind == "real")
     widths = list(run.module.widths_for_step(args.warmup))
@@ -621,7 +633,184 @@ def measure(run: CaseRun, source, args, gemm: dict, peak: float | None) -> dict[
     result["mfu_gemm_fwd_by_width"] = per_fwd
     if per_all:
         result["mfu_gemm_by_width"] = per_all
+    if args.kernel_profile:
+        trace = None
+        if args.kernel_profile_trace:
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", tag or run.case.label)
+            trace = Path(args.kernel_profile_trace) / f"{name}.json.gz"
+        first_step = args.warmup + result["settle_steps"] + args.steps
+        result["kernel_profile"] = kernel_profile(run.spec, source, device, args.kernel_profile_steps, first_step,
+                                                  result["step_ms_wall"], trace)
+        log(f"{tag or run.case.label}: kernel profile: {kernel_profile_summary(result['kernel_profile'])}")
     return result
+
+
+# =============================================================================================
+# Kernel profile: where the step's GPU time goes, by kind of kernel
+# =============================================================================================
+
+# Kernel name -> category: the first category with a pattern that matches (re.search, case
+# insensitive) wins, so the order matters: our own Triton kernels first (their names hold words such
+# as "state" or "dx" that later patterns could take), then GEMMs, the loss, the optimizer, the rest
+# of inductor's generated kernels, ATen's generic kernels and copies, NCCL; "other" is the rest.
+# Made for CUDA kernel names; on the CPU (no kernels) the ATen op names classify roughly.
+KERNEL_CATEGORIES: dict[str, tuple[str, ...]] = {
+    # matmamba/ops/ssd/triton_impl.py (_cb_kernel, _chunk_state_fwd_kernel, _state_pass_kernel,
+    # _state_fwd_fused_kernel, _state_bwd_fused_kernel, _chunk_out_fwd_kernel, _chunk_dstate_bwd_kernel,
+    # _chunk_bwd_dx_kernel, _chunk_bwd_dbdc_kernel, _chunk_bwd_fused_kernel) and
+    # matmamba/ops/state_update (_state_update_kernel); matmamba::ssd_* custom ops on the CPU.
+    "ssd_scan": (r"(^|_)cb_kernel", r"(^|_)chunk_\w*kernel", r"(^|_)state_\w*kernel", r"ssd_(scan|state)"),
+    # matmamba/ops/conv1d/triton_impl.py: _conv_fwd_kernel, _conv_bwd_du_kernel, _conv_bwd_dx_kernel,
+    # _conv_update_kernel; matmamba::causal_conv1d_* on the CPU.
+    "conv1d": (r"(^|_)conv_\w*kernel", r"causal_conv1d"),
+    # matmamba/ops/rmsnorm/triton_impl.py: _rmsnorm_fwd_kernel, _rmsnorm_bwd_kernel.
+    "gated_rmsnorm": (r"rmsnorm_\w*kernel", r"gated_rmsnorm"),
+    # cuBLAS/cuBLASLt (nvjet_* and sm90_xmma_gemm_* on Hopper, split-K reduce), CUTLASS, gemv,
+    # inductor's matmul templates (triton_tem_fused_mm_0), ATen's matmul ops (the CPU).
+    "gemm": (r"gemm", r"gemv", r"cutlass", r"cublas", r"nvjet", r"xmma", r"triton_tem_",
+             r"(?<![a-z])(addmm|baddbmm|bmm|mm|matmul)(?![a-z])"),
+    "loss": (r"cross_?entropy", r"softmax", r"nll_?loss", r"nllcriterion"),
+    # Foreach kernels (AdamW's foreach path, clip_grad_norm_'s _foreach_norm), fused Adam, AMP.
+    "optimizer": (r"multi_tensor_apply", r"adam", r"foreach", r"_amp_", r"lpnorm"),
+    # The rest of inductor's generated kernels: pointwise, reduction, persistent reduction.
+    "inductor_fused": (r"^triton_", r"triton_(poi|red|per)_"),
+    "elementwise_other": (r"elementwise_kernel", r"vectorized_elementwise", r"reduce_kernel", r"memcpy", r"memset",
+                          r"copy"),
+    "nccl": (r"nccl",),
+}
+_KERNEL_PATTERNS = [(category, re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE))
+                    for category, patterns in KERNEL_CATEGORIES.items()]
+KERNEL_TOP = 15
+
+
+def classify_kernel(name: str) -> str:
+    """The category of a kernel (or, on the CPU, op) name: see ``KERNEL_CATEGORIES``."""
+    for category, pattern in _KERNEL_PATTERNS:
+        if pattern.search(name):
+            return category
+    return "other"
+
+
+class _NoTimer:
+    """run_step's timer when nothing is timed (profiled steps)."""
+
+    def mark(self, label: str) -> None:
+        pass
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals: time with at least one of them running."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def kernel_profile(spec: StepSpec, source, device: torch.device, steps: int, first_step: int,
+                   step_ms_wall: float, trace: Path | None = None) -> dict[str, Any]:
+    """Run ``steps`` more steps under ``torch.profiler`` and break their GPU time down by kind of
+    kernel (``classify_kernel``): per category and for the top kernels, time and launches per step.
+
+    Time is each kernel's self device time (``self_device_time_total``; memcpy and memset count as
+    kernels). Busy time is the union of the kernels' intervals, per step; ``busy_share`` is that
+    over the timed (unprofiled) step's wall time, so a host-bound step (the GPU waiting for
+    launches or data) shows as a share well below 1. On the CPU: CPU ops' self time instead.
+    Failures become ``{"status": "error"}`` (the timed figures stand)."""
+    import traceback
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    try:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        synchronize(device)
+        with profile(activities=activities) as prof:
+            started = time.perf_counter()
+            for i in range(steps):
+                run_step(spec, source, _NoTimer(), first_step + i)
+            synchronize(device)
+            wall = time.perf_counter() - started
+
+        def counted(event) -> bool:
+            # Not: record_function ranges mirrored on the GPU timeline (as torch's own table
+            # leaves them out), async spans, the profiler's own overhead records.
+            if getattr(event, "is_user_annotation", False) or getattr(event, "is_async", False) \
+                    or getattr(event, "activity_type", None) == "overhead":
+                return False
+            return (event.device_type != DeviceType.CPU) == cuda
+
+        def self_us(event) -> float:
+            if cuda:
+                value = getattr(event, "self_device_time_total", None)
+                return float(value if value is not None else event.self_cuda_time_total)  # torch < 2.4
+            return float(event.self_cpu_time_total)
+
+        kernels = [(e.key, self_us(e), e.count) for e in prof.key_averages() if counted(e)]
+        busy_us = _union_us([(e.time_range.start, e.time_range.end) for e in prof.events() if counted(e)])
+        total_us = sum(us for _, us, _ in kernels)
+        categories: dict[str, dict[str, float]] = {}
+        for name, us, count in kernels:
+            c = categories.setdefault(classify_kernel(name), {"us": 0.0, "count": 0})
+            c["us"] += us
+            c["count"] += count
+
+        def ms(us: float) -> float:  # microseconds over all profiled steps -> ms per step
+            return us / 1e3 / steps
+
+        def share(us: float) -> float:
+            return us / total_us if total_us > 0 else 0.0
+
+        profiled_ms = wall / steps * 1e3
+        out = {
+            "status": "ok",
+            "steps": steps,
+            "time": "GPU kernels' self device time (self_device_time_total)" if cuda
+                    else "CPU ops' self CPU time (self_cpu_time_total): no GPU",
+            "kernel_ms_per_step": ms(total_us),
+            "launches_per_step": sum(count for _, _, count in kernels) / steps,
+            "busy_ms_per_step": ms(busy_us),
+            "step_ms_wall": step_ms_wall,
+            "profiled_step_ms_wall": profiled_ms,
+            # GPU: kernel times are the profiler's own measurements and barely change under it, while
+            # the host slows down; so the share is of the timed step's wall time. CPU: every op is
+            # slower under the profiler, so the share is of the profiled steps' wall time.
+            "busy_share": ms(busy_us) / (step_ms_wall if cuda else profiled_ms),
+            "busy_share_of": "timed step wall" if cuda else "profiled step wall",
+            "busy_share_profiled": ms(busy_us) / profiled_ms,
+            "categories": {
+                name: {"ms_per_step": ms(c["us"]), "share": share(c["us"]), "launches_per_step": c["count"] / steps}
+                for name, c in sorted(categories.items(), key=lambda kv: -kv[1]["us"])},
+            "top_kernels": [
+                {"name": name[:80], "category": classify_kernel(name), "ms_per_step": ms(us),
+                 "share": share(us), "calls_per_step": count / steps}
+                for name, us, count in sorted(kernels, key=lambda k: -k[1])[:KERNEL_TOP]],
+            "trace": None,
+        }
+        if trace is not None:
+            trace.parent.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(trace))
+            wait = getattr(prof, "wait_for_exports", None)
+            if wait is not None:
+                wait()
+            out["trace"] = str(trace)
+        return out
+    except Exception as error:  # noqa: BLE001 - a failed profile must not lose the timed row
+        traceback.print_exc()
+        return {"status": "error", "reason": error_text(error)}
+    finally:
+        free_memory(device)
+
+
+def kernel_profile_summary(kp: dict) -> str:
+    """One line: busy share and the three largest categories."""
+    if kp.get("status") != "ok":
+        return f"{kp.get('status')}: {kp.get('reason', '')}"
+    top = ", ".join(f"{name} {c['share'] * 100:.0f}%" for name, c in list(kp["categories"].items())[:3])
+    return (f"busy {kp['busy_ms_per_step']:.1f} ms/step = {pct(kp['busy_share'])} of the {kp['busy_share_of']}; "
+            f"{kp['launches_per_step']:.0f} launches/step; {top}")
 
 
 # =============================================================================================
@@ -914,6 +1103,35 @@ def print_table(rows: list[dict], meta: dict) -> None:
     print("=" * 150, flush=True)
 
 
+def print_kernel_profiles(rows: list[dict]) -> None:
+    """After the main table: per profiled case, time by kind of kernel and the top kernels."""
+    profiled = [r for r in rows if r.get("kernel_profile")]
+    if not profiled:
+        return
+    print()
+    print("kernel profile (--kernel-profile): self time per step by kind of kernel (GPU kernels; CPU ops on the "
+          "CPU); busy = union of their intervals per step")
+    for row in profiled:
+        kp = row["kernel_profile"]
+        title = f"{row['case']} {row['data']} compile={row['compile']}"
+        if kp.get("status") != "ok":
+            print(f"-- {title}: {kp.get('status')}: {kp.get('reason', '')}")
+            continue
+        unit = "GPU" if kp["time"].startswith("GPU") else "CPU op"
+        print(f"-- {title}: {kp['steps']} profiled steps; {unit} busy {kp['busy_ms_per_step']:.2f} ms/step = "
+              f"{pct(kp['busy_share'])} of the {kp.get('busy_share_of', 'step wall')} (timed "
+              f"{kp['step_ms_wall']:.2f} ms, profiled {kp['profiled_step_ms_wall']:.2f} ms); {unit} self time "
+              f"{kp['kernel_ms_per_step']:.2f} ms/step, {kp['launches_per_step']:.0f} launches/step"
+              + (f"; trace {kp['trace']}" if kp.get("trace") else ""))
+        print(f"   {'category':<18} {'ms/step':>9} {'share':>7} {'launches':>9}")
+        for name, c in kp["categories"].items():
+            print(f"   {name:<18} {c['ms_per_step']:>9.3f} {pct(c['share']):>7} {c['launches_per_step']:>9.1f}")
+        print(f"   {'top kernels':<80} {'category':<18} {'ms/step':>9} {'calls':>7}")
+        for k in kp["top_kernels"]:
+            print(f"   {k['name']:<80} {k['category']:<18} {k['ms_per_step']:>9.3f} {k['calls_per_step']:>7.1f}")
+    print(flush=True)
+
+
 class Report:
     def __init__(self, path: str | None, meta: dict) -> None:
         self.path, self.meta, self.rows = path, meta, []
@@ -979,6 +1197,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model config fields for every case (tiny models), e.g. n_layer=2 d_model=64")
     p.add_argument("--overrides", nargs="*", default=[], metavar="HYDRA_OVERRIDE",
                    help="extra Hydra overrides for every case, e.g. data.num_workers=12 data.seq_len=64")
+    p.add_argument("--kernel-profile", action="store_true",
+                   help="after each of our timed runs (not the baseline), profile --kernel-profile-steps more "
+                        "steps with torch.profiler: GPU time and launches per step by kind of kernel (SSD scan, "
+                        "conv1d, gated RMSNorm, GEMM, loss, optimizer, inductor, elementwise, NCCL), the top "
+                        "kernels, and GPU busy time against the step's wall time (JSON 'kernel_profile')")
+    p.add_argument("--kernel-profile-steps", type=int, default=3, metavar="N",
+                   help="steps profiled per case with --kernel-profile (default: 3)")
+    p.add_argument("--kernel-profile-trace", default=None, metavar="DIR",
+                   help="also write each profiled case's Chrome trace (.json.gz) into DIR (implies --kernel-profile)")
     p.add_argument("--json", default=None, help="write all numbers here")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; cases that would start after this are skipped (listed in the table)")
@@ -994,6 +1221,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--compile takes {', '.join(COMPILE_SETTINGS)}; got {args.compile}")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.kernel_profile_steps < 1:
+        p.error("--kernel-profile-steps must be >= 1")
+    if args.kernel_profile_trace and not args.kernel_profile:
+        args.kernel_profile = True  # asking for traces implies the profile
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is available; use --device cpu")
     if args.workdir is None:
@@ -1071,7 +1302,7 @@ def main(argv: list[str] | None = None) -> dict:
                                           data_root=roots[task])
                         source = run.synthetic if data == "synthetic" else LoaderSource(
                             run.datamodule, device, run.module.items_in_batch)
-                        result = measure(run, source, args, gemm, peak)
+                        result = measure(run, source, args, gemm, peak, tag=f"{case.label} {data} compile={compile_mode}")
                         if data == "real" and args.loader_probe:
                             result["loader"] = source.probe(batches=max(8, source.workers + 2), max_s=15.0)
                             result["loader_items_per_s"] = result["loader"]["items_per_s"]
@@ -1166,6 +1397,7 @@ def main(argv: list[str] | None = None) -> dict:
     report.rows.sort(key=lambda r: (r["case"], r.get("is_baseline", False)))
     report.save()
     print_table(report.rows, meta)
+    print_kernel_profiles(report.rows)
     return {"meta": meta, "rows": report.rows}
 
 

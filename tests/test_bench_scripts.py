@@ -199,3 +199,73 @@ def test_bench_train_compile_settings_map_to_model_compile(tmp_path):
     assert args.compile == ["off", "reduce-overhead"]
     with pytest.raises(SystemExit):
         bench_train.parse_args(["--compile", "fast", "--device", "cpu"])
+
+
+def test_classify_kernel_on_real_kernel_names():
+    """--kernel-profile's classification of kernel names as an H200 profile shows them."""
+    expected = {
+        "_chunk_bwd_dx_kernel": "ssd_scan",
+        "_cb_kernel": "ssd_scan",
+        "_state_pass_kernel": "ssd_scan",
+        "_chunk_state_fwd_kernel": "ssd_scan",
+        "_conv_bwd_du_kernel": "conv1d",
+        "_rmsnorm_bwd_kernel": "gated_rmsnorm",
+        "nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNT": "gemm",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_"
+        "kernel__5x_cublas": "gemm",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>": "gemm",
+        "triton_tem_fused_mm_0": "gemm",
+        "triton_poi_fused_add_mul_0": "inductor_fused",
+        "triton_red_fused__to_copy_sum_1": "inductor_fused",
+        "triton_per_fused__log_softmax_nll_loss_forward_2": "loss",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, "
+        "at::detail::Array<char*, 1> >(int, at::native::FillFunctor<float>, at::detail::Array<char*, 1>)":
+            "elementwise_other",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<float, "
+        "at::native::sum_functor<float, float, float>::operator()>, unsigned int, float, 4, 4> >":
+            "elementwise_other",
+        "Memcpy DtoD (Device -> Device)": "elementwise_other",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, "
+        "at::native::(anonymous namespace)::LogSoftMaxForwardEpilogue>(float*, float const*, int)": "loss",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+        "TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4>>": "optimizer",
+        "void at::native::(anonymous namespace)::lpnorm_cleanup<float, (at::native::NormType)1, float, float>":
+            "optimizer",
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "nccl",
+        "void at::native::index_elementwise_kernel<128, 4>": "elementwise_other",
+        "aten::mm": "gemm",
+        "aten::mul": "other",
+        "some_unknown_kernel": "other",
+    }
+    got = {name: bench_train.classify_kernel(name) for name in expected}
+    assert got == expected
+    assert set(expected.values()) <= set(bench_train.KERNEL_CATEGORIES) | {"other"}
+
+
+def test_bench_train_kernel_profile_cpu(tmp_path, capsys):
+    """--kernel-profile on the CPU: extra steps after the timed ones are profiled, classified into
+    categories whose shares sum to 1, the top kernels listed, a trace written, the block printed."""
+    out = tmp_path / "bench.json"
+    traces = tmp_path / "traces"
+    bench_train.main(["--device", "cpu", "--cases", "lm_130m:64", "--data", "synthetic", "--compile", "off",
+                      "--no-baseline", "--batch", "2", "--steps", "1", "--warmup", "0", "--gemm-size", "64",
+                      "--kernel-profile", "--kernel-profile-steps", "2", "--kernel-profile-trace", str(traces),
+                      "--json", str(out), "--workdir", str(tmp_path / "work"),
+                      "--model-overrides", *TINY_BLOCK, "vocab_size=256", "--overrides", "data.seq_len=16"])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "ok" and _finite_positive(row["step_ms_wall"])
+    kp = row["kernel_profile"]
+    assert kp["status"] == "ok" and kp["steps"] == 2, kp
+    for key in ("kernel_ms_per_step", "busy_ms_per_step", "launches_per_step", "busy_share",
+                "profiled_step_ms_wall"):
+        assert _finite_positive(kp[key]), (key, kp[key])
+    categories = kp["categories"]
+    assert set(categories) <= set(bench_train.KERNEL_CATEGORIES) | {"other"} and "gemm" in categories
+    assert math.isclose(sum(c["share"] for c in categories.values()), 1.0, rel_tol=1e-6)
+    assert math.isclose(sum(c["ms_per_step"] for c in categories.values()), kp["kernel_ms_per_step"], rel_tol=1e-6)
+    top = kp["top_kernels"]
+    assert 0 < len(top) <= 15 and all(len(k["name"]) <= 80 and k["calls_per_step"] > 0 for k in top)
+    assert [k["ms_per_step"] for k in top] == sorted((k["ms_per_step"] for k in top), reverse=True)
+    assert kp["trace"] and (traces / "lm_130m-64-synthetic-compile-off.json.gz").is_file()
+    printed = capsys.readouterr().out
+    assert "-- lm_130m:64 synthetic compile=off: 2 profiled steps" in printed and "top kernels" in printed
