@@ -657,7 +657,7 @@ def measure(run: CaseRun, source, args, gemm: dict, peak: float | None, tag: str
 KERNEL_CATEGORIES: dict[str, tuple[str, ...]] = {
     # matmamba/ops/ssd/triton_impl.py (_cb_kernel, _chunk_state_fwd_kernel, _state_pass_kernel,
     # _state_fwd_fused_kernel, _state_bwd_fused_kernel, _chunk_out_fwd_kernel, _chunk_dstate_bwd_kernel,
-    # _chunk_bwd_dx_kernel, _chunk_bwd_dbdc_kernel, _chunk_bwd_fused_kernel) and
+    # _chunk_bwd_dx_kernel, _chunk_bwd_dbdc_kernel) and
     # matmamba/ops/state_update (_state_update_kernel); matmamba::ssd_* custom ops on the CPU.
     "ssd_scan": (r"(^|_)cb_kernel", r"(^|_)chunk_\w*kernel", r"(^|_)state_\w*kernel", r"ssd_(scan|state)"),
     # matmamba/ops/conv1d/triton_impl.py: _conv_fwd_kernel, _conv_bwd_du_kernel, _conv_bwd_dx_kernel,

@@ -4,7 +4,6 @@ the GPU, check every alternative's outputs, and print which options are fastest.
 
     python scripts/tune_ssd.py --json /tmp/tune_ssd.json                 # all kernels, 3 shapes
     python scripts/tune_ssd.py --kernels bwd_dx,bwd_dbdc --shapes block
-    python scripts/tune_ssd.py --backward-form fused --kernels bwd_fused   # the one-launch B3+B4
     python scripts/tune_ssd.py --cpu-dry-run                             # the plumbing, on the CPU
 
 How: every launch of the SSD kernels goes through ``triton_impl._launch(name, **defaults)``, which
@@ -29,11 +28,6 @@ faults (which kills its child; the child is restarted for the rest) is rejected,
 candidates ever run in the timing process. Launch options change pipelining and register
 allocation, and Triton does miscompile some of them on Hopper: in session 4, num_stages=1 with 4
 warps in ``bwd_dbdc`` made an illegal address at n = 16 (docs/performance.md).
-
-The backward's per-chunk work runs as two kernels (``bwd_dx``, ``bwd_dbdc``) or one
-(``bwd_fused``), by ``triton_impl.BACKWARD_FORM``: ``--backward-form`` picks the one this run
-tunes (its kernels only), and every shape's all-default forward + backward is also timed with
-the other form, in the same process, for the comparison that decides the default.
 """
 
 from __future__ import annotations
@@ -85,13 +79,7 @@ KERNELS = {
     "state_pass_bwd": ("_state_pass_kernel", dict(num_warps=(2, 4, 8), BLOCK=(256, 512, 1024, 2048))),
     "bwd_dx": ("_chunk_bwd_dx_kernel", _DOT_GRID),
     "bwd_dbdc": ("_chunk_bwd_dbdc_kernel", _DOT_GRID),
-    # SPLITS: programs per group's heads (0 = the heuristic); BLOCK_N >= N keeps B, C resident
-    "bwd_fused": ("_chunk_bwd_fused_kernel",
-                  dict(num_warps=(4, 8, 16), num_stages=(2, 3), BLOCK_N=(32, 64, 128),
-                       SPLITS=(0, 2, 4, 8))),
 }
-# Kernels that run only under one backward form (triton_impl.BACKWARD_FORM).
-FORM_OF_KERNEL = {"bwd_dx": "split", "bwd_dbdc": "split", "bwd_fused": "fused"}
 # The state pass kernel serves both directions; its REVERSE flag tells the launches apart.
 _KERNEL_OF_LAUNCH = {("_state_pass_kernel", False): "state_pass_fwd",
                      ("_state_pass_kernel", True): "state_pass_bwd"}
@@ -109,10 +97,6 @@ def parse_args(argv=None):
     p.add_argument("--other-chunks", default="128",
                    help="chunk lengths (MATMAMBA_SSD_CHUNK) whose all-default forward + backward is "
                         "also timed, for comparison with the default chunk ('' for none)")
-    p.add_argument("--backward-form", default=os.environ.get("MATMAMBA_SSD_BWD") or "split",
-                   choices=["split", "fused"],
-                   help="the backward form tuned (MATMAMBA_SSD_BWD for this run and its vetting "
-                        "children); the other form's all-default time is printed beside it")
     p.add_argument("--json", default=None)
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="tiny shapes, 2 candidates per kernel, Triton interpreter on the CPU")
@@ -392,7 +376,6 @@ def main(argv=None):
     dry = args.cpu_dry_run
     if dry:
         os.environ["TRITON_INTERPRET"] = "1"
-    os.environ["MATMAMBA_SSD_BWD"] = args.backward_form  # read at import, here and in the children
     from matmamba.ops.ssd import triton_impl
 
     if not dry and not torch.cuda.is_available():
@@ -408,9 +391,6 @@ def main(argv=None):
     for k in kernel_names:
         if k not in KERNELS:
             sys.exit(f"--kernels: unknown kernel {k!r}; valid: {', '.join(KERNELS)}")
-        if FORM_OF_KERNEL.get(k, args.backward_form) != args.backward_form:
-            sys.exit(f"--kernels: {k} runs only with --backward-form {FORM_OF_KERNEL[k]} "
-                     f"(this run: {args.backward_form})")
     shapes = {s: (DRY_SHAPE if dry else SHAPES[s]) for s in shape_names}
     checks = DRY_CHECKS if dry else CHECKS
     cands = {k: candidates(k, 2 if dry else None) for k in kernel_names}
@@ -450,8 +430,7 @@ def main(argv=None):
     timers = install_timers(triton_impl) if not dry else {}
     report = dict(device=torch.cuda.get_device_name() if not dry else "cpu (dry run)",
                   torch=torch.__version__, triton=__import__("triton").__version__,
-                  dtype=dtype_name, backward_form=args.backward_form, checks=checks,
-                  default_errors=defaults["errors"],
+                  dtype=dtype_name, checks=checks, default_errors=defaults["errors"],
                   vet_s=vet_s, shapes={})
     for shape_name, shape in shapes.items():
         low, _, seq = make_inputs(shape, dtype, dev)
@@ -480,19 +459,6 @@ def main(argv=None):
                 del os.environ["MATMAMBA_SSD_CHUNK"]
             entry["other_chunks_total_ms"][chunk] = total
             print(f"   chunk {chunk}: {total:.3f} ms", flush=True)
-        if not dry:
-            other_form = "split" if args.backward_form == "fused" else "fused"
-            triton_impl.BACKWARD_FORM = other_form
-            try:
-                other_kernels, other_total = time_config(triton_impl, timers, fn, low, seq, dy,
-                                                         d_final, {}, args.reps, args.warmup)
-            finally:
-                triton_impl.BACKWARD_FORM = args.backward_form
-            entry["other_form"] = dict(form=other_form, total_ms=other_total,
-                                       kernels_ms=other_kernels)
-            print(f"   backward form {other_form}: {other_total:.3f} ms "
-                  f"({args.backward_form} / {other_form} = {base_total / other_total:.3f})",
-                  flush=True)
         best_all = {}
         for kernel in kernel_names:
             if time.perf_counter() - t_start > args.time_budget:

@@ -11,7 +11,6 @@ bf16 and fp16 are checked on the GPU by scripts/gpu_check.py).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
@@ -24,9 +23,8 @@ TOL = 1e-4  # float32 against float64 (issue 3's target)
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("group", ["ssd_parallel", "ssd_sequential", "ssd_launch_options",
-                                   "ssd_fused_backward", "conv1d", "rmsnorm", "decode", "mixer",
-                                   "dispatch"])
+@pytest.mark.parametrize("group", ["ssd_parallel", "ssd_sequential", "ssd_launch_options", "conv1d",
+                                   "rmsnorm", "decode", "mixer", "dispatch"])
 def test_triton_kernels_under_interpreter(group):
     run_group(__file__, group)
 
@@ -64,164 +62,46 @@ def _compare(name, triton_fn, naive_fn, inputs: dict, failures: list, tol=TOL):
         failures.append(name)
 
 
-_SSD_CASES = [
-    # (b, l, h, p, g, n, chunk, options)
-    (2, 37, 3, 24, 1, 16, 16, dict(D="h", bias=True, softplus=True, init=True)),
-    (1, 70, 5, 24, 5, 16, 32, dict(D="hp", bias=True, softplus=True, seq=True, init=True)),
-    (2, 33, 4, 8, 2, 32, 16, dict(D=None, bias=False, softplus=False, limit=(0.0, 0.3))),
-    (1, 16, 1, 24, 1, 16, 16, dict(D="h", bias=True, softplus=True, seq=True)),  # one chunk
-]
-
-
-def _ssd_inputs(b, l, h, p, g, n, opt):
+def _ssd_group(form: str, failures: list) -> None:
     import torch
 
-    gen = torch.Generator().manual_seed(b * 1000 + l)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
-    inputs = dict(
-        x=rnd(b, l, h, p).requires_grad_(),
-        dt=(rnd(b, l, h) * 0.5 if opt.get("softplus") else rnd(b, l, h).abs() * 0.1).requires_grad_(),
-        A=(-torch.rand(h, generator=gen, dtype=torch.float64) * 4 - 0.5).requires_grad_(),
-        B=rnd(b, l, g, n).requires_grad_(),
-        C=rnd(b, l, g, n).requires_grad_(),
-        D=None if opt.get("D") is None else rnd(*((h,) if opt["D"] == "h" else (h, p))).requires_grad_(),
-        dt_bias=(rnd(h) * 0.3 - 2).requires_grad_() if opt.get("bias") else None,
-        initial_state=rnd(b, h, p, n).requires_grad_() if opt.get("init") else None,
-        seq_idx=None,
-        dt_softplus=bool(opt.get("softplus")),
-        dt_limit=opt.get("limit", (0.0, math.inf)),
-        return_final_state=True,
-    )
-    if opt.get("seq"):
-        seq = torch.zeros(b, l, dtype=torch.int32)
-        seq[:, l // 3:] = 4
-        seq[:, l // 3 + 1:] = 5
-        seq[:, l - 1:] = 9
-        inputs["seq_idx"] = seq
-    return inputs
-
-
-def _ssd_group(form: str, failures: list, cases=_SSD_CASES, label: str = "") -> None:
     from matmamba.ops.ssd.naive import ssd_scan_naive
     from matmamba.ops.ssd.triton_impl import ssd_scan_triton
 
     os.environ["MATMAMBA_SSD_STATE"] = form
+    cases = [
+        # (b, l, h, p, g, n, chunk, options)
+        (2, 37, 3, 24, 1, 16, 16, dict(D="h", bias=True, softplus=True, init=True)),
+        (1, 70, 5, 24, 5, 16, 32, dict(D="hp", bias=True, softplus=True, seq=True, init=True)),
+        (2, 33, 4, 8, 2, 32, 16, dict(D=None, bias=False, softplus=False, limit=(0.0, 0.3))),
+        (1, 16, 1, 24, 1, 16, 16, dict(D="h", bias=True, softplus=True, seq=True)),  # one chunk
+    ]
     for b, l, h, p, g, n, chunk, opt in cases:
         os.environ["MATMAMBA_SSD_CHUNK"] = str(chunk)
-        inputs = _ssd_inputs(b, l, h, p, g, n, opt)
-        name = (f"ssd[{form}{label}] b{b} l{l} h{h} p{p} g{g} n{n} Q{chunk} "
-                f"{sorted(k for k, v in opt.items() if v)}")
+        gen = torch.Generator().manual_seed(b * 1000 + l)
+        rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+        inputs = dict(
+            x=rnd(b, l, h, p).requires_grad_(),
+            dt=(rnd(b, l, h) * 0.5 if opt.get("softplus") else rnd(b, l, h).abs() * 0.1).requires_grad_(),
+            A=(-torch.rand(h, generator=gen, dtype=torch.float64) * 4 - 0.5).requires_grad_(),
+            B=rnd(b, l, g, n).requires_grad_(),
+            C=rnd(b, l, g, n).requires_grad_(),
+            D=None if opt.get("D") is None else rnd(*((h,) if opt["D"] == "h" else (h, p))).requires_grad_(),
+            dt_bias=(rnd(h) * 0.3 - 2).requires_grad_() if opt.get("bias") else None,
+            initial_state=rnd(b, h, p, n).requires_grad_() if opt.get("init") else None,
+            seq_idx=None,
+            dt_softplus=bool(opt.get("softplus")),
+            dt_limit=opt.get("limit", (0.0, math.inf)),
+            return_final_state=True,
+        )
+        if opt.get("seq"):
+            seq = torch.zeros(b, l, dtype=torch.int32)
+            seq[:, l // 3:] = 4
+            seq[:, l // 3 + 1:] = 5
+            seq[:, l - 1:] = 9
+            inputs["seq_idx"] = seq
+        name = f"ssd[{form}] b{b} l{l} h{h} p{p} g{g} n{n} Q{chunk} {sorted(k for k, v in opt.items() if v)}"
         _compare(name, ssd_scan_triton, ssd_scan_naive, inputs, failures)
-
-
-@contextlib.contextmanager
-def _poisoned_allocations():
-    """torch.empty / torch.empty_like return NaN-filled (float) or -7-filled (int) tensors, so
-    an element a kernel fails to write shows up (as scripts/gpu_check.py does on the GPU)."""
-    import torch
-
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(-7)
-        return t
-
-    torch.empty = lambda *a, **k: fill(real_empty(*a, **k))
-    torch.empty_like = lambda *a, **k: fill(real_empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_empty_like
-
-
-def _ssd_fused_backward_group(failures: list) -> None:
-    """BACKWARD_FORM = "fused" (B3 + B4 in one kernel) against the float64 reference, with
-    NaN-poisoned buffers: odd heads per group (uneven head splits), several groups, dstate not a
-    power of 2, packed sequences, initial states, D per head and per channel, dt_bias + softplus,
-    a dt limit, both state forms, explicit SPLITS, N in steps, the mixer core's strided outputs,
-    the fallback to split past n = 256; then fused against split to rounding."""
-    import torch
-
-    from matmamba.ops.ssd import triton_impl
-
-    cases = [
-        # (b, l, h, p, g, n, chunk, options); on the CPU a group's heads go to min(2, h/g) splits
-        (2, 37, 5, 24, 1, 16, 16, dict(D="h", bias=True, softplus=True, seq=True, init=True)),
-        (1, 70, 6, 24, 2, 24, 32, dict(D="hp", bias=True, softplus=True, seq=True, init=True)),
-        (2, 33, 4, 8, 2, 32, 16, dict(D=None, bias=False, softplus=False, limit=(0.0, 0.3))),
-        (1, 16, 3, 24, 3, 16, 16, dict(D="h", bias=True, softplus=True, seq=True)),  # one chunk
-    ]
-    class _CountLaunches:  # the fused kernel really runs (and not where it falls back)
-        def __init__(self, kernel):
-            self.kernel, self.launches = kernel, 0
-
-        def __getitem__(self, grid):
-            self.launches += 1
-            return self.kernel[grid]
-
-    fused_kernel = triton_impl._chunk_bwd_fused_kernel
-    counter = triton_impl._chunk_bwd_fused_kernel = _CountLaunches(fused_kernel)
-    triton_impl.BACKWARD_FORM = "fused"
-    try:
-        with _poisoned_allocations():
-            _ssd_group("parallel", failures, cases, label=" fused")
-            _ssd_group("sequential", failures, cases[1:2], label=" fused")
-            triton_impl.LAUNCH_OVERRIDES["bwd_fused"] = dict(SPLITS=3, num_warps=2, num_stages=3)
-            _ssd_group("parallel", failures, cases[:1], label=" fused SPLITS=3")
-            # N in steps for B3's state terms (B, C re-read per head): n = 24 in two 16-wide steps
-            triton_impl.LAUNCH_OVERRIDES["bwd_fused"] = dict(SPLITS=1, BLOCK_N=16)
-            _ssd_group("parallel", failures, cases[1:2], label=" fused SPLITS=1 BLOCK_N=16")
-            # the mixer core writes dx / d dt / dB / dC into strided views of its gradients
-            _mixer_group(failures, [(3, True)])
-            # dstate past 256 (pads to 512): falls back to the two kernels
-            triton_impl.LAUNCH_OVERRIDES.clear()
-            launches = counter.launches
-            _ssd_group("parallel", failures, [(1, 20, 2, 8, 1, 264, 16, dict(D="h"))],
-                       label=" fused->split")
-        ok = launches == 8 and counter.launches == launches
-        print(f"{'ok  ' if ok else 'FAIL'} fused kernel launches: {launches} (8 expected), "
-              f"{counter.launches - launches} past n = 256 (0 expected)")
-        if not ok:
-            failures.append("fused kernel launches")
-        # an override reaches the launch (a bad one fails)
-        triton_impl.LAUNCH_OVERRIDES["bwd_fused"] = dict(BLOCK_N=3)  # not a power of 2
-        x = torch.randn(1, 40, 2, 8, requires_grad=True)
-        y = triton_impl.ssd_scan_triton(x, torch.rand(1, 40, 2), -torch.rand(2),
-                                        torch.randn(1, 40, 1, 32), torch.randn(1, 40, 1, 32))
-        try:
-            y.sum().backward()
-            failures.append("a bad bwd_fused override did not reach its launch")
-        except Exception as exc:  # Triton refuses tl.arange(0, 3)
-            print(f"ok   a bad bwd_fused override fails its launch: {type(exc).__name__}")
-        triton_impl.LAUNCH_OVERRIDES.clear()
-
-        # fused and split agree to rounding in float32 (the same forward; each backward)
-        os.environ["MATMAMBA_SSD_STATE"] = "parallel"
-        b, l, h, p, g, n, chunk, opt = cases[1]
-        os.environ["MATMAMBA_SSD_CHUNK"] = str(chunk)
-        inputs = {k: (v.detach().float().requires_grad_() if isinstance(v, torch.Tensor)
-                      and v.is_floating_point() else v)
-                  for k, v in _ssd_inputs(b, l, h, p, g, n, opt).items()}
-        leaves = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-        y, final = triton_impl.ssd_scan_triton(**inputs)
-        loss = (y * torch.randn_like(y)).sum() + (final * torch.randn_like(final)).sum()
-        grads = {}
-        for form in ("split", "fused"):
-            triton_impl.BACKWARD_FORM = form
-            grads[form] = torch.autograd.grad(loss, [inputs[k] for k in leaves], retain_graph=True)
-        errors = {f"d{k}": rel_err(a, s) for k, a, s in zip(leaves, grads["fused"], grads["split"])}
-        ok = max(errors.values()) <= 1e-6
-        print(f"{'ok  ' if ok else 'FAIL'} fused vs split backward, float32: "
-              + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
-        if not ok:
-            failures.append("fused vs split backward")
-    finally:
-        triton_impl.BACKWARD_FORM = "split"
-        triton_impl.LAUNCH_OVERRIDES.clear()
-        triton_impl._chunk_bwd_fused_kernel = fused_kernel
 
 
 def _ssd_launch_options_group(failures: list) -> None:
@@ -344,7 +224,7 @@ def _decode_group(failures: list) -> None:
             failures.append("causal_conv1d_update")
 
 
-def _mixer_group(failures: list, cases=((5, False), (3, True), (1, False))) -> None:
+def _mixer_group(failures: list) -> None:
     """The fused conv -> scan -> gated-norm node against the naive ops composed in float64, at a
     full and two partial widths (unused heads' dt columns must get zero gradient), seq_idx."""
     import torch
@@ -352,7 +232,7 @@ def _mixer_group(failures: list, cases=((5, False), (3, True), (1, False))) -> N
     from matmamba.ops.triton_common.mixer import mamba2_mixer_core_reference, mamba2_mixer_core_triton
     os.environ["MATMAMBA_SSD_CHUNK"] = "16"
     G, N, P, H, W = 1, 16, 8, 5, 4
-    for k, seq in cases:
+    for k, seq in [(5, False), (3, True), (1, False)]:
         gen = torch.Generator().manual_seed(k)
         rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
         b, l = 2, 37
@@ -412,41 +292,11 @@ def test_ssd_launch_limits_are_explicit():
         triton_impl._check_chunks(65536, 64)
 
 
-def test_ssd_backward_form_setting(monkeypatch):
-    """MATMAMBA_SSD_BWD picks the backward form ("split" unless set), a bad value is refused,
-    and the fused kernel's head splits fill the GPU (about 2 programs per SM) without exceeding
-    a group's heads; off CUDA they are min(2, heads per group) (the interpreter's split path)."""
-    import torch
-
-    from matmamba.ops.ssd import triton_impl
-
-    monkeypatch.delenv("MATMAMBA_SSD_BWD", raising=False)
-    assert triton_impl._backward_form_from_env() == "split"
-    monkeypatch.setenv("MATMAMBA_SSD_BWD", "fused")
-    assert triton_impl._backward_form_from_env() == "fused"
-    monkeypatch.setenv("MATMAMBA_SSD_BWD", "both")
-    with pytest.raises(ValueError, match="MATMAMBA_SSD_BWD"):
-        triton_impl._backward_form_from_env()
-    monkeypatch.setattr(triton_impl, "BACKWARD_FORM", "Fused")
-    with pytest.raises(ValueError, match="BACKWARD_FORM"):
-        triton_impl._backward_form()
-
-    monkeypatch.setattr(triton_impl, "_sm_count", lambda device: 132)
-    cuda = torch.device("cuda")
-    for batch, nchunks, ngroups, hpg in [(8, 32, 1, 64), (1, 4, 1, 8), (64, 4, 1, 24), (1, 1, 1, 3)]:
-        splits = triton_impl._fused_head_splits(batch, nchunks, ngroups, hpg, cuda)
-        assert 1 <= splits <= hpg
-        assert batch * nchunks * ngroups * splits >= min(2 * 132, batch * nchunks * ngroups * hpg)
-    assert triton_impl._fused_head_splits(8, 32, 1, 64, torch.device("cpu")) == 2
-    assert triton_impl._fused_head_splits(8, 32, 4, 1, torch.device("cpu")) == 1
-
-
 def _main(group: str) -> int:
     return group_main({
         "ssd_parallel": lambda failures: _ssd_group("parallel", failures),
         "ssd_sequential": lambda failures: _ssd_group("sequential", failures),
         "ssd_launch_options": _ssd_launch_options_group,
-        "ssd_fused_backward": _ssd_fused_backward_group,
         "conv1d": _conv_group,
         "rmsnorm": _rmsnorm_group,
         "decode": _decode_group,

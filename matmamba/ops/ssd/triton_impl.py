@@ -32,8 +32,6 @@ Backward (four launches, B1 and B2 fused in the sequential form, plus small redu
                    W_ts  = sum_h L^h_ts (dy^h_t . xt^h_s)
                    dC_t  = W B + sum_h exp(Lam^h_t) dy^h_t H0^h
                    dB_s  = W^T C + sum_h exp(Lam^h_end - Lam^h_s) xt^h_s G^h
-    B3+B4 fused (BACKWARD_FORM = "fused"): one launch per (b, group, chunk, split of the heads)
-                   doing both, with B, C, CB, and each head's loads and dy xt^T, shared
 
 The identity behind dLam: Lam_t multiplies every term that C_t reads (so dLam_t gets C_t . dC_t)
 and divides every term that xt_t writes (so it loses xt_t . dxt_t); the chunk's end decay scales
@@ -763,233 +761,8 @@ def _chunk_bwd_dbdc_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# B3+B4 fused: one program per (b, group, chunk, split of the group's heads) walks its heads and
-# does, per head, all of B3 (dx, d dt, the dA / dD / d dt_bias partials) and that head's share of
-# B4 (W, dC, dB), with each head's x, dy, dt', Lam, H0, G loaded once and dy xt^T and
-# exp(Lam_t - Lam_s) computed once for both. CB is loaded once per program; B and C too when
-# BLOCK_N covers the whole N (BLOCK_NF): otherwise B3's state terms step through N in BLOCK_N
-# slices as _chunk_bwd_dx_kernel does (fewer registers, B and C slices re-read per head), and
-# the whole-N B, C, H0, G enter only the dC / dB products. The math and the dot operand
-# precisions are those of the two kernels above, except that dB's exp(Lam_end - Lam_s) takes
-# Lam_end as B3 does (the sum of the chunk's a_t, as the forward's K1) instead of reading Lam at
-# the chunk's last position (equal up to rounding).
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _chunk_bwd_fused_kernel(
-    x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, dy_ptr,
-    CB_ptr, H0_ptr, G_ptr, dtp_ptr, lam_ptr,
-    dx_ptr, ddt_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, dB_part_ptr, dC_part_ptr,
-    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, heads_per_split,
-    dt_lo, dt_hi,
-    s_xb, s_xl, s_xh, s_xp,
-    s_dtb, s_dtl, s_dth,
-    s_bb, s_bl, s_bg, s_bn,
-    s_cb, s_cl, s_cg, s_cn,
-    s_dyb, s_dyl, s_dyh, s_dyp,
-    s_dxb, s_dxl, s_dxh, s_dxp,
-    s_ddtb, s_ddtl, s_ddth,
-    s_seqb, s_seql,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NF: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_SEQ: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    c = tl.program_id(1)
-    bg = tl.program_id(0)
-    split = tl.program_id(2)
-    nchunks = tl.num_programs(1)
-    b = bg // ngroups
-    g = bg % ngroups
-    offs_q = tl.arange(0, Q)
-    t_idx = c * Q + offs_q
-    valid = t_idx < seqlen
-    offs_p = tl.arange(0, BLOCK_P)
-    p_mask = offs_p < headdim
-    tile_mask = valid[:, None] & p_mask[None, :]
-    offs_nf = tl.arange(0, BLOCK_NF)                    # the whole N (BLOCK_NF >= dstate)
-    nf_mask = offs_nf < dstate
-    qnf_mask = valid[:, None] & nf_mask[None, :]
-    nfp_mask = nf_mask[:, None] & p_mask[None, :]
-    state_offs_f = offs_p[None, :] * dstate + offs_nf[:, None]                 # (N, P) view
-    offs_n = tl.arange(0, BLOCK_N)                      # N steps of B3's state terms
-    RESIDENT: tl.constexpr = BLOCK_N >= BLOCK_NF        # one step: B, C loaded once
-
-    pair_ok = offs_q[:, None] >= offs_q[None, :]
-    if HAS_SEQ:
-        seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
-                                              seqlen, Q)
-        pair_ok = pair_ok & (seq_t[:, None] == seq_t[None, :])
-
-    b_rows = B_ptr + b * s_bb + g * s_bg + t_idx[:, None] * s_bl
-    c_rows = C_ptr + b * s_cb + g * s_cg + t_idx[:, None] * s_cl
-    if RESIDENT:
-        b_low = tl.load(b_rows + offs_nf[None, :] * s_bn, mask=qnf_mask, other=0.0).to(DOT_DTYPE)
-        c_low = tl.load(c_rows + offs_nf[None, :] * s_cn, mask=qnf_mask, other=0.0).to(DOT_DTYPE)
-    cb = tl.load(CB_ptr + ((b * nchunks + c) * ngroups + g) * Q * Q
-                 + offs_q[:, None] * Q + offs_q[None, :])
-
-    w_acc = tl.zeros((Q, Q), dtype=tl.float32)
-    dc_acc = tl.zeros((Q, BLOCK_NF), dtype=tl.float32)
-    db_acc = tl.zeros((Q, BLOCK_NF), dtype=tl.float32)
-    first_head = g * heads_per_group + split * heads_per_split
-    last_head = tl.minimum(first_head + heads_per_split, (g + 1) * heads_per_group)
-    for h in range(first_head, last_head):
-        bh = b * nheads + h
-        row = bh * padded_len + t_idx
-        lam = tl.load(lam_ptr + row)
-        dtp = tl.load(dtp_ptr + row)
-        A = tl.load(A_ptr + h).to(tl.float32)
-        lam_end = tl.sum(dtp * A, axis=0)
-        from_start = tl.exp(lam)                 # exp(Lam_t): entering state -> position t
-        to_end = tl.exp(lam_end - lam)           # exp(Lam_end - Lam_s): position s -> leaving state
-        keep_start = lam_end * 0.0 + 1.0         # [seq at chunk end == seq before chunk]
-        if HAS_SEQ:
-            from_start = tl.where(seq_t == seq_prev, from_start, 0.0)
-            to_end = tl.where(seq_t == seq_end, to_end, 0.0)
-            keep_start = tl.where(seq_end == seq_prev, 1.0, 0.0)
-
-        # State terms:  B G^T -> dxt_state,  C H0^T -> y_inter,  <G, H0>
-        state_slot = ((b * nchunks + c) * nheads + h) * headdim * dstate
-        g_f = tl.load(G_ptr + state_slot + state_offs_f, mask=nfp_mask, other=0.0)   # (N, P)
-        h0_f = tl.load(H0_ptr + state_slot + state_offs_f, mask=nfp_mask, other=0.0)
-        if RESIDENT:
-            bg_acc = tl.dot(b_low, g_f.to(DOT_DTYPE), input_precision=DOT_PREC)
-            ch_acc = tl.dot(c_low, h0_f.to(DOT_DTYPE), input_precision=DOT_PREC)
-            g_dot_h0 = tl.sum(tl.sum(g_f.to(tl.float32) * h0_f.to(tl.float32), axis=1), axis=0)
-        else:
-            bg_acc = tl.zeros((Q, BLOCK_P), dtype=tl.float32)
-            ch_acc = tl.zeros((Q, BLOCK_P), dtype=tl.float32)
-            gh_acc = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
-            for n0 in range(0, dstate, BLOCK_N):
-                n_mask = (n0 + offs_n) < dstate
-                qn_mask = valid[:, None] & n_mask[None, :]
-                np_mask = n_mask[:, None] & p_mask[None, :]
-                state_offs = offs_p[None, :] * dstate + (n0 + offs_n)[:, None]    # (N, P) view
-                b_tile = tl.load(b_rows + (n0 + offs_n)[None, :] * s_bn, mask=qn_mask, other=0.0)
-                c_tile = tl.load(c_rows + (n0 + offs_n)[None, :] * s_cn, mask=qn_mask, other=0.0)
-                g_t = tl.load(G_ptr + state_slot + state_offs, mask=np_mask, other=0.0)
-                h0_t = tl.load(H0_ptr + state_slot + state_offs, mask=np_mask, other=0.0)
-                bg_acc += tl.dot(b_tile.to(DOT_DTYPE), g_t.to(DOT_DTYPE), input_precision=DOT_PREC)
-                ch_acc += tl.dot(c_tile.to(DOT_DTYPE), h0_t.to(DOT_DTYPE),
-                                 input_precision=DOT_PREC)
-                gh_acc += g_t.to(tl.float32) * h0_t.to(tl.float32)
-            g_dot_h0 = tl.sum(tl.sum(gh_acc, axis=1), axis=0)
-        dxt_state = bg_acc * to_end[:, None]
-        y_inter = ch_acc * from_start[:, None]
-
-        x_tile = tl.load(x_ptr + b * s_xb + h * s_xh + t_idx[:, None] * s_xl
-                         + offs_p[None, :] * s_xp, mask=tile_mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + b * s_dyb + h * s_dyh + t_idx[:, None] * s_dyl
-                     + offs_p[None, :] * s_dyp, mask=tile_mask, other=0.0).to(tl.float32)
-        xt = x_tile * dtp[:, None]
-        dy_low = dy.to(DOT_DTYPE)
-
-        # Intra-chunk, shared by B3 and B4: L[t, s] and dy_t . xt_s
-        seg = tl.where(pair_ok, lam[:, None] - lam[None, :], float("-inf"))
-        decay = tl.exp(seg)
-        dy_xt = tl.dot(dy_low, tl.trans(xt).to(DOT_DTYPE), input_precision=DOT_PREC)
-        w_acc += decay * dy_xt
-        scores = cb * decay                                                     # [t, s]
-        z = scores * dy_xt                                                      # Z[t, s]
-        dxt = tl.dot(tl.trans(scores).to(DOT_DTYPE), dy_low, input_precision=DOT_PREC)
-        dxt += dxt_state
-
-        # d Lam_t, then d a_s = sum_{t >= s} d Lam_t
-        xt_dxt_state = tl.sum(xt * dxt_state, axis=1)
-        leaving = keep_start * tl.exp(lam_end) * g_dot_h0 + tl.sum(xt_dxt_state, axis=0)
-        d_lam = tl.sum(z, axis=1) - tl.sum(z, axis=0) + tl.sum(dy * y_inter, axis=1) \
-            - xt_dxt_state
-        d_lam += tl.where(offs_q == Q - 1, leaving, 0.0)
-        d_a = tl.sum(d_lam, axis=0) - tl.cumsum(d_lam, axis=0) + d_lam
-
-        d_dtp = tl.sum(dxt * x_tile, axis=1) + A * d_a
-        tl.store(dA_part_ptr + bh * nchunks + c, tl.sum(tl.where(valid, d_a * dtp, 0.0), axis=0))
-
-        dx = dxt * dtp[:, None]
-        if HAS_D:
-            if D_PER_CHANNEL:
-                d_skip = tl.load(D_ptr + h * headdim + offs_p, mask=p_mask,
-                                 other=0.0).to(tl.float32)
-                dx += dy * d_skip[None, :]
-                tl.store(dD_part_ptr + (bh * nchunks + c) * headdim + offs_p,
-                         tl.sum(dy * x_tile, axis=0), mask=p_mask)
-            else:
-                dx += dy * tl.load(D_ptr + h).to(tl.float32)
-                tl.store(dD_part_ptr + bh * nchunks + c,
-                         tl.sum(tl.sum(dy * x_tile, axis=1), axis=0))
-        tl.store(dx_ptr + b * s_dxb + h * s_dxh + t_idx[:, None] * s_dxl
-                 + offs_p[None, :] * s_dxp, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
-
-        # Through clamp and softplus back to the raw dt (and dt_bias).
-        dtp_again, pre = _discretize_dt(dt_ptr + b * s_dtb + h * s_dth + t_idx * s_dtl,
-                                        dt_bias_ptr, h, valid, HAS_BIAS, SOFTPLUS, dt_lo, dt_hi)
-        if SOFTPLUS:
-            sp = _softplus(pre)
-            d_pre = tl.where(pre > 20.0, d_dtp, d_dtp / (1.0 + tl.exp(-pre)))
-        else:
-            sp = pre
-            d_pre = d_dtp
-        d_pre = tl.where((sp >= dt_lo) & (sp <= dt_hi) & valid, d_pre, 0.0)
-        tl.store(ddt_ptr + b * s_ddtb + h * s_ddth + t_idx * s_ddtl,
-                 d_pre.to(ddt_ptr.dtype.element_ty), mask=valid)
-        if HAS_BIAS:
-            tl.store(dbias_part_ptr + bh * nchunks + c, tl.sum(d_pre, axis=0))
-
-        # B4's per-head terms, last (B3's temporaries are dead by now):
-        #   dC_t += exp(Lam_t) dy_t H0,  dB_s += exp(Lam_end - Lam_s) xt_s G
-        dc_acc += tl.dot((dy * from_start[:, None]).to(DOT_DTYPE), tl.trans(h0_f.to(DOT_DTYPE)),
-                         input_precision=DOT_PREC)
-        db_acc += tl.dot((xt * to_end[:, None]).to(DOT_DTYPE), tl.trans(g_f.to(DOT_DTYPE)),
-                         input_precision=DOT_PREC)
-
-    if not RESIDENT:
-        b_low = tl.load(b_rows + offs_nf[None, :] * s_bn, mask=qnf_mask, other=0.0).to(DOT_DTYPE)
-        c_low = tl.load(c_rows + offs_nf[None, :] * s_cn, mask=qnf_mask, other=0.0).to(DOT_DTYPE)
-    w_low = w_acc.to(DOT_DTYPE)
-    dc_acc += tl.dot(w_low, b_low, input_precision=DOT_PREC)
-    db_acc += tl.dot(tl.trans(w_low), c_low, input_precision=DOT_PREC)
-    # partial buffers: (splits, b, l, g, n) fp32
-    base = (((split * (tl.num_programs(0) // ngroups) + b) * seqlen + t_idx[:, None]) * ngroups
-            + g) * dstate + offs_nf[None, :]
-    tl.store(dB_part_ptr + base, db_acc, mask=qnf_mask)
-    tl.store(dC_part_ptr + base, dc_acc, mask=qnf_mask)
-
-
-# ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
-
-
-# How the backward's per-chunk work after the state pass runs: "split" = B3 (_chunk_bwd_dx_kernel,
-# per head) and B4 (_chunk_bwd_dbdc_kernel, per group) as two launches; "fused" = both in one
-# launch (_chunk_bwd_fused_kernel, per group and split of its heads: B, C, CB, each head's x, dy,
-# H0, G and dy xt^T loaded / computed once). From MATMAMBA_SSD_BWD at import; tests and
-# scripts may assign it (read at every backward call). "fused" falls back to "split" where
-# dstate pads past _FUSED_MAX_BLOCK_N (the fused kernel holds dC and dB over the whole N) or the
-# chunk is longer than _FUSED_MAX_Q (at Q = 128 the Q x Q and Q x N fp32 tiles spill 5 - 6 KB
-# per thread on sm_90, at 8 or 16 warps; ptxas, Triton 3.6).
-_BACKWARD_FORMS = ("split", "fused")
-_FUSED_MAX_BLOCK_N = 256
-_FUSED_MAX_Q = 64
-
-
-def _backward_form_from_env() -> str:
-    value = os.environ.get("MATMAMBA_SSD_BWD", "").strip() or "split"
-    if value not in _BACKWARD_FORMS:
-        raise ValueError(f"MATMAMBA_SSD_BWD must be one of {_BACKWARD_FORMS}; got {value!r}")
-    return value
-
-
-BACKWARD_FORM: str = _backward_form_from_env()
-
-
-def _backward_form() -> str:
-    if BACKWARD_FORM not in _BACKWARD_FORMS:
-        raise ValueError(f"triton_impl.BACKWARD_FORM must be one of {_BACKWARD_FORMS}; "
-                         f"got {BACKWARD_FORM!r}")
-    return BACKWARD_FORM
 
 
 def _num_warps(Q: int, block_p: int) -> int:
@@ -998,12 +771,9 @@ def _num_warps(Q: int, block_p: int) -> int:
 
 # Launch options (num_warps, num_stages, the free tile sizes) of each kernel, by the kernel's short
 # name ("cb", "state_fwd_fused", "chunk_state_fwd", "state_pass_fwd", "chunk_out_fwd",
-# "state_bwd_fused", "chunk_dstate_bwd", "state_pass_bwd", "bwd_dx", "bwd_dbdc", "bwd_fused").
-# Entries here replace the defaults chosen in _ssd_forward / _ssd_backward; scripts/tune_ssd.py
-# sets them to time alternatives against each other on the GPU. Results do not depend on them
-# beyond rounding. For "bwd_fused", BLOCK_N is the N step of B3's state terms (the whole N, the
-# default, keeps B and C loaded once per program) and SPLITS how many programs share a group's
-# heads (0: _fused_head_splits' choice).
+# "state_bwd_fused", "chunk_dstate_bwd", "state_pass_bwd", "bwd_dx", "bwd_dbdc"). Entries here
+# replace the defaults chosen in _ssd_forward / _ssd_backward; scripts/tune_ssd.py sets them to
+# time alternatives against each other on the GPU. Results do not depend on them beyond rounding.
 # The defaults are that script's winners on an H200 (bf16; scan shapes of the D=768 block, issue
 # 3's h64 p24 case, ViT-B/16 and a 3-head narrow width; docs/performance.md, session 4).
 LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
@@ -1142,17 +912,6 @@ def _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, device) -> 
     return max(1, min(heads_per_group, triton.cdiv(4 * _sm_count(device), programs)))
 
 
-def _fused_head_splits(batch, nchunks, ngroups, heads_per_group, device) -> int:
-    """How many programs share one group's heads in the fused B3+B4 kernel. A program does B3's
-    whole per-head work for each of its heads, so fewer programs than B4's are needed: enough
-    for about two per SM (at Q = 64 a program takes 255 registers a thread at 8 warps, so one
-    is resident per SM: two waves or more)."""
-    if device.type != "cuda":
-        return min(2, heads_per_group)  # exercise the split path under the interpreter
-    programs = batch * nchunks * ngroups
-    return max(1, min(heads_per_group, triton.cdiv(2 * _sm_count(device), programs)))
-
-
 def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=None):
     """Launch the backward. ``out`` may hold tensors (any strides) to write "dx", "ddt", "dB",
     "dC" into instead of allocating them (then the returned entries are those tensors)."""
@@ -1167,6 +926,7 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     dot_dtype, dot_prec = _dot_config(x.dtype)
     block_p = _pow2(headdim)
     block_n_full = _pow2(dstate)
+    warps = _num_warps(Q, block_p)
     seq_arg = seq_idx if seq_idx is not None else x
     s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
 
@@ -1203,7 +963,11 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
             Q=Q, HAS_START=d_final is not None,
             HAS_SEQ=seq_idx is not None, REVERSE=True, **opts)
 
-    # B3 (per head) and B4 (per group): two launches, or one (BACKWARD_FORM = "fused")
+    # B3: per head. B3 and B4 (below) stay two launches although both reload each head's x, dy
+    # and states and compute dy xt^T: one kernel doing both per (group, chunk, split of the heads)
+    # was measured 1.14 - 1.83x slower on the H200 (Triton 3.6; commit ac90584,
+    # docs/performance.md session 5). Holding dC, dB and W across the heads on top of B3's tiles
+    # takes 255 registers a thread with spills: one program per SM, the heads walked serially.
     dx = out.get("dx")
     if dx is None:
         dx = torch.empty(batch, seqlen, nheads, headdim, device=dev, dtype=x.dtype)
@@ -1215,64 +979,6 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     dD_part = torch.empty(batch, nheads, nchunks, *((headdim,) if per_channel else ()),
                           device=dev, dtype=torch.float32)
     dbias_part = torch.empty(batch, nheads, nchunks, device=dev, dtype=torch.float32)
-    if _backward_form() == "fused" and block_n_full <= _FUSED_MAX_BLOCK_N and Q <= _FUSED_MAX_Q:
-        # B3 + B4 in one launch: per (b, group, chunk, split of the group's heads)
-        # 8 warps at Q = 64: the program holds dC, dB (Q x N) and W (Q x Q) in fp32 on top of
-        # B3's tiles (4 warps spill 3x more). Never num_stages=1 (Triton 3.6 on the H200
-        # miscompiled bwd_dbdc with it)
-        opts = _launch("bwd_fused", SPLITS=0, BLOCK_N=block_n_full, num_stages=2,
-                       num_warps=8 if Q >= 64 else 4)
-        splits = opts.pop("SPLITS") or _fused_head_splits(batch, nchunks, ngroups,
-                                                          heads_per_group, dev)
-        splits = max(1, min(splits, heads_per_group))
-        heads_per_split = triton.cdiv(heads_per_group, splits)
-        splits = triton.cdiv(heads_per_group, heads_per_split)  # every split holds >= 1 head
-        dB_part = torch.empty(splits, batch, seqlen, ngroups, dstate, device=dev,
-                              dtype=torch.float32)
-        dC_part = torch.empty_like(dB_part)
-        _chunk_bwd_fused_kernel[(batch * ngroups, nchunks, splits)](
-            x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A,
-            seq_arg, dy, CB, entering, leaving_grad, dtp, lam,
-            dx, ddt, dA_part, dD_part, dbias_part, dB_part, dC_part,
-            seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len,
-            heads_per_split, dt_lo, dt_hi,
-            *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(),
-            *ddt.stride(), *s_seq,
-            Q=Q, BLOCK_P=block_p, BLOCK_NF=block_n_full,
-            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-            HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None,
-            DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
-    else:
-        splits, dB_part, dC_part = _ssd_backward_split(
-            x, dt, A, B, C, D, dt_bias, seq_idx, seq_arg, s_seq, dy, CB, entering, leaving_grad,
-            dtp, lam, dx, ddt, dA_part, dD_part, dbias_part, dt_softplus, dt_lo, dt_hi, Q,
-            per_channel)
-    dB = dB_part[0] if splits == 1 else dB_part.sum(0)
-    dC = dC_part[0] if splits == 1 else dC_part.sum(0)
-    dB = out["dB"].copy_(dB) if "dB" in out else dB.to(B.dtype)
-    dC = out["dC"].copy_(dC) if "dC" in out else dC.to(C.dtype)
-
-    dA = dA_part.sum((0, 2)).to(A.dtype) if needs["A"] else None
-    dD = dD_part.sum((0, 2)).to(D.dtype) if D is not None and needs["D"] else None
-    d_bias = dbias_part.sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None and needs["dt_bias"] else None
-    d_init = d_initial.to(initial_state.dtype) if initial_state is not None else None
-    return dx, ddt, dA, dB, dC, dD, d_bias, d_init
-
-
-def _ssd_backward_split(x, dt, A, B, C, D, dt_bias, seq_idx, seq_arg, s_seq, dy, CB, entering,
-                        leaving_grad, dtp, lam, dx, ddt, dA_part, dD_part, dbias_part,
-                        dt_softplus, dt_lo, dt_hi, Q, per_channel):
-    """B3 (per head) and B4 (per group) as two launches. -> (splits, dB_part, dC_part)."""
-    batch, seqlen, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
-    heads_per_group = nheads // ngroups
-    nchunks = entering.shape[1]
-    padded_len = nchunks * Q
-    dev = x.device
-    dot_dtype, dot_prec = _dot_config(x.dtype)
-    block_p = _pow2(headdim)
-    block_n_full = _pow2(dstate)
-    warps = _num_warps(Q, block_p)
     _chunk_bwd_dx_kernel[(batch * nheads, nchunks)](
         x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A,
         seq_arg, dy, CB, entering, leaving_grad, dtp, lam,
@@ -1309,7 +1015,16 @@ def _ssd_backward_split(x, dt, A, B, C, D, dt_bias, seq_idx, seq_arg, s_seq, dy,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *s_seq,
         Q=Q, BLOCK_P=block_p, HAS_SEQ=seq_idx is not None,
         DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
-    return splits, dB_part, dC_part
+    dB = dB_part[0] if splits == 1 else dB_part.sum(0)
+    dC = dC_part[0] if splits == 1 else dC_part.sum(0)
+    dB = out["dB"].copy_(dB) if "dB" in out else dB.to(B.dtype)
+    dC = out["dC"].copy_(dC) if "dC" in out else dC.to(C.dtype)
+
+    dA = dA_part.sum((0, 2)).to(A.dtype) if needs["A"] else None
+    dD = dD_part.sum((0, 2)).to(D.dtype) if D is not None and needs["D"] else None
+    d_bias = dbias_part.sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None and needs["dt_bias"] else None
+    d_init = d_initial.to(initial_state.dtype) if initial_state is not None else None
+    return dx, ddt, dA, dB, dC, dD, d_bias, d_init
 
 
 # ----------------------------------------------------------------------------------------------
