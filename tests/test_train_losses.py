@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from matmamba import create_model
 from matmamba.training import LanguageModelModule
-from matmamba.training.losses import LMHeadInput, chunked_lm_cross_entropy
+from matmamba.training.losses import LMHeadInput, chunked_lm_cross_entropy, lm_cross_entropy
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
@@ -78,3 +78,36 @@ def test_chunked_cross_entropy_under_bf16_autocast():
         chunked = chunked_lm_cross_entropy(LMHeadInput(hidden, weight), target, 16)
     assert chunked.dtype == torch.float32
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)  # same bf16 GEMM, fp32 softmax
+
+
+def test_compiled_token_loss_matches_float64_in_value_and_gradient():
+    """With model.compile on, the LM module's token loss runs compiled (inductor, here its CPU
+    backend): on 16-bit logits it gives the float64 cross-entropy's value and gradient to the
+    16-bit rounding of the gradient, in training and under no_grad (validation)."""
+    torch.manual_seed(3)
+    module = LanguageModelModule("lm_tiny", compile=True)
+    module.net.compile = lambda **kw: None  # this test is about the loss: keep the network eager
+    module.configure_model()
+    assert module.token_loss is not lm_cross_entropy
+    logits = (torch.randn(2, 9, 61) * 3).to(torch.bfloat16).requires_grad_()
+    target = torch.randint(0, 61, (2, 9))
+    loss = module.task_loss(logits, target)
+    loss.backward()
+    ref_logits = logits.detach().double().requires_grad_()
+    ref = F.cross_entropy(ref_logits.flatten(0, 1), target.flatten())
+    ref.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-6)
+    assert logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.grad.double(), ref_logits.grad, rtol=1e-2, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(module.token_loss(logits, target), loss.detach())
+    compiled = module.token_loss
+    module.configure_model()  # called again (fit, then validate): compiled once
+    assert module.token_loss is compiled
+
+
+def test_token_loss_is_eager_without_compile():
+    module = LanguageModelModule("lm_tiny")
+    module.configure_model()
+    assert module.token_loss is lm_cross_entropy

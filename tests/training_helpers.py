@@ -25,7 +25,8 @@ LM_RECIPES = [e for e in EXPERIMENTS if e.startswith("lm_") and e != "lm_pydoc"]
 
 # Tiny shapes for every registered model family (widths 64, 32, 16, 8 with head dim 8).
 TINY_VISION = ["++model.overrides.d_model=64", "++model.overrides.n_layer=2", "++model.overrides.d_state=16",
-               "++model.overrides.headdim=8", "++model.overrides.chunk_size=16", "model.widths=null"]
+               "++model.overrides.headdim=8", "++model.overrides.chunk_size=16", "model.widths=null",
+               "model.compile=false"]  # vision_35m and vision_b16 compile by default (GPU recipes)
 TINY_LM = ["++model.overrides.d_model=64", "++model.overrides.n_layer=2", "++model.overrides.d_state=16",
            "++model.overrides.headdim=8", "++model.overrides.chunk_size=16", "++model.overrides.vocab_size=256",
            "model.widths=null", "model.compile=false"]  # lm_130m compiles by default (a GPU recipe)

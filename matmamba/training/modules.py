@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torchmetrics import MeanMetric
 
 from matmamba import create_model
-from matmamba.training.losses import LMHeadInput, chunked_lm_cross_entropy
+from matmamba.training.losses import LMHeadInput, chunked_lm_cross_entropy, lm_cross_entropy
 from matmamba.training.optim import build_param_groups, cosine_with_warmup
 from matmamba.training.strategies import check_not_fsdp1, is_fsdp, shard_model
 from matmamba.training.utils import compile_mode
@@ -604,6 +604,17 @@ class LanguageModelModule(NestedWidthModule):
             raise ValueError("model.head_chunk is not supported with model.compile=true yet (the chunked "
                              "loss reads the backbone outside the compiled forward); set one of them off")
         self.head_chunk = head_chunk
+        self.token_loss = lm_cross_entropy  # compiled in configure_model when model.compile is on
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.hparams.compile and self.token_loss is lm_cross_entropy:
+            # The loss sits outside the compiled network (the widths' losses are weighted and summed
+            # in the training step). Compiled alone it runs as fused reductions over the 16-bit
+            # logits instead of an fp32 copy, log-softmax and their gradients (H200, lm_130m, 4
+            # widths: docs/training_performance.md, session 5). Default mode whatever
+            # model.compile says: CUDA graphs would pin a (tokens x vocab) buffer per shape.
+            self.token_loss = torch.compile(lm_cross_entropy)
 
     def check_data_compat(self, datamodule) -> None:
         vocab = getattr(datamodule, "vocab_size", None)
@@ -632,10 +643,10 @@ class LanguageModelModule(NestedWidthModule):
     def task_loss(self, output, target):
         if isinstance(output, LMHeadInput):
             return chunked_lm_cross_entropy(output, target, self.head_chunk)
-        return F.cross_entropy(output.float().flatten(0, 1), target.flatten())
+        return self.token_loss(output, target)
 
     def validation_update(self, width, logits, target):
-        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+        loss = self.token_loss(logits, target)
         self.val_metrics[f"loss@{width}"].update(loss, weight=target.numel())
 
     def derived_val_metrics(self, width, values):
