@@ -4,6 +4,7 @@ the GPU, check every alternative's outputs, and print which options are fastest.
 
     python scripts/tune_ssd.py --json /tmp/tune_ssd.json                 # all kernels, 3 shapes
     python scripts/tune_ssd.py --kernels bwd_dx,bwd_dbdc --shapes block
+    python scripts/tune_ssd.py --shapes lm_step --layout block           # as the block calls it
     python scripts/tune_ssd.py --cpu-dry-run                             # the plumbing, on the CPU
 
 How: every launch of the SSD kernels goes through ``triton_impl._launch(name, **defaults)``, which
@@ -28,6 +29,14 @@ faults (which kills its child; the child is restarted for the rest) is rejected,
 candidates ever run in the timing process. Launch options change pipelining and register
 allocation, and Triton does miscompile some of them on Hopper: in session 4, num_stages=1 with 4
 warps in ``bwd_dbdc`` made an illegal address at n = 16 (docs/performance.md).
+
+Layouts (``--layout``): ``contiguous`` times the public scan on contiguous inputs. ``block`` times
+the scan as the MatMamba2 block's fused core calls it (``matmamba.ops.triton_common.mixer``): x, B
+and C are views into the conv output, dt a column slice of the in_proj output, and dx, dB, dC,
+d dt are written into strided views of those tensors' gradients. Every shape's all-default
+forward + backward is also timed in the other layout, in the same process, so the table shows
+what the block's layout costs. (Inside lm_130m's training step the scan's backward kernels ran
+2.2x slower per token than this script measured on contiguous inputs: docs/performance.md.)
 """
 
 from __future__ import annotations
@@ -56,7 +65,10 @@ SHAPES = {
     "ssd": (8, 2048, 64, 24, 1, 128),
     "vit": (64, 197, 24, 64, 1, 128),
     "lm_width96": (8, 2048, 3, 64, 1, 128),
+    # lm_130m's full width in its training step (micro-batch 32 x 1024 tokens)
+    "lm_step": (32, 1024, 24, 64, 1, 128),
 }
+LAYOUTS = ("contiguous", "block")
 # Check problems ((b, l, h, p, g, n), awkward): awkward adds packed sequences and an initial
 # state. The second is where num_stages=1 faulted in bwd_dbdc on the H200 (n = 16, one head per
 # program), found by gpu_check after a first tuning run that checked only the first.
@@ -97,6 +109,9 @@ def parse_args(argv=None):
     p.add_argument("--other-chunks", default="128",
                    help="chunk lengths (MATMAMBA_SSD_CHUNK) whose all-default forward + backward is "
                         "also timed, for comparison with the default chunk ('' for none)")
+    p.add_argument("--layout", default="contiguous", choices=LAYOUTS,
+                   help="contiguous inputs, or the views and strided gradient outputs the block's "
+                        "fused core passes (the other layout's all-default time is printed too)")
     p.add_argument("--json", default=None)
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="tiny shapes, 2 candidates per kernel, Triton interpreter on the CPU")
@@ -180,12 +195,60 @@ def install_timers(triton_impl) -> dict[str, TimedKernel]:
     return timers
 
 
-def time_config(triton_impl, timers, fn, inputs, seq, dy, d_final, overrides, reps, warmup):
-    """-> (median ms per kernel name, median ms of the whole forward + backward)."""
+def timing_problem(triton_impl, shape, dtype, dev, layout):
+    """-> a function running one forward + backward of the scan at ``shape`` in ``layout``
+    (fresh random inputs, made once)."""
+    if layout == "contiguous":
+        low, _, seq = make_inputs(shape, dtype, dev)
+        b, l, h, p, g, n = shape
+        dy = torch.randn(b, l, h, p, device=dev, dtype=torch.float64)
+        d_final = torch.randn(b, h, p, n, device=dev, dtype=torch.float64)
+        return lambda: scan_fwd_bwd(triton_impl.ssd_scan_triton, low, seq, dy, d_final)
+    return block_layout_problem(triton_impl, shape, dtype, dev)
+
+
+def block_layout_problem(triton_impl, shape, dtype, dev):
+    """The scan as ``mixer._core_fwd_impl`` / ``_core_bwd_impl`` call it: B, C, x are column views
+    of the conv output ``[B | C | x]``, dt a column view of ``zxbcdt`` (the interleaved in_proj
+    output ``[B | C | dt | z_0 x_0 | ...]``), and the backward writes dx, dB, dC into views of the
+    conv output's gradient and d dt into ``d zxbcdt``'s columns. dy is contiguous (the norm's
+    backward writes it so)."""
+    from matmamba.ops.triton_common.mixer import _views
+
+    b, l, h, p, g, n = shape
+    gn = g * n
+    make = dict(device=dev, dtype=dtype)
+    conv_out = torch.randn(b, l, 2 * gn + h * p, **make)
+    zxbcdt = torch.randn(b, l, 2 * gn + h + 2 * h * p, **make)
+    zxbcdt[..., 2 * gn:2 * gn + h] = torch.rand(b, l, h, **make) * 2 - 4   # dt before softplus
+    B, C, x, dt = _views(conv_out, zxbcdt, g, n, p, h)
+    d_conv_out, d_zxbcdt = torch.empty_like(conv_out), torch.empty_like(zxbcdt)
+    dB, dC, dx, ddt = _views(d_conv_out, d_zxbcdt, g, n, p, h)
+    outs = {"dx": dx, "ddt": ddt, "dB": dB, "dC": dC}
+    A = -torch.rand(h, device=dev) * 15 - 1
+    D, dt_bias = torch.randn(h, device=dev), torch.randn(h, device=dev) * 0.1
+    dy = torch.randn(b, l, h, p, **make)
+    needs = {"A": True, "D": True, "dt_bias": True}
+
+    def run():
+        Q = triton_impl._chunk_length()  # per call: --other-chunks changes it
+        y, _, (dtp, lam, CB, entering) = triton_impl._ssd_forward(
+            x, dt, A, B, C, D, dt_bias, None, None, True, 0.0, float("inf"), Q)
+        saved = (x, dt, A, B, C, D, dt_bias, None, None, dtp, lam, CB, entering)
+        return y, triton_impl._ssd_backward(dy, None, saved, True, 0.0, float("inf"), Q, needs,
+                                            out=outs)
+
+    run.inputs = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias)  # for tests
+    run.dy = dy
+    return run
+
+
+def time_config(triton_impl, timers, run, overrides, reps, warmup):
+    """-> (median ms per kernel name, median ms of the whole forward + backward ``run()``)."""
     triton_impl.LAUNCH_OVERRIDES.clear()
     triton_impl.LAUNCH_OVERRIDES.update(overrides)
     for _ in range(warmup):
-        scan_fwd_bwd(fn, inputs, seq, dy, d_final)
+        run()
     torch.cuda.synchronize()
     for t in timers.values():
         t.events, t.timing = {}, True
@@ -194,7 +257,7 @@ def time_config(triton_impl, timers, fn, inputs, seq, dy, d_final, overrides, re
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda._sleep(QUEUE_CYCLES)  # the GPU waits here while the host queues the call
         start.record()
-        scan_fwd_bwd(fn, inputs, seq, dy, d_final)
+        run()
         end.record()
         whole.append((start, end))
     torch.cuda.synchronize()
@@ -255,12 +318,8 @@ def vet_worker(job_path: str, out_path: str) -> int:
 
     dtype = DTYPES[job["dtype"]]
     checks = [check_problem(tuple(shape), awkward, dtype, dev) for shape, awkward in job["checks"]]
-    timing = []
-    for shape in job["timing_shapes"]:
-        low, _, seq = make_inputs(tuple(shape), dtype, dev)
-        b, l, h, p, g, n = shape
-        timing.append((low, seq, torch.randn(b, l, h, p, device=dev, dtype=torch.float64),
-                       torch.randn(b, h, p, n, device=dev, dtype=torch.float64)))
+    timing = [timing_problem(triton_impl, tuple(shape), dtype, dev, job["layout"])
+              for shape in job["timing_shapes"]]
     with open(out_path, "a") as out:
         for index, (kernel, options) in job["items"]:
             out.write(json.dumps(dict(start=index)) + "\n")
@@ -273,8 +332,8 @@ def vet_worker(job_path: str, out_path: str) -> int:
             try:
                 errors = [check_errors(triton_impl, problem, overrides) for problem in checks]
                 triton_impl.LAUNCH_OVERRIDES.update(overrides)
-                for low, seq, dy, d_final in timing:
-                    scan_fwd_bwd(triton_impl.ssd_scan_triton, low, seq, dy, d_final)
+                for run in timing:
+                    run()
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 record = dict(done=index, errors=errors)
@@ -322,7 +381,7 @@ def watch_child(proc, out_path, candidate_timeout) -> bool:
 
 
 def vet_candidates(items, checks, timing_shapes, dtype_name, device, workers, workdir,
-                   candidate_timeout=300.0):
+                   candidate_timeout=300.0, layout="contiguous"):
     """Run ``vet_worker`` over (kernel, options) items in ``workers`` parallel child processes,
     restarting a child after each crash. -> {index: record}; a crashed candidate's record says so."""
     import threading
@@ -340,7 +399,7 @@ def vet_candidates(items, checks, timing_shapes, dtype_name, device, workers, wo
             out_path = os.path.join(workdir, f"vet_{slot}_{attempt}.jsonl")
             with open(job_path, "w") as f:
                 json.dump(dict(items=pending, checks=checks, timing_shapes=timing_shapes,
-                               dtype=dtype_name, device=device), f)
+                               dtype=dtype_name, device=device, layout=layout), f)
             err_path = out_path + ".stderr"
             with open(err_path, "w") as err:
                 proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--vet-worker",
@@ -394,7 +453,6 @@ def main(argv=None):
     shapes = {s: (DRY_SHAPE if dry else SHAPES[s]) for s in shape_names}
     checks = DRY_CHECKS if dry else CHECKS
     cands = {k: candidates(k, 2 if dry else None) for k in kernel_names}
-    fn = triton_impl.ssd_scan_triton
     t_start = time.perf_counter()
 
     # Vet every candidate (and the defaults, item 0) in child processes: errors on the check
@@ -402,7 +460,7 @@ def main(argv=None):
     items = [(None, None)] + [(k, c) for k in kernel_names for c in cands[k]]
     with tempfile.TemporaryDirectory(prefix="tune_ssd_") as workdir:
         vetted = vet_candidates(items, checks, sorted(set(shapes.values())), dtype_name, dev.type,
-                                max(1, args.workers), workdir, args.candidate_timeout)
+                                max(1, args.workers), workdir, args.candidate_timeout, args.layout)
     vet_s = time.perf_counter() - t_start
     defaults = vetted[0]
     if "error" in defaults:
@@ -430,31 +488,38 @@ def main(argv=None):
     timers = install_timers(triton_impl) if not dry else {}
     report = dict(device=torch.cuda.get_device_name() if not dry else "cpu (dry run)",
                   torch=torch.__version__, triton=__import__("triton").__version__,
-                  dtype=dtype_name, checks=checks, default_errors=defaults["errors"],
+                  dtype=dtype_name, layout=args.layout, checks=checks, default_errors=defaults["errors"],
                   vet_s=vet_s, shapes={})
     for shape_name, shape in shapes.items():
-        low, _, seq = make_inputs(shape, dtype, dev)
-        b, l, h, p, g, n = shape
-        dy = torch.randn(b, l, h, p, device=dev, dtype=torch.float64)
-        d_final = torch.randn(b, h, p, n, device=dev, dtype=torch.float64)
+        run = timing_problem(triton_impl, shape, dtype, dev, args.layout)
         entry = report["shapes"][shape_name] = dict(shape=shape, kernels={})
         if dry:
             base_kernels, base_total = {}, float("nan")
         else:
-            base_kernels, base_total = time_config(triton_impl, timers, fn, low, seq, dy, d_final,
-                                                   {}, args.reps, args.warmup)
+            base_kernels, base_total = time_config(triton_impl, timers, run, {}, args.reps,
+                                                   args.warmup)
         entry["default_total_ms"] = base_total
         entry["default_kernels_ms"] = base_kernels
-        print(f"\n== {shape_name} {shape}: forward + backward {base_total:.3f} ms with defaults",
-              flush=True)
+        print(f"\n== {shape_name} {shape}, {args.layout} layout: forward + backward "
+              f"{base_total:.3f} ms with defaults", flush=True)
+        if not dry:
+            other = next(x for x in LAYOUTS if x != args.layout)
+            other_kernels, other_total = time_config(
+                triton_impl, timers, timing_problem(triton_impl, shape, dtype, dev, other), {},
+                args.reps, args.warmup)
+            entry["other_layout"] = dict(layout=other, total_ms=other_total,
+                                         kernels_ms=other_kernels)
+            print(f"   {other} layout: {other_total:.3f} ms", flush=True)
+            for kernel in sorted(base_kernels, key=lambda k: -base_kernels[k]):
+                print(f"     {kernel:<17} {args.layout} {base_kernels[kernel]:7.3f} ms   {other} "
+                      f"{other_kernels.get(kernel, float('nan')):7.3f} ms", flush=True)
         entry["other_chunks_total_ms"] = {}
         for chunk in filter(None, args.other_chunks.split(",")):
             if dry:
                 break
             os.environ["MATMAMBA_SSD_CHUNK"] = chunk
             try:
-                _, total = time_config(triton_impl, timers, fn, low, seq, dy, d_final, {},
-                                       args.reps, args.warmup)
+                _, total = time_config(triton_impl, timers, run, {}, args.reps, args.warmup)
             finally:
                 del os.environ["MATMAMBA_SSD_CHUNK"]
             entry["other_chunks_total_ms"][chunk] = total
@@ -469,8 +534,8 @@ def main(argv=None):
             for cand in cands[kernel]:
                 row = dict(options=cand, ms=float("nan"), **verdicts[items.index((kernel, cand))])
                 if row["ok"] and not dry:  # only vetted candidates ever run in this process
-                    per_kernel, _ = time_config(triton_impl, timers, fn, low, seq, dy, d_final,
-                                                {kernel: cand}, args.reps, args.warmup)
+                    per_kernel, _ = time_config(triton_impl, timers, run, {kernel: cand},
+                                                args.reps, args.warmup)
                     row["ms"] = per_kernel.get(kernel, float("nan"))
                 rows.append(row)
             good = [r for r in rows if r["ok"] and (dry or not math.isnan(r["ms"]))]
@@ -487,10 +552,9 @@ def main(argv=None):
                       f"{[r.get('error', r.get('worst_error')) for r in rows][:3]}", flush=True)
         entry["best_options"] = best_all
         if not dry and best_all:
-            tuned_kernels, tuned_total = time_config(triton_impl, timers, fn, low, seq, dy, d_final,
-                                                     best_all, args.reps, args.warmup)
-            _, base_again = time_config(triton_impl, timers, fn, low, seq, dy, d_final, {},
-                                        args.reps, args.warmup)
+            tuned_kernels, tuned_total = time_config(triton_impl, timers, run, best_all,
+                                                     args.reps, args.warmup)
+            _, base_again = time_config(triton_impl, timers, run, {}, args.reps, args.warmup)
             entry.update(tuned_total_ms=tuned_total, tuned_kernels_ms=tuned_kernels,
                          default_total_again_ms=base_again)
             print(f"  all bests together: {tuned_total:.3f} ms vs defaults {base_again:.3f} ms "

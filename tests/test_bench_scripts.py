@@ -269,3 +269,39 @@ def test_bench_train_kernel_profile_cpu(tmp_path, capsys):
     assert kp["trace"] and (traces / "lm_130m-64-synthetic-compile-off.json.gz").is_file()
     printed = capsys.readouterr().out
     assert "-- lm_130m:64 synthetic compile=off: 2 profiled steps" in printed and "top kernels" in printed
+
+
+def test_tune_ssd_block_layout_times_the_scan_the_block_runs(tmp_path):
+    """tune_ssd --layout block calls the scan's forward and backward on views laid out as the
+    block's fused core has them, writing the gradients into strided views: that harness computes
+    the scan (output and every gradient against the float64 reference), so it times real work."""
+    import os
+    import subprocess
+
+    script = tmp_path / "check_block_layout.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(ROOT / "scripts")!r})
+import torch, tune_ssd
+from matmamba.ops.ssd import triton_impl
+from matmamba.ops.ssd.naive import ssd_scan_naive
+torch.manual_seed(0)
+run = tune_ssd.block_layout_problem(triton_impl, (2, 37, 3, 8, 1, 16), torch.float32, torch.device("cpu"))
+assert run.inputs["x"].stride()[1] != 3 * 8 and run.inputs["dt"].stride()[1] > 3  # views, not copies
+y, (dx, ddt, dA, dB, dC, dD, d_bias, _) = run()
+assert dx.stride() == run.inputs["x"].stride() and ddt.stride() == run.inputs["dt"].stride()
+ref = {{k: v.detach().double().requires_grad_() for k, v in run.inputs.items()}}
+y_ref = ssd_scan_naive(ref["x"], ref["dt"], ref["A"], ref["B"], ref["C"], D=ref["D"],
+                       dt_bias=ref["dt_bias"], dt_softplus=True)
+(y_ref * run.dy.double()).sum().backward()
+got = dict(y=y, x=dx, dt=ddt, A=dA, B=dB, C=dC, D=dD, dt_bias=d_bias)
+want = dict(y=y_ref, **{{k: v.grad for k, v in ref.items()}})
+for name, value in got.items():
+    err = ((value.double() - want[name]).norm() / want[name].norm()).item()
+    assert err < 1e-4, (name, err)
+print("block layout ok")
+""")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and "block layout ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
