@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from matmamba import create_model
 from matmamba.training import LanguageModelModule
-from matmamba.training.losses import LMHeadInput, chunked_lm_cross_entropy, lm_cross_entropy
+from matmamba.training.losses import LMHeadInput, chunked_lm_cross_entropy, distillation_kl, lm_cross_entropy
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
@@ -111,3 +111,27 @@ def test_token_loss_is_eager_without_compile():
     module = LanguageModelModule("lm_tiny")
     module.configure_model()
     assert module.token_loss is lm_cross_entropy
+
+
+def test_compiled_distillation_kl_matches_eager():
+    """With model.compile and distillation on, the LM module's KL term runs compiled and gives the
+    eager float64 value and student gradient (to bf16 rounding); without distillation it stays
+    eager (nothing to compile)."""
+    torch.manual_seed(4)
+    module = LanguageModelModule("lm_tiny", compile=True, distill={"weight": 0.5, "temperature": 2.0})
+    module.net.compile = lambda **kw: None  # keep the network eager: this test is about the loss
+    module.configure_model()
+    assert module.distill_kl is not distillation_kl
+    student = (torch.randn(2, 7, 61) * 2).to(torch.bfloat16).requires_grad_()
+    teacher = (torch.randn(2, 7, 61) * 2).to(torch.bfloat16)
+    kd = module.distill_loss(student, teacher)
+    kd.backward()
+    ref_student = student.detach().double().requires_grad_()
+    ref = distillation_kl(ref_student, teacher.double(), 2.0)
+    ref.backward()
+    torch.testing.assert_close(kd.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(student.grad.double(), ref_student.grad, rtol=1e-2, atol=1e-5)
+    plain = LanguageModelModule("lm_tiny", compile=True)
+    plain.net.compile = lambda **kw: None
+    plain.configure_model()
+    assert plain.distill_kl is distillation_kl

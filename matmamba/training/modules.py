@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torchmetrics import MeanMetric
 
 from matmamba import create_model
-from matmamba.training.losses import LMHeadInput, chunked_lm_cross_entropy, lm_cross_entropy
+from matmamba.training.losses import LMHeadInput, chunked_lm_cross_entropy, distillation_kl, lm_cross_entropy
 from matmamba.training.optim import build_param_groups, cosine_with_warmup
 from matmamba.training.strategies import check_not_fsdp1, is_fsdp, shard_model
 from matmamba.training.utils import compile_mode
@@ -117,6 +117,7 @@ class NestedWidthModule(L.LightningModule):
         distill = dict(distill or {})
         self.distill_weight = float(distill.get("weight", 0.0))
         self.distill_temperature = float(distill.get("temperature", 1.0))
+        self.distill_kl = distillation_kl  # the LM module compiles it with model.compile
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"model.distill.weight must be in [0, 1], got {self.distill_weight}")
         if self.distill_temperature <= 0:
@@ -191,10 +192,7 @@ class NestedWidthModule(L.LightningModule):
 
     def distill_loss(self, output: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """KL(teacher || student) over the last dim, averaged over everything else, times T^2."""
-        t = self.distill_temperature
-        student = F.log_softmax(output.float().flatten(0, -2) / t, dim=-1)
-        target = F.log_softmax(teacher.float().flatten(0, -2) / t, dim=-1)
-        return F.kl_div(student, target, log_target=True, reduction="batchmean") * t * t
+        return self.distill_kl(output, teacher, self.distill_temperature)
 
     def forward_width(self, inputs: torch.Tensor, width: int) -> torch.Tensor:
         raise NotImplementedError
@@ -609,12 +607,15 @@ class LanguageModelModule(NestedWidthModule):
     def configure_model(self) -> None:
         super().configure_model()
         if self.hparams.compile and self.token_loss is lm_cross_entropy:
-            # The loss sits outside the compiled network (the widths' losses are weighted and summed
-            # in the training step). Compiled alone it runs as fused reductions over the 16-bit
-            # logits instead of an fp32 copy, log-softmax and their gradients (H200, lm_130m, 4
-            # widths: docs/training_performance.md, session 5). Default mode whatever
-            # model.compile says: CUDA graphs would pin a (tokens x vocab) buffer per shape.
+            # The losses sit outside the compiled network (the widths' losses are weighted and
+            # summed in the training step). Compiled alone they run as fused reductions over the
+            # 16-bit logits instead of fp32 copies, log-softmaxes and their gradients (H200,
+            # lm_130m, 4 widths, cross-entropy: 205 -> 71 ms a step; docs/training_performance.md,
+            # session 5). Default mode whatever model.compile says: CUDA graphs would pin
+            # (tokens x vocab) buffers per shape.
             self.token_loss = torch.compile(lm_cross_entropy)
+            if self.distill_weight > 0:
+                self.distill_kl = torch.compile(distillation_kl)
 
     def check_data_compat(self, datamodule) -> None:
         vocab = getattr(datamodule, "vocab_size", None)
