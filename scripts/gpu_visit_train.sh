@@ -10,6 +10,9 @@
 #   BLOCK_ARGS="--cases block --no-baseline" STAGES="check train" ...  # bench_block before bench_train
 #   TRAIN_ARGS=$'--cases lm_130m --compile off,on\n--cases vision_b16'  # one bench_train run per line
 #   STAGES="check tune" TUNE_ARGS="--shapes block" ...   # gpu_check on GPU 1, SSD launch options on GPU 0
+#   STAGES="tune ncu" ...                                  # tune_ssd on GPU 0 beside Nsight Compute on GPU 1:
+#       NCU_CMDS (one command per line) run under ncu, counters of the kernels matching NCU_KERNELS
+#       (launches NCU_SKIP.. NCU_SKIP+NCU_COUNT-1), summarised by scripts/ncu_summary.py
 #   STAGES="profile ab" AB_TREE=.ab_old bash scripts/gpu_visit_train.sh   # GPU vs host time of the block
 #       (scripts/profile_block.py), then the block timed from an older tree and from this one,
 #       alternately, in one call (same machine): prepare the old tree here with
@@ -111,6 +114,27 @@ for stage in $STAGES; do
         ( CUDA_VISIBLE_DEVICES=0 timeout ${TUNE_TIMEOUT:-560} python3 scripts/tune_ssd.py ${TUNE_ARGS:-} \
             --json "$OUT/tune_ssd.json" > "$OUT/tune_ssd.log" 2>&1 ) &
         pids+=($!)
+        ;;
+    ncu)     # Nsight Compute on NCU_GPU (default 1), in the foreground: each line of NCU_CMDS
+             # under ncu with the clocks and caches left as they are (what the program sees), the
+             # SpeedOfLight, Occupancy, memory and scheduler sections of the kernels matching
+             # NCU_KERNELS; one CSV per command, then one table (scripts/ncu_summary.py)
+        ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+        i=0
+        while IFS= read -r cmd; do
+            [ -z "$cmd" ] && continue
+            i=$((i + 1))
+            echo "$cmd" > "$OUT/ncu_$i.cmd"
+            CUDA_VISIBLE_DEVICES=${NCU_GPU:-1} timeout ${NCU_TIMEOUT:-240} "${ncu_bin:-ncu}" \
+                --clock-control none --cache-control none \
+                --kernel-name "regex:${NCU_KERNELS:-_chunk_bwd_dx_kernel|_chunk_bwd_dbdc_kernel}" \
+                --launch-skip ${NCU_SKIP:-3} --launch-count ${NCU_COUNT:-4} \
+                --section SpeedOfLight --section Occupancy --section LaunchStats \
+                --section MemoryWorkloadAnalysis --section SchedulerStats \
+                --csv --page details $cmd > "$OUT/ncu_$i.csv" 2> "$OUT/ncu_$i.log"
+        done <<< "${NCU_CMDS:-python3 scripts/tune_ssd.py --profile-run 10 --shapes lm_step --layout block}"
+        echo "=== ncu"
+        python3 scripts/ncu_summary.py "$OUT"/ncu_*.csv --json "$OUT/ncu_summary.json"
         ;;
     ab)      # same-run A/B of the block benchmark: older tree vs this one, twice each, on GPU 0
         for round in 1 2; do

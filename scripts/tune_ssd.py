@@ -6,6 +6,8 @@ the GPU, check every alternative's outputs, and print which options are fastest.
     python scripts/tune_ssd.py --kernels bwd_dx,bwd_dbdc --shapes block
     python scripts/tune_ssd.py --shapes lm_step --layout block           # as the block calls it
     python scripts/tune_ssd.py --cpu-dry-run                             # the plumbing, on the CPU
+    ncu ... python scripts/tune_ssd.py --profile-run 10 --shapes lm_step --layout block
+        # no tuning: the defaults' forward + backward 10 times per shape, for an outside profiler
 
 How: every launch of the SSD kernels goes through ``triton_impl._launch(name, **defaults)``, which
 applies ``triton_impl.LAUNCH_OVERRIDES[name]``. For each kernel and each candidate option set
@@ -112,6 +114,9 @@ def parse_args(argv=None):
     p.add_argument("--layout", default="contiguous", choices=LAYOUTS,
                    help="contiguous inputs, or the views and strided gradient outputs the block's "
                         "fused core passes (the other layout's all-default time is printed too)")
+    p.add_argument("--profile-run", type=int, default=0, metavar="N",
+                   help="no vetting or tuning: run the all-default forward + backward N times per "
+                        "shape in --layout and exit (for ncu and other outside profilers)")
     p.add_argument("--json", default=None)
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="tiny shapes, 2 candidates per kernel, Triton interpreter on the CPU")
@@ -451,6 +456,16 @@ def main(argv=None):
         if k not in KERNELS:
             sys.exit(f"--kernels: unknown kernel {k!r}; valid: {', '.join(KERNELS)}")
     shapes = {s: (DRY_SHAPE if dry else SHAPES[s]) for s in shape_names}
+    if args.profile_run:
+        for shape_name, shape in shapes.items():
+            run = timing_problem(triton_impl, shape, dtype, dev, args.layout)
+            for _ in range(args.profile_run):
+                run()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            print(f"{shape_name} {shape}, {args.layout} layout: ran {args.profile_run} times",
+                  flush=True)
+        return None
     checks = DRY_CHECKS if dry else CHECKS
     cands = {k: candidates(k, 2 if dry else None) for k in kernel_names}
     t_start = time.perf_counter()

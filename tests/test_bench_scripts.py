@@ -305,3 +305,40 @@ print("block layout ok")
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0 and "block layout ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_ncu_summary_reads_the_details_csv(tmp_path):
+    """scripts/ncu_summary.py: the rows after ncu's own lines and the program's output, one row per
+    launch with the known metrics, thousands separators read, and the mean per kernel."""
+    import ncu_summary
+
+    header = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+              '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+
+    def row(launch, name, unit, value, kernel="_chunk_bwd_dx_kernel"):
+        return (f'"{launch}","7","python3","h","{kernel}","1","7","(128, 1, 1)","(768, 16, 1)","0","9.0",'
+                f'"Section","{name}","{unit}","{value}"')
+
+    path = tmp_path / "ncu_1.csv"
+    path.write_text("\n".join([
+        "==PROF== Connected to process 7", "lm_step (32, 1024, 24, 64, 1, 128), block layout: ran 3 times",
+        header,
+        row(0, "Duration", "msecond", "1.30"), row(0, "SM Frequency", "Ghz", "1.75"),
+        row(0, "Achieved Occupancy", "%", "20.5"), row(0, "Registers Per Thread", "register/thread", "168"),
+        row(0, "Unrelated Metric", "", "3"),
+        row(1, "Duration", "msecond", "1.40"), row(1, "SM Frequency", "Ghz", "1.65"),
+        row(2, "Duration", "usecond", "1,250", kernel="_chunk_bwd_dbdc_kernel"),
+        "==PROF== Disconnected from process 7"]))
+    summary = ncu_summary.summarize([str(path)])[str(path)]
+    assert [launch["id"] for launch in summary["launches"]] == [0, 1, 2]
+    first = summary["launches"][0]
+    assert first["kernel"] == "_chunk_bwd_dx_kernel" and first["grid"] == "(768, 16, 1)"
+    assert first["metrics"]["Registers Per Thread"] == (168.0, "register/thread")
+    assert "Unrelated Metric" not in first["metrics"]
+    means = summary["mean_by_kernel"]
+    assert means["_chunk_bwd_dx_kernel"]["Duration"][0] == pytest.approx(1.35)
+    assert means["_chunk_bwd_dbdc_kernel"]["Duration"] == (1250.0, "usecond")
+    assert ncu_summary.main([str(path), "--json", str(tmp_path / "s.json")]) == 0
+    empty = tmp_path / "empty.csv"
+    empty.write_text("==PROF== ERROR: profiling failed\n")
+    assert ncu_summary.main([str(empty)]) == 1
