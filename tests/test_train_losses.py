@@ -135,3 +135,21 @@ def test_compiled_distillation_kl_matches_eager():
     plain.net.compile = lambda **kw: None
     plain.configure_model()
     assert plain.distill_kl is distillation_kl
+
+
+def test_compile_allows_a_graph_per_width_and_grad_mode(monkeypatch):
+    """Each width compiles its own graph in training, under no_grad and under inference_mode:
+    configure_model raises dynamo's recompile limit to hold them all (at dynamo's default of 8,
+    lm_pydoc's final validation fell back to eager)."""
+    import torch._dynamo.config as dynamo_config
+
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
+    module = LanguageModelModule("lm_tiny", compile=True)
+    module.net.compile = lambda **kw: None
+    module.configure_model()
+    assert len(module.widths) == 4 and dynamo_config.recompile_limit >= 3 * 4
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 64)
+    big = LanguageModelModule("lm_tiny", compile=True)
+    big.net.compile = lambda **kw: None
+    big.configure_model()
+    assert dynamo_config.recompile_limit == 64  # never lowered

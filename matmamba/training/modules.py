@@ -231,6 +231,15 @@ class NestedWidthModule(L.LightningModule):
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.net.compile(mode=compile_mode(self.hparams.compile))
             self._compiled = True
+            # Each width is its own graph, once for training, once under no_grad (validation in
+            # fit) and once under inference_mode (trainer.validate): 3 per width, more than
+            # dynamo's default of 8 recompiles for 4 widths. Past the limit the rest runs eagerly
+            # (seen on lm_pydoc: the final validation fell back to eager).
+            import torch._dynamo.config as dynamo_config
+
+            needed = 3 * len(self.widths) + 4  # + a few shape changes (a last, smaller batch)
+            if dynamo_config.recompile_limit < needed:
+                dynamo_config.recompile_limit = needed
 
     def _shard_model(self, strategy) -> None:
         """FSDP2 (``trainer=fsdp``): shard ``self.net`` in place, each residual block one unit
