@@ -207,3 +207,23 @@ def test_ddp_config_choice_reaches_the_ddp_runs(tmp_path, capsys):
     for name in ("lm_130m_ddp_1dev", "lm_130m_ddp_2dev", "vision_35m_ddp_2dev"):
         assert "trainer=ddp_bf16_grads" in by_name[name], name
     assert "trainer=ddp " in by_name["lm_1_4b_ddp_2dev"] + " "
+
+
+def test_lm_fsdp_runs_each_sharding_strategy(tmp_path, capsys):
+    """--fsdp-sharding: one lm_1_4b FSDP run per strategy (the first under the case's "fsdp" key),
+    then DDP; unknown or repeated strategies are refused with the valid ones."""
+    assert bench.main(["--dry-run", "--gpus", "2", "--work-dir", str(tmp_path), "--cases", "lm_fsdp",
+                       "--fsdp-sharding", "full_shard,SHARD_GRAD_OP"]) == 0
+    by_name = {line.split("]")[0][1:]: line.split("$ ", 1)[1] for line in capsys.readouterr().out.splitlines()
+               if line.startswith("[") and "$ " in line}
+    assert list(by_name) == ["lm_1_4b_fsdp_2dev", "lm_1_4b_fsdp_shard_grad_op_2dev", "lm_1_4b_ddp_2dev"]
+    assert "trainer.strategy.sharding_strategy=FULL_SHARD" in by_name["lm_1_4b_fsdp_2dev"]
+    assert "trainer.strategy.sharding_strategy=SHARD_GRAD_OP" in by_name["lm_1_4b_fsdp_shard_grad_op_2dev"]
+    assert "sharding_strategy" not in by_name["lm_1_4b_ddp_2dev"]
+    for name, cmd in by_name.items():
+        overrides = [o for o in shlex.split(cmd)[2:] if not o.startswith(("hydra.", "ckpt_path="))]
+        validate_config(compose_cfg(overrides, tmp_path / name))
+    for bad in ("FOO", "FULL_SHARD,FULL_SHARD"):
+        with pytest.raises(SystemExit):
+            bench.main(["--dry-run", "--cases", "lm_fsdp", "--fsdp-sharding", bad, "--work-dir", str(tmp_path)])
+    assert "give distinct strategies from FULL_SHARD, SHARD_GRAD_OP" in capsys.readouterr().err
