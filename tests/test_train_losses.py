@@ -6,7 +6,12 @@ import torch.nn.functional as F
 
 from matmamba import create_model
 from matmamba.training import LanguageModelModule
-from matmamba.training.losses import LMHeadInput, chunked_lm_cross_entropy, distillation_kl, lm_cross_entropy
+from matmamba.training.losses import (
+    LMHeadInput,
+    chunked_lm_cross_entropy,
+    distillation_kl,
+    lm_cross_entropy,
+)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])

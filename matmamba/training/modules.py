@@ -27,7 +27,12 @@ from lightning.pytorch.strategies import DDPStrategy
 from torchmetrics import MeanMetric
 
 from matmamba import create_model
-from matmamba.training.losses import LMHeadInput, chunked_lm_cross_entropy, distillation_kl, lm_cross_entropy
+from matmamba.training.losses import (
+    LMHeadInput,
+    chunked_lm_cross_entropy,
+    distillation_kl,
+    lm_cross_entropy,
+)
 from matmamba.training.optim import build_param_groups, cosine_with_warmup
 from matmamba.training.strategies import check_not_fsdp1, is_fsdp, shard_model
 from matmamba.training.utils import compile_mode
