@@ -73,18 +73,14 @@ def summarize(paths: list[str]) -> dict:
     out = {}
     for path in paths:
         runs = launches(read_rows(path))
-        per_kernel = defaultdict(list)
+        values = defaultdict(lambda: defaultdict(list))  # kernel -> metric -> [(value, unit)]
         for launch in runs:
-            per_kernel[launch["kernel"]].append(launch)
-        means = {}
-        for kernel, group in per_kernel.items():
-            names = {name for launch in group for name in launch["metrics"]}
-            means[kernel] = {name: (statistics.fmean(launch["metrics"][name][0] for launch in group
-                                                     if name in launch["metrics"]),
-                                    next(launch["metrics"][name][1] for launch in group
-                                         if name in launch["metrics"]))
-                             for name in names}
-        out[path] = dict(launches=runs, mean_by_kernel=means)
+            for name, value_unit in launch["metrics"].items():
+                values[launch["kernel"]][name].append(value_unit)
+        means = {kernel: {name: (statistics.fmean(v for v, _ in pairs), pairs[0][1])
+                          for name, pairs in metrics.items()}
+                 for kernel, metrics in values.items()}
+        out[path] = {"launches": runs, "mean_by_kernel": means}
     return out
 
 
