@@ -19,10 +19,10 @@ def lm_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     softmax in at least fp32.
 
     Eagerly this writes the fp32 copy of the logits, then the fp32 log-probabilities, and the
-    backward two more tensors of that size (on an H200, lm_130m at 32 x 1024 tokens: about 17 ms
-    per call, 16% of the four-width step). The LM module compiles it when ``model.compile`` is on:
+    backward two more tensors of that size. The LM module compiles it when ``model.compile`` is on:
     inductor then reads the 16-bit logits once per pass, reduces them in fp32 registers and writes
-    the 16-bit gradient directly.
+    the 16-bit gradient directly (on an H200, lm_130m at 32 x 1024 tokens: about 17 ms less per
+    call, 16% of the four-width step).
     """
     logits = logits.flatten(0, -2)
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target.flatten())

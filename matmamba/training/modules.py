@@ -624,8 +624,8 @@ class LanguageModelModule(NestedWidthModule):
             # The losses sit outside the compiled network (the widths' losses are weighted and
             # summed in the training step). Compiled alone they run as fused reductions over the
             # 16-bit logits instead of fp32 copies, log-softmaxes and their gradients (H200,
-            # lm_130m, 4 widths, cross-entropy: 205 -> 71 ms a step; docs/training_performance.md,
-            # session 5). Default mode whatever model.compile says: CUDA graphs would pin
+            # lm_130m, 4 widths: the loss and ATen copy/elementwise kernels 205 -> 71 ms a step;
+            # docs/training_performance.md, session 5). Default mode whatever model.compile says: CUDA graphs would pin
             # (tokens x vocab) buffers per shape.
             self.token_loss = torch.compile(lm_cross_entropy)
             if self.distill_weight > 0:
