@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU visit for the training issues (#4, #6, #7) on a machine with 2 GPUs: each stage is one
+# One GPU visit for the training issues (#4, #6, #7) on one or two GPUs: each stage is one
 # word of STAGES, and each writes its log and JSON under $OUT, packed at the end into
 # $OUT/visit.tgz (the device tool returns at most 8 files; NO_PACK=1 keeps them loose).
 #
@@ -44,8 +44,13 @@ fi
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
+# With two GPUs the stages marked "beside" run side by side (GPU 0 and GPU 1); with one GPU every
+# stage runs on GPU 0, one after another, so no timing shares the chip with another stage.
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+if [ "${NGPU:-0}" -ge 2 ]; then GPU1=1; else GPU1=0; fi
 pids=()
 cpu_pids=()
+serialize() { if [ "$GPU1" = 0 ] && [ ${#pids[@]} -gt 0 ]; then wait "${pids[@]}"; pids=(); fi; }
 for stage in $STAGES; do
     case $stage in
     check)   # correctness of this visit's kernel code, on the second GPU, in parallel jobs; then
@@ -57,13 +62,13 @@ for stage in $STAGES; do
             while IFS= read -r job; do
                 [ -z "$job" ] && continue
                 i=$((i + 1))
-                CUDA_VISIBLE_DEVICES=1 timeout ${CHECK_TIMEOUT:-300} python3 scripts/gpu_check.py --json /tmp/check_parts/$i.json $job \
+                CUDA_VISIBLE_DEVICES=$GPU1 timeout ${CHECK_TIMEOUT:-300} python3 scripts/gpu_check.py --json /tmp/check_parts/$i.json $job \
                     > /tmp/check_parts/$i.log 2>&1 &
                 jobs_+=($!)
             done <<< "$CHECK_JOBS"
             wait "${jobs_[@]}"
             if [ -n "${GPU1_TRAIN_ARGS:-}" ]; then
-                CUDA_VISIBLE_DEVICES=1 timeout ${GPU1_TRAIN_TIMEOUT:-300} python3 scripts/bench_train.py $GPU1_TRAIN_ARGS \
+                CUDA_VISIBLE_DEVICES=$GPU1 timeout ${GPU1_TRAIN_TIMEOUT:-300} python3 scripts/bench_train.py $GPU1_TRAIN_ARGS \
                     --json "$OUT/bench_train_gpu1.json" > "$OUT/bench_train_gpu1.log" 2>&1
             fi
         ) &
@@ -125,7 +130,7 @@ for stage in $STAGES; do
             [ -z "$cmd" ] && continue
             i=$((i + 1))
             echo "$cmd" > "$OUT/ncu_$i.cmd"
-            CUDA_VISIBLE_DEVICES=${NCU_GPU:-1} timeout ${NCU_TIMEOUT:-240} "${ncu_bin:-ncu}" \
+            CUDA_VISIBLE_DEVICES=${NCU_GPU:-$GPU1} timeout ${NCU_TIMEOUT:-240} "${ncu_bin:-ncu}" \
                 --clock-control none --cache-control none \
                 --kernel-name "regex:${NCU_KERNELS:-_chunk_bwd_dx_kernel|_chunk_bwd_dbdc_kernel}" \
                 --launch-skip ${NCU_SKIP:-3} --launch-count ${NCU_COUNT:-4} \
@@ -155,6 +160,7 @@ for stage in $STAGES; do
         ;;
     *) echo "unknown stage $stage"; exit 2 ;;
     esac
+    serialize
 done
 [ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
 [ ${#cpu_pids[@]} -gt 0 ] && wait "${cpu_pids[@]}"
