@@ -5,6 +5,8 @@ the GPU, check every alternative's outputs, and print which options are fastest.
     python scripts/tune_ssd.py --json /tmp/tune_ssd.json                 # all kernels, 3 shapes
     python scripts/tune_ssd.py --kernels bwd_dx,bwd_dbdc --shapes block
     python scripts/tune_ssd.py --shapes lm_step --layout block           # as the block calls it
+    python scripts/tune_ssd.py --kernels bwd_dx --grid "bwd_dx:num_warps=4;maxnreg=128,96,none"
+        # some options' values replaced (--grid once per kernel; the others keep KERNELS' values)
     python scripts/tune_ssd.py --cpu-dry-run                             # the plumbing, on the CPU
     ncu ... python scripts/tune_ssd.py --profile-run 10 --shapes lm_step --layout block
         # no tuning: the defaults' forward + backward 10 times per shape, for an outside profiler
@@ -93,8 +95,14 @@ KERNELS = {
     "chunk_out_fwd": ("_chunk_out_fwd_kernel", _DOT_GRID),
     "chunk_dstate_bwd": ("_chunk_dstate_bwd_kernel", _FLAT_GRID),
     "state_pass_bwd": ("_state_pass_kernel", dict(num_warps=(2, 4, 8), BLOCK=(256, 512, 1024, 2048))),
-    "bwd_dx": ("_chunk_bwd_dx_kernel", _DOT_GRID),
-    "bwd_dbdc": ("_chunk_bwd_dbdc_kernel", _DOT_GRID),
+    # The two heavy backward kernels take 255 registers a thread at p = 24 (2 programs an SM at
+    # 4 warps) and are latency-bound (ncu, session 6): maxnreg caps the registers (ptxas spills
+    # the rest to L1-cached local memory) for 3 (168) or 4 (128) programs an SM. num_stages=1 is
+    # left out: it never won here, and Triton 3.6 miscompiled it in bwd_dbdc (session 4).
+    "bwd_dx": ("_chunk_bwd_dx_kernel", dict(num_warps=(4, 8), num_stages=(2, 3), BLOCK_N=(32, 64),
+                                            maxnreg=(None, 168, 128))),
+    "bwd_dbdc": ("_chunk_bwd_dbdc_kernel", dict(num_warps=(4, 8), num_stages=(2, 3), BLOCK_N=(64, 128),
+                                                maxnreg=(None, 168, 128))),
 }
 # The state pass kernel serves both directions; its REVERSE flag tells the launches apart.
 _KERNEL_OF_LAUNCH = {("_state_pass_kernel", False): "state_pass_fwd",
@@ -119,6 +127,10 @@ def parse_args(argv=None):
     p.add_argument("--profile-run", type=int, default=0, metavar="N",
                    help="no vetting or tuning: run the all-default forward + backward N times per "
                         "shape in --layout and exit (for ncu and other outside profilers)")
+    p.add_argument("--grid", action="append", default=[], metavar="KERNEL:OPTION=V1,V2;...",
+                   help="replace some options' candidate values of one kernel, e.g. "
+                        "\"bwd_dx:maxnreg=128,96,none;num_warps=4\" ('none': the compiler's choice); "
+                        "once per kernel")
     p.add_argument("--json", default=None)
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="tiny shapes, 2 candidates per kernel, Triton interpreter on the CPU")
@@ -130,8 +142,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def candidates(kernel: str, limit: int | None = None) -> list[dict]:
-    grid = KERNELS[kernel][1]
+def parse_grid(items: list[str]) -> dict[str, dict]:
+    """--grid "bwd_dx:num_warps=4;maxnreg=128,96,none" --grid "bwd_dbdc:num_stages=2" -> per-kernel
+    grids that replace the named options' values in KERNELS (the others keep theirs)."""
+    grids = {}
+    for item in items:
+        kernel, _, spec = item.partition(":")
+        if kernel not in KERNELS or not spec:
+            raise SystemExit(f"--grid: expected KERNEL:OPTION=V1,V2;... with KERNEL one of {list(KERNELS)}; "
+                             f"got {item!r}")
+        grid = dict(KERNELS[kernel][1])
+        for part in spec.split(";"):
+            name, _, values = part.partition("=")
+            try:
+                grid[name] = tuple(None if v.lower() == "none" else int(v) for v in values.split(","))
+            except ValueError:
+                raise SystemExit(f"--grid: {kernel}'s {name!r} takes integers or 'none'; got {values!r}")
+        grids[kernel] = grid
+    return grids
+
+
+def candidates(kernel: str, limit: int | None = None, grids: dict | None = None) -> list[dict]:
+    grid = (grids or {}).get(kernel) or KERNELS[kernel][1]
     names = list(grid)
     out = [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
     return out[:limit] if limit else out
@@ -469,7 +501,8 @@ def main(argv=None):
                   flush=True)
         return None
     checks = DRY_CHECKS if dry else CHECKS
-    cands = {k: candidates(k, 2 if dry else None) for k in kernel_names}
+    grids = parse_grid(args.grid)
+    cands = {k: candidates(k, 2 if dry else None, grids) for k in kernel_names}
     t_start = time.perf_counter()
 
     # Vet every candidate (and the defaults, item 0) in child processes: errors on the check

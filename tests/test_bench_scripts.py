@@ -342,3 +342,37 @@ def test_ncu_summary_reads_the_details_csv(tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text("==PROF== ERROR: profiling failed\n")
     assert ncu_summary.main([str(empty)]) == 1
+
+
+def test_tune_ssd_grid_replaces_only_the_named_options():
+    """--grid KERNEL:OPTION=V1,V2;... narrows or widens one kernel's candidates (the other
+    options keep their values), 'none' is the compiler's choice, and a bad spec says what is valid."""
+    import tune_ssd
+
+    grids = tune_ssd.parse_grid(["bwd_dx:num_warps=4;maxnreg=128,none"])
+    cands = tune_ssd.candidates("bwd_dx", grids=grids)
+    base = tune_ssd.KERNELS["bwd_dx"][1]
+    assert {c["num_warps"] for c in cands} == {4} and {c["maxnreg"] for c in cands} == {128, None}
+    assert len(cands) == len(base["num_stages"]) * len(base["BLOCK_N"]) * 2
+    assert tune_ssd.candidates("bwd_dbdc", grids=grids) == tune_ssd.candidates("bwd_dbdc")
+    with pytest.raises(SystemExit, match="KERNEL one of"):
+        tune_ssd.parse_grid(["no_such_kernel:num_warps=4"])
+    with pytest.raises(SystemExit, match="integers or 'none'"):
+        tune_ssd.parse_grid(["bwd_dx:num_warps=four"])
+
+
+def test_kernel_regs_compiles_the_backward_for_hopper_with_its_register_cap():
+    """scripts/kernel_regs.py compiles B3 and B4 for sm_90a on the CPU (Triton's bundled ptxas) as
+    _ssd_backward launches them at p = 24, and the default register cap reaches ptxas: 128
+    registers a thread (255 uncapped), 4 programs of B3 an SM."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_regs.py"), "--kernels",
+                           "bwd_dx,bwd_dbdc", "--headdims", "24"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
+            if line.startswith(("bwd_dx ", "bwd_dbdc "))}
+    assert set(rows) == {"bwd_dx", "bwd_dbdc"}, proc.stdout
+    assert int(rows["bwd_dx"][5]) <= 128 and int(rows["bwd_dbdc"][5]) <= 128, proc.stdout
+    assert int(rows["bwd_dx"][-1]) == 4, proc.stdout

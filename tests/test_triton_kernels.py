@@ -5,8 +5,9 @@ sequences, strided inputs, both state-passing forms of the scan, two chunk lengt
 
 TRITON_INTERPRET=1 must be set before Triton decorates the kernels, and other tests may import
 the kernel modules first without it, so each group of checks runs in a fresh subprocess:
-``python tests/test_triton_kernels.py <group>``. float32 only (the interpreter cannot read bf16;
-bf16 and fp16 are checked on the GPU by scripts/gpu_check.py).
+``python tests/test_triton_kernels.py <group>``. float32, plus one fp16 group for the rounding of
+the scan's 16-bit products (the interpreter cannot read bf16; bf16 and fp16 are checked on the GPU
+by scripts/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ TOL = 1e-4  # float32 against float64 (issue 3's target)
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("group", ["ssd_parallel", "ssd_sequential", "ssd_launch_options", "conv1d",
+@pytest.mark.parametrize("group", ["ssd_parallel", "ssd_sequential", "ssd_launch_options", "ssd_fp16", "conv1d",
                                    "rmsnorm", "decode", "mixer", "dispatch"])
 def test_triton_kernels_under_interpreter(group):
     run_group(__file__, group)
@@ -102,6 +103,41 @@ def _ssd_group(form: str, failures: list) -> None:
             inputs["seq_idx"] = seq
         name = f"ssd[{form}] b{b} l{l} h{h} p{p} g{g} n{n} Q{chunk} {sorted(k for k, v in opt.items() if v)}"
         _compare(name, ssd_scan_triton, ssd_scan_naive, inputs, failures)
+
+
+def _ssd_fp16_group(failures: list) -> None:
+    """fp16 operands (the interpreter rounds them as the GPU does): no gradient of the scan may
+    lose more to rounding than a few times what the output does. d dt, dA and d dt_bias come from
+    dLam, a difference of two large products that nearly cancel (triton_impl's docstring), and
+    lost 5-10x more than the output when those products rounded the fp32 scores to 16 bits (on
+    the H200 in bf16: dA 4e-2 against float64); carried as two 16-bit parts they lose 1-2x."""
+    import torch
+
+    from matmamba.ops.ssd.naive import ssd_scan_naive
+    from matmamba.ops.ssd.triton_impl import ssd_scan_triton
+
+    for b, l, h, p, g, n in [(2, 300, 5, 24, 1, 128), (1, 200, 4, 64, 1, 128)]:
+        gen = torch.Generator().manual_seed(l)
+        rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+        ref = dict(x=rnd(b, l, h, p), dt=rnd(b, l, h) * 0.5,
+                   A=-torch.rand(h, generator=gen, dtype=torch.float64) * 4 - 0.5,
+                   B=rnd(b, l, g, n), C=rnd(b, l, g, n), D=rnd(h), dt_bias=rnd(h) * 0.3 - 2)
+        dy = rnd(b, l, h, p)
+        half = {k: v.to(torch.float16 if k in ("x", "B", "C") else torch.float32) for k, v in ref.items()}
+        results = []
+        for fn, inputs in ((ssd_scan_triton, half), (ssd_scan_naive, ref)):
+            leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+            y = fn(**leaves, dt_softplus=True)
+            grads = torch.autograd.grad((y.double() * dy).sum(), list(leaves.values()))
+            results.append([y] + list(grads))
+        names = ["out"] + [f"d{k}" for k in ref]
+        errors = {k: rel_err(o, r) for k, o, r in zip(names, *results)}
+        worst = max(v for k, v in errors.items() if k != "out")
+        ok = worst <= 3 * errors["out"]
+        print(f"{'ok  ' if ok else 'FAIL'} ssd fp16 b{b} l{l} h{h} p{p} n{n} (worst gradient <= 3x out): "
+              + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+        if not ok:
+            failures.append(f"ssd fp16 b{b} l{l} h{h} p{p}")
 
 
 def _ssd_launch_options_group(failures: list) -> None:
@@ -297,6 +333,7 @@ def _main(group: str) -> int:
         "ssd_parallel": lambda failures: _ssd_group("parallel", failures),
         "ssd_sequential": lambda failures: _ssd_group("sequential", failures),
         "ssd_launch_options": _ssd_launch_options_group,
+        "ssd_fp16": _ssd_fp16_group,
         "conv1d": _conv_group,
         "rmsnorm": _rmsnorm_group,
         "decode": _decode_group,

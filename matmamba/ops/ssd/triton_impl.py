@@ -23,9 +23,8 @@ Backward (four launches, B1 and B2 fused in the sequential form, plus small redu
     B1  dS_c       = sum_t exp(Lam_t) dy_t C_t^T                what chunk c's outputs ask of H0
     B2  G_{c-1}    = exp(Lam_end_c) G_c + dS_c                  reverse pass;  d initial = G_{-1}
     B3  per head:  dxt_s = sum_t L_ts CB_ts dy_t + exp(Lam_end - Lam_s) G B_s
-                   Z_ts  = L_ts CB_ts (dy_t . xt_s)
-                   dLam_t = rowsum(Z)_t - colsum(Z)_t + dy_t . y_inter_t - xt_t . dxt_state_t
-                            (+ <G, H_end> at the chunk's last position)
+                   y'_t  = sum_s L_ts CB_ts xt_s + exp(Lam_t) C_t H0^T   (y without D x)
+                   dLam_t = dy_t . y'_t - xt_t . dxt_t  (+ <G, H_end> at the chunk's last position)
                    da_s  = sum_{t >= s} dLam_t;  ddt'_s = x_s . dxt_s + A da_s;  dA = sum da dt'
                    dx_s  = dt'_s dxt_s + D dy_s
     B4  per group (loops over its heads, sums them):
@@ -33,9 +32,14 @@ Backward (four launches, B1 and B2 fused in the sequential form, plus small redu
                    dC_t  = W B + sum_h exp(Lam^h_t) dy^h_t H0^h
                    dB_s  = W^T C + sum_h exp(Lam^h_end - Lam^h_s) xt^h_s G^h
 
-The identity behind dLam: Lam_t multiplies every term that C_t reads (so dLam_t gets C_t . dC_t)
-and divides every term that xt_t writes (so it loses xt_t . dxt_t); the chunk's end decay scales
-the whole leaving state, hence <G, H_end>.
+The identity behind dLam: Lam_t multiplies every term that C_t reads (so dLam_t gets C_t . dC_t,
+which is dy_t . y'_t) and divides every term that xt_t writes (so it loses xt_t . dxt_t); the
+chunk's end decay scales the whole leaving state, hence <G, H_end>. Written with the Q x Q matrix
+Z_ts = L_ts CB_ts (dy_t . xt_s) the intra-chunk part is rowsum(Z)_t - colsum(Z)_t, the same sum.
+The two forms round differently: the intra parts of dy . y' and xt . dxt are large and nearly
+cancel (their sums over the chunk cancel exactly), so B3 forms both products from one set of
+rounded operands and, with 16-bit operands, carries the fp32 scores to about 16 bits as the sum
+of two 16-bit parts (without that, bf16 lost dA to 4e-2 against float64 on the H200).
 
 ``seq_idx`` (packed sequences) zeroes every factor that crosses a change of sequence, exactly as
 ``matmamba.ops.ssd.chunked`` does: pairs in different sequences, contributions to the chunk state
@@ -93,6 +97,19 @@ def _dot_config(dtype: torch.dtype):
 # ----------------------------------------------------------------------------------------------
 # Shared device helpers
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot_fp32_lhs(a, b_low, acc, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + a @ b_low for an fp32 ``a``. With 16-bit operands ``a`` goes in as the sum of two
+    16-bit parts, hi = a rounded and lo = (a - hi) rounded, so the product keeps about 16 of a's
+    bits instead of 8 (bf16) or 11 (fp16), for the price of a second product."""
+    a_hi = a.to(DOT_DTYPE)
+    acc = tl.dot(a_hi, b_low, acc=acc, input_precision=DOT_PREC)
+    if DOT_DTYPE != tl.float32:
+        a_lo = (a - a_hi.to(tl.float32)).to(DOT_DTYPE)
+        acc = tl.dot(a_lo, b_low, acc=acc, input_precision=DOT_PREC)
+    return acc
 
 
 @triton.jit
@@ -612,31 +629,37 @@ def _chunk_bwd_dx_kernel(
     dxt_state = bg_acc * to_end[:, None]
     y_inter = ch_acc * from_start[:, None]
 
-    x_tile = tl.load(x_ptr + b * s_xb + h * s_xh + t_idx[:, None] * s_xl + offs_p[None, :] * s_xp,
-                     mask=tile_mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + b * s_dyb + h * s_dyh + t_idx[:, None] * s_dyl
-                 + offs_p[None, :] * s_dyp, mask=tile_mask, other=0.0).to(tl.float32)
-    xt = x_tile * dtp[:, None]
+    # x and dy as the products read them (exact for 16-bit inputs): both sides of the
+    # cancellation below must see the same values
+    x_low = tl.load(x_ptr + b * s_xb + h * s_xh + t_idx[:, None] * s_xl
+                    + offs_p[None, :] * s_xp, mask=tile_mask, other=0.0).to(DOT_DTYPE)
+    dy_low = tl.load(dy_ptr + b * s_dyb + h * s_dyh + t_idx[:, None] * s_dyl
+                     + offs_p[None, :] * s_dyp, mask=tile_mask, other=0.0).to(DOT_DTYPE)
+    x_tile = x_low.to(tl.float32)
+    dy = dy_low.to(tl.float32)
+    # <G, H_end> = exp(Lam_end) <G, H0> + <G, S_c>, the chunk's own part through dxt_state
+    leaving = keep_start * tl.exp(lam_end) * tl.sum(tl.sum(g_dot_h0, axis=1), axis=0) \
+        + tl.sum(dtp * tl.sum(x_tile * dxt_state, axis=1), axis=0)
 
-    # Intra-chunk
+    # Intra-chunk: the one Q x Q tile, scores = CB o L, feeds two products, each accumulated
+    # onto its state term: dxt = scores^T dy + dxt_state and the scan's own output
+    # y' = (scores o dt') x + y_inter (without D x).
     cb = tl.load(CB_ptr + ((b * nchunks + c) * ngroups + g) * Q * Q
                  + offs_q[:, None] * Q + offs_q[None, :])
     seg = tl.where(pair_ok, lam[:, None] - lam[None, :], float("-inf"))
     scores = cb * tl.exp(seg)                                                   # [t, s]
-    dxt = tl.dot(tl.trans(scores).to(DOT_DTYPE), dy.to(DOT_DTYPE), input_precision=DOT_PREC)
-    dxt += dxt_state
-    dy_xt = tl.dot(dy.to(DOT_DTYPE), tl.trans(xt).to(DOT_DTYPE), input_precision=DOT_PREC)
-    z = scores * dy_xt                                                          # Z[t, s]
+    dxt = _dot_fp32_lhs(tl.trans(scores), dy_low, dxt_state, DOT_DTYPE, DOT_PREC)
+    y_ssd = _dot_fp32_lhs(scores * dtp[None, :], x_low, y_inter, DOT_DTYPE, DOT_PREC)
 
-    # d Lam_t, then d a_s = sum_{t >= s} d Lam_t
-    xt_dxt_state = tl.sum(xt * dxt_state, axis=1)
-    leaving = keep_start * tl.exp(lam_end) * tl.sum(tl.sum(g_dot_h0, axis=1), axis=0) \
-        + tl.sum(xt_dxt_state, axis=0)                                          # <G, H_end>
-    d_lam = tl.sum(z, axis=1) - tl.sum(z, axis=0) + tl.sum(dy * y_inter, axis=1) - xt_dxt_state
+    # d Lam_t = dy_t . y'_t - xt_t . dxt_t (module docstring: the rowsum(Z) - colsum(Z) of the
+    # Q x Q Z_ts = scores_ts (dy_t . xt_s) without forming Z, which took two more Q x Q fp32 tiles
+    # beside scores), then d a_s = sum_{t >= s} d Lam_t; x_t . dxt_t serves d dt'_t as well.
+    x_dxt = tl.sum(x_tile * dxt, axis=1)
+    d_lam = tl.sum(dy * y_ssd, axis=1) - dtp * x_dxt
     d_lam += tl.where(offs_q == Q - 1, leaving, 0.0)
     d_a = tl.sum(d_lam, axis=0) - tl.cumsum(d_lam, axis=0) + d_lam
 
-    d_dtp = tl.sum(dxt * x_tile, axis=1) + A * d_a
+    d_dtp = x_dxt + A * d_a
     tl.store(dA_part_ptr + bh * nchunks + c, tl.sum(tl.where(valid, d_a * dtp, 0.0), axis=0))
 
     dx = dxt * dtp[:, None]
@@ -769,7 +792,7 @@ def _num_warps(Q: int, block_p: int) -> int:
     return 8 if Q >= 128 or block_p >= 128 else 4
 
 
-# Launch options (num_warps, num_stages, the free tile sizes) of each kernel, by the kernel's short
+# Launch options (num_warps, num_stages, maxnreg, the free tile sizes) of each kernel, by its short
 # name ("cb", "state_fwd_fused", "chunk_state_fwd", "state_pass_fwd", "chunk_out_fwd",
 # "state_bwd_fused", "chunk_dstate_bwd", "state_pass_bwd", "bwd_dx", "bwd_dbdc"). Entries here
 # replace the defaults chosen in _ssd_forward / _ssd_backward; scripts/tune_ssd.py sets them to
@@ -783,6 +806,18 @@ def _launch(kernel: str, **defaults) -> dict:
     opts = dict(defaults)
     opts.update(LAUNCH_OVERRIDES.get(kernel, {}))
     return opts
+
+
+def _backward_register_cap(Q: int, block_p: int, dot_dtype) -> int | None:
+    """maxnreg for B3 and B4, or None for ptxas's own choice.
+
+    Both are latency-bound (ncu in lm_130m's step: ~12% achieved occupancy, ~70% of the cycles
+    with no warp eligible): left alone ptxas gives them 255 registers a thread, 2 programs of 4
+    warps an SM. Capped at 128 (4 programs; ptxas spills a few hundred bytes a thread to
+    L1-cached local memory) they ran 1.24 - 1.31x (B3) and 1.05 - 1.16x (B4, then at 8 warps and
+    2 stages) faster at every p = 24 shape tuned, bf16, Q = 64 (H200, Triton 3.6, session 7).
+    Wider heads, other chunks and fp32 operands were not measured and keep ptxas's choice."""
+    return 128 if Q == 64 and block_p <= 32 and dot_dtype != tl.float32 else None
 
 
 def _sm_count(device) -> int:
@@ -979,6 +1014,7 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     dD_part = torch.empty(batch, nheads, nchunks, *((headdim,) if per_channel else ()),
                           device=dev, dtype=torch.float32)
     dbias_part = torch.empty(batch, nheads, nchunks, device=dev, dtype=torch.float32)
+    capped = _backward_register_cap(Q, block_p, dot_dtype)
     _chunk_bwd_dx_kernel[(batch * nheads, nchunks)](
         x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A,
         seq_arg, dy, CB, entering, leaving_grad, dtp, lam,
@@ -991,8 +1027,9 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
         HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None,
         DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
         # 32-wide N steps, 3 stages: 1.03x - 1.12x over 64-wide at every shape tuned. 4 warps at
-        # Q = 64 (8 warps: 2.99 vs 2.17 ms, session 1)
-        **_launch("bwd_dx", BLOCK_N=min(block_n_full, 32), num_stages=3, num_warps=warps))
+        # Q = 64 (8 warps: 2.99 vs 2.17 ms, session 1). The register cap: below.
+        **_launch("bwd_dx", BLOCK_N=min(block_n_full, 32), num_stages=3, num_warps=warps,
+                  maxnreg=capped))
 
     # B4: per group
     block_n_bc = _launch("bwd_dbdc", BLOCK_N=min(block_n_full, 128 if Q <= 64 else 64))["BLOCK_N"]
@@ -1005,8 +1042,11 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     # 3.6 miscompiles that on the H200 at n = 16 (illegal address; fine with 2 or 3 stages or 8
     # warps), so it keeps 3 stages.
     several = heads_per_split > 1
-    opts = _launch("bwd_dbdc", BLOCK_N=block_n_bc, num_stages=3,
-                   num_warps=8 if Q >= 64 and block_p >= 64 and several else 4)
+    if capped:   # with the register cap (_backward_register_cap): 8 warps, 2 stages
+        opts = _launch("bwd_dbdc", BLOCK_N=block_n_bc, num_stages=2, num_warps=8, maxnreg=capped)
+    else:
+        opts = _launch("bwd_dbdc", BLOCK_N=block_n_bc, num_stages=3,
+                       num_warps=8 if Q >= 64 and block_p >= 64 and several else 4)
     dB_part = torch.empty(splits, batch, seqlen, ngroups, dstate, device=dev, dtype=torch.float32)
     dC_part = torch.empty_like(dB_part)
     _chunk_bwd_dbdc_kernel[(batch * ngroups, nchunks, n_blocks * splits)](

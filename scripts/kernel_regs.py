@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Registers, spills and shared memory of the SSD scan's Triton kernels, compiled for Hopper
+(sm_90a) on any machine, no GPU needed: Triton compiles to a cubin with its bundled ptxas and
+cuobjdump reads the resource use. Occupancy follows from the registers: an H100/H200 SM has
+65,536 of them, so a 4-warp program at 255 registers a thread leaves room for 2 programs an SM,
+at 168 for 3, at 128 for 4.
+
+    python scripts/kernel_regs.py                                  # the backward kernels, p = 24 and 64
+    python scripts/kernel_regs.py --kernels bwd_dx --headdims 24 --warps 4,8
+    PYTHONPATH=/tmp/triton36 python scripts/kernel_regs.py         # another Triton, e.g. the GPU machine's
+
+The compiled options are those the launch code picks by default (``_ssd_backward``), unless
+--warps / --stages / --block-n / --maxnreg say otherwise (the default register cap of B3 and B4
+included: ``triton_impl._backward_register_cap``). bf16 operands, as under autocast.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from matmamba.ops.ssd import triton_impl as ti  # noqa: E402
+
+# Pointer arguments that hold the input dtype (bf16 here); every other pointer is fp32. The
+# stored states (H0, G) take the input dtype, as _ssd_forward allocates them.
+LOW_PRECISION_PTRS = {"x_ptr", "dt_ptr", "B_ptr", "C_ptr", "dy_ptr", "H0_ptr", "G_ptr", "dx_ptr",
+                      "ddt_ptr", "seq_ptr"}
+# Innermost strides: 1 in every layout the block passes, and Triton specializes a 1 at launch.
+UNIT_STRIDES = {"s_xp", "s_dyp", "s_dxp", "s_bn", "s_cn"}
+FLOAT_SCALARS = {"dt_lo", "dt_hi"}
+
+
+def kernel_table(Q: int, block_p: int, block_n_full: int):
+    """name -> (kernel, constexprs, default launch options), as _ssd_backward launches them."""
+    common = dict(Q=Q, BLOCK_P=block_p, HAS_SEQ=False, DOT_DTYPE=tl.bfloat16, DOT_PREC="tf32")
+    warps = ti._num_warps(Q, block_p)
+    cap = ti._backward_register_cap(Q, block_p, tl.bfloat16)
+    dbdc = (dict(num_stages=2, num_warps=8, maxnreg=cap) if cap else
+            dict(num_stages=3, num_warps=8 if Q >= 64 and block_p >= 64 else 4))
+    return {
+        "bwd_dx": (ti._chunk_bwd_dx_kernel,
+                   dict(common, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, D_PER_CHANNEL=False),
+                   dict(BLOCK_N=min(block_n_full, 32), num_stages=3, num_warps=warps, maxnreg=cap)),
+        "bwd_dbdc": (ti._chunk_bwd_dbdc_kernel, common,
+                     dict(BLOCK_N=min(block_n_full, 128 if Q <= 64 else 64), **dbdc)),
+        "chunk_dstate_bwd": (ti._chunk_dstate_bwd_kernel, common,
+                             dict(BLOCK_N=min(block_n_full, 128), num_stages=3,
+                                  num_warps=2 if block_p <= 32 else 4)),
+        "chunk_out_fwd": (ti._chunk_out_fwd_kernel,
+                          dict(common, HAS_D=True, D_PER_CHANNEL=False),
+                          dict(BLOCK_N=min(block_n_full, 64), num_stages=3, num_warps=warps)),
+    }
+
+
+def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int,
+                       maxnreg: int | None = None):
+    signature, fixed = {}, {}
+    for i, param in enumerate(fn.params):
+        name = param.name
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            fixed[(i,)] = constexprs[name]
+        elif name in UNIT_STRIDES:
+            signature[name] = "constexpr"
+            fixed[(i,)] = 1
+        elif name.endswith("_ptr"):
+            signature[name] = "*bf16" if name in LOW_PRECISION_PTRS else "*fp32"
+        else:
+            signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(ASTSource(fn, signature, fixed), target=GPUTarget("cuda", 90, 32),
+                          options=options)
+
+
+def resource_usage(compiled) -> dict:
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        text = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    return {k.lower(): int(v) for k, v in fields.items()}
+
+
+def programs_per_sm(regs: int, warps: int, shared: int) -> int:
+    by_regs = 65536 // max(1, regs * 32 * warps)
+    by_shared = (227 * 1024) // shared if shared else 32
+    return max(0, min(by_regs, by_shared, 64 // warps))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernels", default="bwd_dx,bwd_dbdc")
+    p.add_argument("--headdims", default="24,64")
+    p.add_argument("--dstate", type=int, default=128)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--warps", default=None, help="comma-separated num_warps to compile (default: the launch default)")
+    p.add_argument("--stages", default=None, help="comma-separated num_stages")
+    p.add_argument("--block-n", default=None, help="comma-separated BLOCK_N")
+    p.add_argument("--maxnreg", type=int, default=None, help="cap on registers a thread (ptxas spills beyond)")
+    args = p.parse_args(argv)
+
+    def opt_list(text):
+        return [int(v) for v in text.split(",")] if text else [None]
+
+    print(f"Triton {triton.__version__}, sm_90a; bf16 operands; chunk {args.chunk}, N = {args.dstate}")
+    print(f"{'kernel':18s} {'p':>3s} {'warps':>5s} {'stages':>6s} {'BLOCK_N':>7s} "
+          f"{'regs':>5s} {'spill B':>7s} {'shared':>7s} {'progs/SM':>8s}")
+    for headdim in (int(v) for v in args.headdims.split(",")):
+        table = kernel_table(args.chunk, ti._pow2(headdim), ti._pow2(args.dstate))
+        for name in args.kernels.split(","):
+            if name not in table:
+                sys.exit(f"--kernels: unknown {name!r}; valid: {', '.join(table)}")
+            fn, constexprs, defaults = table[name]
+            for warps in opt_list(args.warps):
+                for stages in opt_list(args.stages):
+                    for block_n in opt_list(args.block_n):
+                        nw = warps or defaults["num_warps"]
+                        ns = stages or defaults["num_stages"]
+                        bn = block_n or defaults["BLOCK_N"]
+                        reg_cap = args.maxnreg or defaults.get("maxnreg")
+                        use = resource_usage(compile_for_hopper(fn, dict(constexprs, BLOCK_N=bn), nw, ns,
+                                                                maxnreg=reg_cap))
+                        spill = use.get("local", 0) + use.get("stack", 0)
+                        print(f"{name:18s} {headdim:3d} {nw:5d} {ns:6d} {bn:7d} {use['reg']:5d} {spill:7d} "
+                              f"{use['shared']:7d} {programs_per_sm(use['reg'], nw, use['shared']):8d}")
+
+
+if __name__ == "__main__":
+    main()
