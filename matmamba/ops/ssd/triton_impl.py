@@ -799,7 +799,7 @@ def _num_warps(Q: int, block_p: int) -> int:
 # time alternatives against each other on the GPU. Results do not depend on them beyond rounding.
 # The defaults are that script's winners on an H200 (bf16; scan shapes of the D=768 block, issue
 # 3's h64 p24 case, ViT-B/16 and a 3-head narrow width; docs/performance.md, session 4).
-LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
+LAUNCH_OVERRIDES: dict[str, dict[str, int | None]] = {}
 
 
 def _launch(kernel: str, **defaults) -> dict:
@@ -999,10 +999,11 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
             HAS_SEQ=seq_idx is not None, REVERSE=True, **opts)
 
     # B3: per head. B3 and B4 (below) stay two launches although both reload each head's x, dy
-    # and states and compute dy xt^T: one kernel doing both per (group, chunk, split of the heads)
-    # was measured 1.14 - 1.83x slower on the H200 (Triton 3.6; commit ac90584,
-    # docs/performance.md session 5). Holding dC, dB and W across the heads on top of B3's tiles
-    # takes 255 registers a thread with spills: one program per SM, the heads walked serially.
+    # and states: one kernel doing both per (group, chunk, split of the heads) was measured
+    # 1.14 - 1.83x slower on the H200 (Triton 3.6; commit ac90584, docs/performance.md session 5).
+    # Holding dC, dB and W across the heads on top of B3's tiles takes 255 registers a thread
+    # with spills: one program per SM, the heads walked serially. B3 doing 2 or 4 heads a program
+    # (unrolled) was never faster either (session 7).
     dx = out.get("dx")
     if dx is None:
         dx = torch.empty(batch, seqlen, nheads, headdim, device=dev, dtype=x.dtype)
