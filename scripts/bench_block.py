@@ -275,6 +275,18 @@ def case_ssd(mamba, fla, shapes, chunks):
             add("ssd fwd", shape + f" Q{Q}", f_, base_f, "mamba", note_err, chunk=Q, **floor)
             add("ssd fwd+bwd", shape + f" Q{Q}", fb, base_fb, "mamba", f"peak {mem:.0f} MB",
                 chunk=Q, peak_mb=mem, **floor)
+            if Q == chunks[0]:
+                # Eagerly the narrow shapes measure the host (Python and launches: 1.4-1.8 ms per
+                # forward + backward, sessions 4 and 7); captured in CUDA graphs, both sides
+                # replay their GPU work alone.
+                try:
+                    g_ours = bench(cuda_graphed(ours_fwdbwd))
+                    g_base = bench(cuda_graphed(mamba_fwdbwd)) if mamba is not None else None
+                    add("ssd fwd+bwd, CUDA graph", shape + f" Q{Q}", g_ours, g_base, "mamba",
+                        "GPU work only", chunk=Q, **floor)
+                except Exception as exc:  # noqa: BLE001 - a capture failing loses only this row
+                    add("ssd fwd+bwd, CUDA graph", shape + f" Q{Q}",
+                        note=f"capture failed: {type(exc).__name__}: {str(exc)[:160]}")
         os.environ.pop("MATMAMBA_SSD_CHUNK", None)
         if fla is not None:
             try:
