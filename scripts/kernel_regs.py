@@ -9,9 +9,9 @@ at 168 for 3, at 128 for 4.
     python scripts/kernel_regs.py --kernels bwd_dx --headdims 24 --warps 4,8
     PYTHONPATH=/tmp/triton36 python scripts/kernel_regs.py         # another Triton, e.g. the GPU machine's
 
-The compiled options are those the launch code picks by default (``_ssd_backward``), unless
---warps / --stages / --block-n / --maxnreg say otherwise (the default register cap of B3 and B4
-included: ``triton_impl._backward_register_cap``). bf16 operands, as under autocast.
+The compiled options are the scan's own defaults (``triton_impl._bwd_dx_options`` and its
+neighbours, the register cap of B3 and B4 included), unless --warps / --stages / --block-n /
+--maxnreg say otherwise. bf16 operands, as under autocast.
 """
 from __future__ import annotations
 
@@ -40,24 +40,21 @@ FLOAT_SCALARS = {"dt_lo", "dt_hi"}
 
 
 def kernel_table(Q: int, block_p: int, block_n_full: int):
-    """name -> (kernel, constexprs, default launch options), as _ssd_backward launches them."""
+    """name -> (kernel, constexprs, default launch options), as the scan launches them (bf16;
+    B4 with several heads a program, as at the models' head counts)."""
     common = dict(Q=Q, BLOCK_P=block_p, HAS_SEQ=False, DOT_DTYPE=tl.bfloat16, DOT_PREC="tf32")
-    warps = ti._num_warps(Q, block_p)
-    cap = ti._backward_register_cap(Q, block_p, tl.bfloat16)
-    dbdc = (dict(num_stages=2, num_warps=8, maxnreg=cap) if cap else
-            dict(num_stages=3, num_warps=8 if Q >= 64 and block_p >= 64 else 4))
+    bf16 = tl.bfloat16
     return {
         "bwd_dx": (ti._chunk_bwd_dx_kernel,
                    dict(common, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, D_PER_CHANNEL=False),
-                   dict(BLOCK_N=min(block_n_full, 32), num_stages=3, num_warps=warps, maxnreg=cap)),
+                   ti._bwd_dx_options(Q, block_p, block_n_full, bf16)),
         "bwd_dbdc": (ti._chunk_bwd_dbdc_kernel, common,
-                     dict(BLOCK_N=min(block_n_full, 128 if Q <= 64 else 64), **dbdc)),
+                     ti._bwd_dbdc_options(Q, block_p, ti._bwd_dbdc_block_n(Q, block_n_full), bf16,
+                                          several=True)),
         "chunk_dstate_bwd": (ti._chunk_dstate_bwd_kernel, common,
-                             dict(BLOCK_N=min(block_n_full, 128), num_stages=3,
-                                  num_warps=2 if block_p <= 32 else 4)),
-        "chunk_out_fwd": (ti._chunk_out_fwd_kernel,
-                          dict(common, HAS_D=True, D_PER_CHANNEL=False),
-                          dict(BLOCK_N=min(block_n_full, 64), num_stages=3, num_warps=warps)),
+                             ti._chunk_dstate_bwd_options(block_p, block_n_full)),
+        "chunk_out_fwd": (ti._chunk_out_fwd_kernel, dict(common, HAS_D=True, D_PER_CHANNEL=False),
+                          ti._chunk_out_fwd_options(Q, block_p, block_n_full)),
     }
 
 
@@ -129,7 +126,7 @@ def main(argv=None):
                 for stages in opt_list(args.stages):
                     for block_n in opt_list(args.block_n):
                         nw = warps or defaults["num_warps"]
-                        ns = stages or defaults["num_stages"]
+                        ns = stages or defaults.get("num_stages", 3)  # 3: Triton's default
                         bn = block_n or defaults["BLOCK_N"]
                         reg_cap = args.maxnreg or defaults.get("maxnreg")
                         use = resource_usage(compile_for_hopper(fn, dict(constexprs, BLOCK_N=bn), nw, ns,

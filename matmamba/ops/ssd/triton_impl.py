@@ -820,6 +820,45 @@ def _backward_register_cap(Q: int, block_p: int, dot_dtype) -> int | None:
     return 128 if Q == 64 and block_p <= 32 and dot_dtype != tl.float32 else None
 
 
+# Default launch options of the four heavy kernels (before LAUNCH_OVERRIDES), in one place so that
+# scripts/kernel_regs.py compiles exactly what the scan launches.
+
+
+def _chunk_out_fwd_options(Q: int, block_p: int, block_n_full: int) -> dict:
+    # (num_stages=1 with the whole N was 1.10x faster at p=24, but num_stages=1 is where Triton
+    # 3.6 miscompiled bwd_dbdc on the H200 (an illegal address at n=16): not used anywhere)
+    return dict(BLOCK_N=min(block_n_full, 64), num_warps=_num_warps(Q, block_p))
+
+
+def _chunk_dstate_bwd_options(block_p: int, block_n_full: int) -> dict:
+    return dict(BLOCK_N=min(block_n_full, 128), num_warps=2 if block_p <= 32 else 4)  # 1.15x - 1.4x
+
+
+def _bwd_dx_options(Q: int, block_p: int, block_n_full: int, dot_dtype) -> dict:
+    # 32-wide N steps, 3 stages: 1.03x - 1.12x over 64-wide at every shape tuned. 4 warps at
+    # Q = 64 (8 warps: 2.99 vs 2.17 ms, session 1). The register cap: _backward_register_cap.
+    return dict(BLOCK_N=min(block_n_full, 32), num_stages=3, num_warps=_num_warps(Q, block_p),
+                maxnreg=_backward_register_cap(Q, block_p, dot_dtype))
+
+
+def _bwd_dbdc_block_n(Q: int, block_n_full: int) -> int:
+    """B4's default N block, chosen first: the head splits (hence ``several``) depend on it."""
+    return min(block_n_full, 128 if Q <= 64 else 64)
+
+
+def _bwd_dbdc_options(Q: int, block_p: int, block_n: int, dot_dtype, several: bool) -> dict:
+    """``several``: a program sums more than one head of its group."""
+    cap = _backward_register_cap(Q, block_p, dot_dtype)
+    if cap:  # with the register cap: 8 warps, 2 stages (1.05 - 1.16x, session 7)
+        return dict(BLOCK_N=block_n, num_stages=2, num_warps=8, maxnreg=cap)
+    # 8 warps pay with 64-wide heads and several heads per program; p = 24: 4 warps (1.1x). With
+    # one head per program (few heads) 4 warps and num_stages=1 measured 1.5x faster, but Triton
+    # 3.6 miscompiles that on the H200 at n = 16 (illegal address; fine with 2 or 3 stages or 8
+    # warps), so it keeps 3 stages.
+    return dict(BLOCK_N=block_n, num_stages=3,
+                num_warps=8 if Q >= 64 and block_p >= 64 and several else 4)
+
+
 def _sm_count(device) -> int:
     if device.type != "cuda":
         return 4
@@ -933,9 +972,7 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
         Q=Q, BLOCK_P=block_p, HAS_D=D is not None,
         D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_SEQ=seq_idx is not None,
         DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
-        # (num_stages=1 with the whole N was 1.10x faster at p=24, but num_stages=1 is where Triton
-        # 3.6 miscompiled bwd_dbdc on the H200 (an illegal address at n=16): not used anywhere)
-        **_launch("chunk_out_fwd", BLOCK_N=min(block_n_full, 64), num_warps=warps))
+        **_launch("chunk_out_fwd", **_chunk_out_fwd_options(Q, block_p, block_n_full)))
     return y, final_state, (dtp, lam, CB, entering)
 
 
@@ -961,7 +998,6 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     dot_dtype, dot_prec = _dot_config(x.dtype)
     block_p = _pow2(headdim)
     block_n_full = _pow2(dstate)
-    warps = _num_warps(Q, block_p)
     seq_arg = seq_idx if seq_idx is not None else x
     s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
 
@@ -982,8 +1018,7 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     else:
         d_local = torch.empty(batch, nchunks, nheads, headdim, dstate, device=dev,
                               dtype=torch.float32)
-        opts = _launch("chunk_dstate_bwd", BLOCK_N=min(block_n_full, 128),   # 1.15x - 1.4x
-                       num_warps=2 if block_p <= 32 else 4)
+        opts = _launch("chunk_dstate_bwd", **_chunk_dstate_bwd_options(block_p, block_n_full))
         _chunk_dstate_bwd_kernel[(batch * nheads, nchunks, triton.cdiv(dstate, opts["BLOCK_N"]))](
             dy, C, lam, seq_arg, d_local,
             seqlen, nheads, heads_per_group, headdim, dstate, padded_len,
@@ -1015,7 +1050,6 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     dD_part = torch.empty(batch, nheads, nchunks, *((headdim,) if per_channel else ()),
                           device=dev, dtype=torch.float32)
     dbias_part = torch.empty(batch, nheads, nchunks, device=dev, dtype=torch.float32)
-    capped = _backward_register_cap(Q, block_p, dot_dtype)
     _chunk_bwd_dx_kernel[(batch * nheads, nchunks)](
         x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A,
         seq_arg, dy, CB, entering, leaving_grad, dtp, lam,
@@ -1027,27 +1061,16 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None,
         DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
-        # 32-wide N steps, 3 stages: 1.03x - 1.12x over 64-wide at every shape tuned. 4 warps at
-        # Q = 64 (8 warps: 2.99 vs 2.17 ms, session 1). The register cap: below.
-        **_launch("bwd_dx", BLOCK_N=min(block_n_full, 32), num_stages=3, num_warps=warps,
-                  maxnreg=capped))
+        **_launch("bwd_dx", **_bwd_dx_options(Q, block_p, block_n_full, dot_dtype)))
 
     # B4: per group
-    block_n_bc = _launch("bwd_dbdc", BLOCK_N=min(block_n_full, 128 if Q <= 64 else 64))["BLOCK_N"]
+    block_n_bc = _launch("bwd_dbdc", BLOCK_N=_bwd_dbdc_block_n(Q, block_n_full))["BLOCK_N"]
     n_blocks = triton.cdiv(dstate, block_n_bc)
     splits = _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, dev)
     heads_per_split = triton.cdiv(heads_per_group, splits)
     splits = triton.cdiv(heads_per_group, heads_per_split)
-    # 8 warps pay with 64-wide heads and several heads per program; p = 24: 4 warps (1.1x). With
-    # one head per program (few heads) 4 warps and num_stages=1 measured 1.5x faster, but Triton
-    # 3.6 miscompiles that on the H200 at n = 16 (illegal address; fine with 2 or 3 stages or 8
-    # warps), so it keeps 3 stages.
-    several = heads_per_split > 1
-    if capped:   # with the register cap (_backward_register_cap): 8 warps, 2 stages
-        opts = _launch("bwd_dbdc", BLOCK_N=block_n_bc, num_stages=2, num_warps=8, maxnreg=capped)
-    else:
-        opts = _launch("bwd_dbdc", BLOCK_N=block_n_bc, num_stages=3,
-                       num_warps=8 if Q >= 64 and block_p >= 64 and several else 4)
+    opts = _launch("bwd_dbdc", **_bwd_dbdc_options(Q, block_p, block_n_bc, dot_dtype,
+                                                   several=heads_per_split > 1))
     dB_part = torch.empty(splits, batch, seqlen, ngroups, dstate, device=dev, dtype=torch.float32)
     dC_part = torch.empty_like(dB_part)
     _chunk_bwd_dbdc_kernel[(batch * ngroups, nchunks, n_blocks * splits)](
