@@ -7,6 +7,9 @@
 #   STAGES="multigpu" bash scripts/gpu_visit_train.sh        # bench_multigpu over both GPUs
 #   STAGES="multigpu train" ...                                  # then bench_train on GPU 0
 #   STAGES="pytest multigpu" PYTEST_ARGS="tests/test_fsdp_cpu.py" ...  # CPU tests beside the GPU stages
+#   STAGES="block tune" BLOCK_ARGS="--cases ssd,block,vit" ...  # bench_block alone, then tune_ssd
+#   STAGES="host check" ...                                # where an eager SSD call's host time goes
+#       (scripts/host_profile.py HOST_ARGS), then gpu_check
 #   BLOCK_ARGS="--cases block --no-baseline" STAGES="check train" ...  # bench_block before bench_train
 #   TRAIN_ARGS=$'--cases lm_130m --compile off,on\n--cases vision_b16'  # one bench_train run per line
 #   STAGES="check tune" TUNE_ARGS="--shapes block" ...   # gpu_check on GPU 1, SSD launch options on GPU 0
@@ -19,12 +22,19 @@
 #       mkdir .ab_old && git archive <rev> | tar -x -C .ab_old && echo /.ab_old/ >> .git/info/exclude
 #       and name .ab_old in the call's carry.
 #
+# Autotuning results (mamba_ssm's kernels autotune for ~2 minutes on their first call) are kept
+# between visits: each visit leaves $OUT/autotune.tgz (Triton's *.autotune.json files); copy it to
+# .tcache/autotune.tgz here and name .tcache in the next call's carry.
+#
 # Wheels the GPU image lacks (hydra-core, omegaconf, antlr4; mamba_ssm for the baselines) are
 # carried in .whl/: bash ../shared/tools/gpu_wheels.sh, plus the mamba_ssm wheel (see gpu_visit.sh).
 set -u
 OUT=${OUT:-/tmp/gpu_visit_train}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
+mkdir -p "$TRITON_CACHE_DIR"
+[ -f .tcache/autotune.tgz ] && tar xzf .tcache/autotune.tgz -C "$TRITON_CACHE_DIR"
 # Never use NVLink multicast on shared hosts.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 STAGES=${STAGES:-"check train"}
@@ -153,6 +163,15 @@ for stage in $STAGES; do
             done
         done
         ;;
+    block)   # scripts/bench_block.py BLOCK_ARGS alone on GPU 0 (the kernels against mamba_ssm, same run)
+        CUDA_VISIBLE_DEVICES=0 timeout ${BLOCK_TIMEOUT:-330} python3 scripts/bench_block.py ${BLOCK_ARGS:-} \
+            --json "$OUT/bench_block.json" > "$OUT/bench_block.log" 2>&1
+        ;;
+    host)    # where the host's time goes in an eager SSD forward + backward, ours and mamba_ssm's
+        CUDA_VISIBLE_DEVICES=0 timeout ${HOST_TIMEOUT:-240} python3 scripts/host_profile.py ${HOST_ARGS:-} \
+            --json "$OUT/host_profile.json" > "$OUT/host_profile.log" 2>&1
+        echo "=== host_profile"; grep -vE "^\s*$" "$OUT/host_profile.log" | head -60
+        ;;
     pytest)  # CPU-only tests on this machine's versions (PYTEST_ARGS), beside the GPU stages
         ( CUDA_VISIBLE_DEVICES= timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider $PYTEST_ARGS \
             > "$OUT/pytest.log" 2>&1 ) &
@@ -194,7 +213,9 @@ for path in "$OUT"/bench_train*.log "$OUT"/bench_multigpu.log; do
     tail -40 "$OUT/$log.log"
 done
 
-# The device tool brings back at most 8 files: pack everything into one archive.
+# The device tool brings back at most 8 files: pack everything into one archive, and the
+# autotuning results beside it for the next visit.
 if [ -z "${NO_PACK:-}" ]; then
     tar czf /tmp/visit.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/visit.tgz "$OUT/visit.tgz"
 fi
+(cd "$TRITON_CACHE_DIR" && find . -name "*.autotune.json" | tar czf "$OUT/autotune.tgz" -T -)

@@ -54,7 +54,7 @@ def kernel_table(Q: int, block_p: int, block_n_full: int):
         "chunk_dstate_bwd": (ti._chunk_dstate_bwd_kernel, common,
                              ti._chunk_dstate_bwd_options(block_p, block_n_full)),
         "chunk_out_fwd": (ti._chunk_out_fwd_kernel, dict(common, HAS_D=True, D_PER_CHANNEL=False),
-                          ti._chunk_out_fwd_options(Q, block_p, block_n_full)),
+                          ti._chunk_out_fwd_options(Q, block_p, block_n_full, bf16)),
     }
 
 

@@ -103,6 +103,7 @@ KERNELS = {
                                             maxnreg=(None, 168, 128))),
     "bwd_dbdc": ("_chunk_bwd_dbdc_kernel", dict(num_warps=(4, 8), num_stages=(2, 3), BLOCK_N=(64, 128),
                                                 maxnreg=(None, 168, 128))),
+    "finalize": ("_finalize_grads_kernel", dict(num_warps=(2, 4, 8), BLOCK=(512, 1024, 2048))),
 }
 # The state pass kernel serves both directions; its REVERSE flag tells the launches apart.
 _KERNEL_OF_LAUNCH = {("_state_pass_kernel", False): "state_pass_fwd",

@@ -3,6 +3,7 @@ modules, and bench_train.py runs its whole loop (tiny models) and writes every f
 
 import json
 import math
+import os
 import sys
 
 import numpy as np
@@ -364,15 +365,32 @@ def test_tune_ssd_grid_replaces_only_the_named_options():
 def test_kernel_regs_compiles_the_backward_for_hopper_with_its_register_cap():
     """scripts/kernel_regs.py compiles B3 and B4 for sm_90a on the CPU (Triton's bundled ptxas) as
     _ssd_backward launches them at p = 24, and the default register cap reaches ptxas: 128
-    registers a thread (255 uncapped), 4 programs of B3 an SM."""
+    registers a thread (255 uncapped), 4 programs of B3 an SM; and the forward's K3 at its cap of
+    96."""
     import subprocess
 
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_regs.py"), "--kernels",
-                           "bwd_dx,bwd_dbdc", "--headdims", "24"], capture_output=True, text=True,
-                          timeout=300)
+                           "bwd_dx,bwd_dbdc,chunk_out_fwd", "--headdims", "24"], capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
-            if line.startswith(("bwd_dx ", "bwd_dbdc "))}
-    assert set(rows) == {"bwd_dx", "bwd_dbdc"}, proc.stdout
+            if line.startswith(("bwd_dx ", "bwd_dbdc ", "chunk_out_fwd "))}
+    assert set(rows) == {"bwd_dx", "bwd_dbdc", "chunk_out_fwd"}, proc.stdout
     assert int(rows["bwd_dx"][5]) <= 128 and int(rows["bwd_dbdc"][5]) <= 128, proc.stdout
+    assert int(rows["chunk_out_fwd"][5]) <= 96, proc.stdout
     assert int(rows["bwd_dx"][-1]) == 4, proc.stdout
+
+
+def test_host_profile_says_it_needs_a_gpu():
+    """scripts/host_profile.py imports on any machine and says what it needs; on a GPU machine it
+    times (docs/performance.md, session 8)."""
+    import subprocess
+
+    script = str(ROOT / "scripts" / "host_profile.py")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, script, "--no-mamba"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
+    help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+                               timeout=120, env=env)
+    assert help_text.returncode == 0 and "--shapes" in help_text.stdout

@@ -18,7 +18,7 @@ Forward (four launches; K1 and K2 fused in the "sequential" state form)::
     K2  H0_{c+1}   = exp(Lam_end_c) H0_c + S_c                  sequential over chunks, fp32
     K3  y_t        = exp(Lam_t) C_t H0^T + sum_s L_ts CB_ts xt_s + D x_t
 
-Backward (four launches, B1 and B2 fused in the sequential form, plus small reductions)::
+Backward (five launches, B1 and B2 fused in the sequential form)::
 
     B1  dS_c       = sum_t exp(Lam_t) dy_t C_t^T                what chunk c's outputs ask of H0
     B2  G_{c-1}    = exp(Lam_end_c) G_c + dS_c                  reverse pass;  d initial = G_{-1}
@@ -31,6 +31,8 @@ Backward (four launches, B1 and B2 fused in the sequential form, plus small redu
                    W_ts  = sum_h L^h_ts (dy^h_t . xt^h_s)
                    dC_t  = W B + sum_h exp(Lam^h_t) dy^h_t H0^h
                    dB_s  = W^T C + sum_h exp(Lam^h_end - Lam^h_s) xt^h_s G^h
+    B5  dB, dC summed over B4's head splits (in the inputs' dtype); dA, dD, d dt_bias over
+        B3's per-(b, chunk) partials
 
 The identity behind dLam: Lam_t multiplies every term that C_t reads (so dLam_t gets C_t . dC_t,
 which is dy_t . y'_t) and divides every term that xt_t writes (so it loses xt_t . dxt_t); the
@@ -784,6 +786,85 @@ def _chunk_bwd_dbdc_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# B5: the backward's last step, one launch: dB, dC = the sums of B4's head splits, written in the
+# inputs' dtype (into any strides); dA, dD, d dt_bias = B3's per-(b, chunk) partials summed over
+# b and chunks. Programs below n_elem_programs take BLOCK elements of dB and dC each; program
+# n_elem_programs + h takes head h's sums. The sums run in a fixed order (no atomics): the same
+# inputs give the same bits. It replaces 7 torch reductions and casts: 22 -> 16 kernels per forward
+# + backward, and GPU time 1.495 -> 1.447 ms (b8 l2048 h64 p24 n128) and 0.329 -> 0.285 ms (h8)
+# on the H200 (session 8; each torch op also costs the host a dispatch and a launch).
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _finalize_grads_kernel(
+    dB_part_ptr, dC_part_ptr, dB_ptr, dC_ptr,
+    dA_part_ptr, dD_part_ptr, dbias_part_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    splits, seqlen, ngroups, dstate, n_elem, n_elem_programs, batch, nheads, nchunks, headdim,
+    s_dbb, s_dbl, s_dbg, s_dbn,
+    s_dcb, s_dcl, s_dcg, s_dcn,
+    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < n_elem_programs:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_elem
+        acc_b = tl.zeros((BLOCK,), dtype=tl.float32)
+        acc_c = tl.zeros((BLOCK,), dtype=tl.float32)
+        part_b = dB_part_ptr + offs   # pointers step by n_elem (64-bit arithmetic)
+        part_c = dC_part_ptr + offs
+        for _ in range(splits):
+            acc_b += tl.load(part_b, mask=mask, other=0.0)
+            acc_c += tl.load(part_c, mask=mask, other=0.0)
+            part_b += n_elem
+            part_c += n_elem
+        # offs indexes the partials' contiguous (b, l, g, n); the outputs may be strided views
+        n = offs % dstate
+        g = (offs // dstate) % ngroups
+        l_ = (offs // (dstate * ngroups)) % seqlen
+        b = offs // (dstate * ngroups * seqlen)
+        tl.store(dB_ptr + b * s_dbb + l_ * s_dbl + g * s_dbg + n * s_dbn,
+                 acc_b.to(dB_ptr.dtype.element_ty), mask=mask)
+        tl.store(dC_ptr + b * s_dcb + l_ * s_dcl + g * s_dcg + n * s_dcn,
+                 acc_c.to(dC_ptr.dtype.element_ty), mask=mask)
+    else:
+        h = pid - n_elem_programs
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_p = tl.arange(0, BLOCK_P)
+        p_mask = offs_p < headdim
+        acc_a = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        acc_bias = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        acc_d = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)
+        rows = batch * nchunks
+        for r0 in range(0, rows, BLOCK_R):
+            r = r0 + offs_r
+            r_mask = r < rows
+            slot = ((r // nchunks) * nheads + h) * nchunks + r % nchunks     # part[b, h, c]
+            acc_a += tl.load(dA_part_ptr + slot, mask=r_mask, other=0.0)
+            if HAS_BIAS:
+                acc_bias += tl.load(dbias_part_ptr + slot, mask=r_mask, other=0.0)
+            if HAS_D:
+                if D_PER_CHANNEL:
+                    acc_d += tl.load(dD_part_ptr + slot[:, None] * headdim + offs_p[None, :],
+                                     mask=r_mask[:, None] & p_mask[None, :], other=0.0)
+                else:
+                    acc_d += tl.where(offs_p[None, :] == 0,
+                                      tl.load(dD_part_ptr + slot, mask=r_mask, other=0.0)[:, None],
+                                      0.0)
+        tl.store(dA_ptr + h, tl.sum(acc_a, axis=0).to(dA_ptr.dtype.element_ty))
+        if HAS_BIAS:
+            tl.store(dbias_ptr + h, tl.sum(acc_bias, axis=0).to(dbias_ptr.dtype.element_ty))
+        if HAS_D:
+            d_sum = tl.sum(acc_d, axis=0)
+            if D_PER_CHANNEL:
+                tl.store(dD_ptr + h * headdim + offs_p, d_sum.to(dD_ptr.dtype.element_ty),
+                         mask=p_mask)
+            else:
+                tl.store(dD_ptr + h + offs_p, d_sum.to(dD_ptr.dtype.element_ty), mask=offs_p == 0)
+
+
+# ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
 
@@ -794,7 +875,7 @@ def _num_warps(Q: int, block_p: int) -> int:
 
 # Launch options (num_warps, num_stages, maxnreg, the free tile sizes) of each kernel, by its short
 # name ("cb", "state_fwd_fused", "chunk_state_fwd", "state_pass_fwd", "chunk_out_fwd",
-# "state_bwd_fused", "chunk_dstate_bwd", "state_pass_bwd", "bwd_dx", "bwd_dbdc"). Entries here
+# "state_bwd_fused", "chunk_dstate_bwd", "state_pass_bwd", "bwd_dx", "bwd_dbdc", "finalize"). Entries here
 # replace the defaults chosen in _ssd_forward / _ssd_backward; scripts/tune_ssd.py sets them to
 # time alternatives against each other on the GPU. Results do not depend on them beyond rounding.
 # The defaults are that script's winners on an H200 (bf16; scan shapes of the D=768 block, issue
@@ -824,10 +905,15 @@ def _backward_register_cap(Q: int, block_p: int, dot_dtype) -> int | None:
 # scripts/kernel_regs.py compiles exactly what the scan launches.
 
 
-def _chunk_out_fwd_options(Q: int, block_p: int, block_n_full: int) -> dict:
+def _chunk_out_fwd_options(Q: int, block_p: int, block_n_full: int, dot_dtype) -> dict:
     # (num_stages=1 with the whole N was 1.10x faster at p=24, but num_stages=1 is where Triton
-    # 3.6 miscompiled bwd_dbdc on the H200 (an illegal address at n=16): not used anywhere)
-    return dict(BLOCK_N=min(block_n_full, 64), num_warps=_num_warps(Q, block_p))
+    # 3.6 miscompiled bwd_dbdc on the H200 (an illegal address at n=16): not used anywhere.)
+    # Registers capped at 96 where the backward's cap applies (Q = 64, p <= 32, 16-bit): 1.06x at
+    # lm_step (0.312 -> 0.294 ms), 1.24x at vit (0.187 -> 0.151 ms), H200, session 8; the best
+    # of 54 vetted candidates at either shape was at most 1.11x / 1.24x.
+    cap = _backward_register_cap(Q, block_p, dot_dtype)
+    return dict(BLOCK_N=min(block_n_full, 64), num_warps=_num_warps(Q, block_p),
+                maxnreg=96 if cap else None)
 
 
 def _chunk_dstate_bwd_options(block_p: int, block_n_full: int) -> dict:
@@ -972,7 +1058,7 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
         Q=Q, BLOCK_P=block_p, HAS_D=D is not None,
         D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_SEQ=seq_idx is not None,
         DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
-        **_launch("chunk_out_fwd", **_chunk_out_fwd_options(Q, block_p, block_n_full)))
+        **_launch("chunk_out_fwd", **_chunk_out_fwd_options(Q, block_p, block_n_full, dot_dtype)))
     return y, final_state, (dtp, lam, CB, entering)
 
 
@@ -1079,14 +1165,26 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *s_seq,
         Q=Q, BLOCK_P=block_p, HAS_SEQ=seq_idx is not None,
         DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
-    dB = dB_part[0] if splits == 1 else dB_part.sum(0)
-    dC = dC_part[0] if splits == 1 else dC_part.sum(0)
-    dB = out["dB"].copy_(dB) if "dB" in out else dB.to(B.dtype)
-    dC = out["dC"].copy_(dC) if "dC" in out else dC.to(C.dtype)
 
-    dA = dA_part.sum((0, 2)).to(A.dtype) if needs["A"] else None
-    dD = dD_part.sum((0, 2)).to(D.dtype) if D is not None and needs["D"] else None
-    d_bias = dbias_part.sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None and needs["dt_bias"] else None
+    # B5: head splits summed into dB, dC; per-chunk partials into dA, dD, d dt_bias
+    dB = out["dB"] if "dB" in out else torch.empty(B.shape, device=dev, dtype=B.dtype)
+    dC = out["dC"] if "dC" in out else torch.empty(C.shape, device=dev, dtype=C.dtype)
+    dA = torch.empty(nheads, device=dev, dtype=A.dtype)
+    dD = torch.empty(D.shape, device=dev, dtype=D.dtype) if D is not None else None
+    d_bias = torch.empty(nheads, device=dev, dtype=dt_bias.dtype) if dt_bias is not None else None
+    n_elem = batch * seqlen * ngroups * dstate
+    opts = _launch("finalize", BLOCK=2048, BLOCK_R=32, num_warps=4)  # 1.01 - 1.12x over 1024
+    n_elem_programs = triton.cdiv(n_elem, opts["BLOCK"])
+    _finalize_grads_kernel[(n_elem_programs + nheads,)](
+        dB_part, dC_part, dB, dC, dA_part, dD_part, dbias_part, dA,
+        dD if dD is not None else dA, d_bias if d_bias is not None else dA,
+        splits, seqlen, ngroups, dstate, n_elem, n_elem_programs, batch, nheads, nchunks, headdim,
+        *dB.stride(), *dC.stride(),
+        BLOCK_P=block_p if per_channel else 16, HAS_D=D is not None, D_PER_CHANNEL=per_channel,
+        HAS_BIAS=dt_bias is not None, **opts)
+    dA = dA if needs["A"] else None
+    dD = dD if needs["D"] else None
+    d_bias = d_bias if needs["dt_bias"] else None
     d_init = d_initial.to(initial_state.dtype) if initial_state is not None else None
     return dx, ddt, dA, dB, dC, dD, d_bias, d_init
 
