@@ -16,7 +16,12 @@ Errors are ||out - ref|| / ||ref|| over the whole tensor. Targets (issue 3): 1e-
 the error of mamba_ssm's kernels (or, without mamba_ssm, the PyTorch path) on the same inputs
 (see Baseline). A table is printed last; ``--json PATH`` writes every number.
 
+Output cotangents (and a few inputs) are drawn fresh every run from torch's global generator,
+reseeded per stage from one printed ``draw``: ``--only STAGE --draw N`` repeats that stage of a
+run exactly (the one-head fused-core rows change their error 100x from draw to draw).
+
     python scripts/gpu_check.py --json /tmp/gpu_check.json [--quick]
+    python scripts/gpu_check.py --only mixer --draw 123456       # repeat a run's mixer stage
 """
 
 from __future__ import annotations
@@ -812,6 +817,10 @@ def main():
     parser.add_argument("--skip", default="", help="comma list of stages to skip: " + ",".join(STAGES))
     parser.add_argument("--only", default="", help="comma list of stages to run (default: all)")
     parser.add_argument("--dtypes", default="fp32,fp16,bf16", help="op checks in these dtypes")
+    parser.add_argument("--draw", type=int, default=None,
+                        help="seed of the unseeded random draws (output cotangents, some inputs); "
+                             "default: a fresh one, printed and kept in the JSON, so that a run's "
+                             "stage can be repeated exactly with --only STAGE --draw N")
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="exercise this script on the CPU under TRITON_INTERPRET=1 (fp32/fp16 only)")
     args = parser.parse_args()
@@ -835,7 +844,12 @@ def main():
         dtypes = [torch.float32, torch.float16]
         autocasts = (None,)
     env["mamba_ssm_baseline"] = mamba_ssm_kernels()[1] or "available"  # for 16-bit ssd / mixer rows
+    # Every run draws fresh cotangents (and some inputs) from torch's global generator; each
+    # stage reseeds it from this draw, so one stage can be re-run alone with the same values.
+    draw = args.draw if args.draw is not None else int.from_bytes(os.urandom(4), "little")
+    env["draw"] = draw
     print("environment:", env, flush=True)
+    print(f"(repeat this run's draws: --draw {draw})", flush=True)
     t0 = time.time()
     only = set(filter(None, args.only.split(",")))
     stages = [("ssd", lambda: check_ssd(dtypes, dev, args.quick)),
@@ -849,9 +863,10 @@ def main():
               ("decode", lambda: check_decoding(dev)),
               ("compile", lambda: check_compile(dev))]
     timings = {}
-    for name, stage in stages:
+    for index, (name, stage) in enumerate(stages):
         if name in skip or (only and name not in only):
             continue
+        torch.manual_seed(draw + index)
         start = time.time()
         stage()
         timings[name] = round(time.time() - start, 1)

@@ -394,3 +394,24 @@ def test_host_profile_says_it_needs_a_gpu():
     help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
                                timeout=120, env=env)
     assert help_text.returncode == 0 and "--shapes" in help_text.stdout
+
+
+def test_gpu_check_draw_repeats_a_stage_exactly(tmp_path):
+    """gpu_check draws fresh cotangents each run and prints the draw; --draw N repeats a stage's
+    values exactly (so a failing row can be re-run alone), and another draw gives other values."""
+    import subprocess
+
+    errors = {}
+    for run, draw in (("a", 7), ("b", 7), ("c", 8)):
+        out = tmp_path / f"{run}.json"
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu-dry-run",
+                               "--only", "state_update", "--quick", "--draw", str(draw), "--json", str(out)],
+                              capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, TRITON_INTERPRET="1"))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert f"--draw {draw}" in proc.stdout
+        report = json.loads(out.read_text())
+        assert report["env"]["draw"] == draw
+        errors[run] = [row["errors"] for row in report["results"]]
+    assert errors["a"] == errors["b"]
+    assert errors["a"] != errors["c"]

@@ -18,7 +18,7 @@ Forward (four launches; K1 and K2 fused in the "sequential" state form)::
     K2  H0_{c+1}   = exp(Lam_end_c) H0_c + S_c                  sequential over chunks, fp32
     K3  y_t        = exp(Lam_t) C_t H0^T + sum_s L_ts CB_ts xt_s + D x_t
 
-Backward (five launches, B1 and B2 fused in the sequential form)::
+Backward (five launches; four in the sequential form, which fuses B1 and B2)::
 
     B1  dS_c       = sum_t exp(Lam_t) dy_t C_t^T                what chunk c's outputs ask of H0
     B2  G_{c-1}    = exp(Lam_end_c) G_c + dS_c                  reverse pass;  d initial = G_{-1}
