@@ -835,7 +835,8 @@ def _finalize_grads_kernel(
         p_mask = offs_p < headdim
         acc_a = tl.zeros((BLOCK_R,), dtype=tl.float32)
         acc_bias = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        acc_d = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)
+        acc_d = tl.zeros((BLOCK_R,), dtype=tl.float32)                 # D per head
+        acc_dp = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)        # D per channel
         rows = batch * nchunks
         for r0 in range(0, rows, BLOCK_R):
             r = r0 + offs_r
@@ -846,22 +847,19 @@ def _finalize_grads_kernel(
                 acc_bias += tl.load(dbias_part_ptr + slot, mask=r_mask, other=0.0)
             if HAS_D:
                 if D_PER_CHANNEL:
-                    acc_d += tl.load(dD_part_ptr + slot[:, None] * headdim + offs_p[None, :],
-                                     mask=r_mask[:, None] & p_mask[None, :], other=0.0)
+                    acc_dp += tl.load(dD_part_ptr + slot[:, None] * headdim + offs_p[None, :],
+                                      mask=r_mask[:, None] & p_mask[None, :], other=0.0)
                 else:
-                    acc_d += tl.where(offs_p[None, :] == 0,
-                                      tl.load(dD_part_ptr + slot, mask=r_mask, other=0.0)[:, None],
-                                      0.0)
+                    acc_d += tl.load(dD_part_ptr + slot, mask=r_mask, other=0.0)
         tl.store(dA_ptr + h, tl.sum(acc_a, axis=0).to(dA_ptr.dtype.element_ty))
         if HAS_BIAS:
             tl.store(dbias_ptr + h, tl.sum(acc_bias, axis=0).to(dbias_ptr.dtype.element_ty))
         if HAS_D:
-            d_sum = tl.sum(acc_d, axis=0)
             if D_PER_CHANNEL:
-                tl.store(dD_ptr + h * headdim + offs_p, d_sum.to(dD_ptr.dtype.element_ty),
-                         mask=p_mask)
+                tl.store(dD_ptr + h * headdim + offs_p,
+                         tl.sum(acc_dp, axis=0).to(dD_ptr.dtype.element_ty), mask=p_mask)
             else:
-                tl.store(dD_ptr + h + offs_p, d_sum.to(dD_ptr.dtype.element_ty), mask=offs_p == 0)
+                tl.store(dD_ptr + h, tl.sum(acc_d, axis=0).to(dD_ptr.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -889,6 +887,12 @@ def _launch(kernel: str, **defaults) -> dict:
     return opts
 
 
+def _register_caps_apply(Q: int, block_p: int, dot_dtype) -> bool:
+    """Whether the measured register caps apply: Q = 64, head dim <= 32, 16-bit operands (every
+    cap was tuned there; wider heads, other chunks and fp32 keep ptxas's choice)."""
+    return Q == 64 and block_p <= 32 and dot_dtype != tl.float32
+
+
 def _backward_register_cap(Q: int, block_p: int, dot_dtype) -> int | None:
     """maxnreg for B3 and B4, or None for ptxas's own choice.
 
@@ -898,7 +902,7 @@ def _backward_register_cap(Q: int, block_p: int, dot_dtype) -> int | None:
     L1-cached local memory) they ran 1.24 - 1.31x (B3) and 1.05 - 1.16x (B4, then at 8 warps and
     2 stages) faster at every p = 24 shape tuned, bf16, Q = 64 (H200, Triton 3.6, session 7).
     Wider heads, other chunks and fp32 operands were not measured and keep ptxas's choice."""
-    return 128 if Q == 64 and block_p <= 32 and dot_dtype != tl.float32 else None
+    return 128 if _register_caps_apply(Q, block_p, dot_dtype) else None
 
 
 # Default launch options of the four heavy kernels (before LAUNCH_OVERRIDES), in one place so that
@@ -908,12 +912,11 @@ def _backward_register_cap(Q: int, block_p: int, dot_dtype) -> int | None:
 def _chunk_out_fwd_options(Q: int, block_p: int, block_n_full: int, dot_dtype) -> dict:
     # (num_stages=1 with the whole N was 1.10x faster at p=24, but num_stages=1 is where Triton
     # 3.6 miscompiled bwd_dbdc on the H200 (an illegal address at n=16): not used anywhere.)
-    # Registers capped at 96 where the backward's cap applies (Q = 64, p <= 32, 16-bit): 1.06x at
-    # lm_step (0.312 -> 0.294 ms), 1.24x at vit (0.187 -> 0.151 ms), H200, session 8; the best
-    # of 54 vetted candidates at either shape was at most 1.11x / 1.24x.
-    cap = _backward_register_cap(Q, block_p, dot_dtype)
+    # Registers capped at 96 where the caps apply: 1.06x at lm_step (0.312 -> 0.294 ms), 1.24x at
+    # vit (0.187 -> 0.151 ms), H200, session 8; the best of 54 vetted candidates at either shape
+    # was at most 1.11x / 1.24x.
     return dict(BLOCK_N=min(block_n_full, 64), num_warps=_num_warps(Q, block_p),
-                maxnreg=96 if cap else None)
+                maxnreg=96 if _register_caps_apply(Q, block_p, dot_dtype) else None)
 
 
 def _chunk_dstate_bwd_options(block_p: int, block_n_full: int) -> dict:
@@ -1180,7 +1183,8 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
         dD if dD is not None else dA, d_bias if d_bias is not None else dA,
         splits, seqlen, ngroups, dstate, n_elem, n_elem_programs, batch, nheads, nchunks, headdim,
         *dB.stride(), *dC.stride(),
-        BLOCK_P=block_p if per_channel else 16, HAS_D=D is not None, D_PER_CHANNEL=per_channel,
+        BLOCK_P=block_p if per_channel else 16,  # (only the per-channel dD reads BLOCK_P)
+        HAS_D=D is not None, D_PER_CHANNEL=per_channel,
         HAS_BIAS=dt_bias is not None, **opts)
     dA = dA if needs["A"] else None
     dD = dD if needs["D"] else None
