@@ -16,6 +16,7 @@ separates the two and says what the host spends its time on:
 
     python scripts/host_profile.py --json /tmp/host.json
     python scripts/host_profile.py --shapes 8,2048,64,24,128 --no-mamba
+    python scripts/host_profile.py --shapes 8,2048,8,24,128 --blocks "768,8,2048,96;768,8,2048,768"
 """
 from __future__ import annotations
 
@@ -73,11 +74,14 @@ def launches_per_call(fn) -> dict:
         fn()
         torch.cuda.synchronize()
     counts = {"kernels": 0, "triton": 0}
+    names: dict[str, int] = {}
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             counts["kernels"] += 1
+            names[event.name[:90]] = names.get(event.name[:90], 0) + 1
         elif event.name in ("cuLaunchKernel", "cuLaunchKernelEx"):
             counts["triton"] += 1
+    counts["kernel_names"] = dict(sorted(names.items(), key=lambda kv: -kv[1]))
     return counts
 
 
@@ -176,11 +180,38 @@ def shape_report(shape, mamba, results: dict, want_profile: bool):
     results[label] = row
 
 
+def block_report(config, results: dict):
+    """The nested block's eager forward + backward (bf16 autocast, through MatMamba2.forward) at
+    one width: wall, host, GPU (graphed), launches, and a cProfile of the host's part."""
+    from bench_block import block_step_fns, make_blocks
+    D, b, l, width = config
+    block, _ = make_blocks(D, None)
+    ours, _, _ = block_step_fns(block, None, b, l, D, width)
+    graphed, _, _ = block_step_fns(block, None, b, l, D, width, graphed=True)
+    ours()
+    torch.cuda.synchronize()
+    entry = dict(wall_ms=wall_ms(ours), host_ms=host_us(ours, 10) / 1e3, gpu_ms=wall_ms(graphed))
+    entry.update(launches_per_call(ours))
+    label = f"block D{D} b{b} l{l} width {width}"
+    print(f"  {label:<28} wall {entry['wall_ms']:.3f} ms  host {entry['host_ms']:.3f} ms  "
+          f"gpu {entry['gpu_ms']:.3f} ms  kernels {entry['kernels']} (triton {entry['triton']})",
+          flush=True)
+    for name, count in entry["kernel_names"].items():
+        print(f"    {count:>3} x {name}", flush=True)
+    # stay under the launch queue's depth (~1000 pending launches), or the host blocks in
+    # whichever call finds it full and the profile blames that call
+    entry["profile"] = profile_top(ours, calls=max(1, 800 // max(entry["kernels"], 1)), top=45)
+    print(entry["profile"], flush=True)
+    results[label] = entry
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="8,2048,64,24,128;8,2048,8,24,128",
                         help="';'-separated b,l,h,p,n")
+    parser.add_argument("--blocks", default="",
+                        help="';'-separated D,b,l,width: the block's eager step profiled as well")
     parser.add_argument("--no-mamba", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -201,6 +232,12 @@ def main(argv=None):
     report["shapes"] = {}
     for shape in shapes:
         shape_report(shape, mamba, report["shapes"], want_profile=True)
+    blocks = [tuple(int(v) for v in s.split(",")) for s in args.blocks.split(";") if s]
+    if blocks:
+        print("eager block forward + backward (bf16 autocast)", flush=True)
+        report["blocks"] = {}
+        for config in blocks:
+            block_report(config, report["blocks"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=str)

@@ -393,7 +393,32 @@ def test_host_profile_says_it_needs_a_gpu():
     assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
     help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
                                timeout=120, env=env)
-    assert help_text.returncode == 0 and "--shapes" in help_text.stdout
+    assert help_text.returncode == 0 and "--shapes" in help_text.stdout and "--blocks" in help_text.stdout
+
+
+def test_probe_precision_switches_are_set_and_restored():
+    """scripts/probe_precision.py's variants flip the two module switches and put them back, also
+    when the run raises; without a GPU it says what it needs."""
+    import subprocess
+
+    import probe_precision
+
+    from matmamba.ops.ssd import triton_impl
+    from matmamba.ops.triton_common import mixer
+    before = mixer.SCAN_DY_IN_FP32, triton_impl.STATES_IN_INPUT_DTYPE
+    expected = {"default": (False, True), "dy_fp32": (True, True), "states_fp32": (False, False),
+                "both": (True, False)}
+    for name, switches in expected.items():
+        with probe_precision.variant(name):
+            assert (mixer.SCAN_DY_IN_FP32, triton_impl.STATES_IN_INPUT_DTYPE) == switches, name
+        assert (mixer.SCAN_DY_IN_FP32, triton_impl.STATES_IN_INPUT_DTYPE) == before
+    with pytest.raises(RuntimeError), probe_precision.variant("both"):
+        raise RuntimeError("a failing run")
+    assert (mixer.SCAN_DY_IN_FP32, triton_impl.STATES_IN_INPUT_DTYPE) == before
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_precision.py")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_gpu_check_draw_repeats_a_stage_exactly(tmp_path):

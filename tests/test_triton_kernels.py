@@ -110,13 +110,18 @@ def _ssd_fp16_group(failures: list) -> None:
     lose more to rounding than a few times what the output does. d dt, dA and d dt_bias come from
     dLam, a difference of two large products that nearly cancel (triton_impl's docstring), and
     lost 5-10x more than the output when those products rounded the fp32 scores to 16 bits (on
-    the H200 in bf16: dA 4e-2 against float64); carried as two 16-bit parts they lose 1-2x."""
+    the H200 in bf16: dA 4e-2 against float64); carried as two 16-bit parts they lose 1-2x.
+    The first shape runs again with the chunk states stored in fp32 (STATES_IN_INPUT_DTYPE off,
+    the switch scripts/probe_precision.py flips)."""
     import torch
 
+    from matmamba.ops.ssd import triton_impl
     from matmamba.ops.ssd.naive import ssd_scan_naive
     from matmamba.ops.ssd.triton_impl import ssd_scan_triton
 
-    for b, l, h, p, g, n in [(2, 300, 5, 24, 1, 128), (1, 200, 4, 64, 1, 128)]:
+    cases = [(2, 300, 5, 24, 1, 128, True), (1, 200, 4, 64, 1, 128, True), (2, 300, 5, 24, 1, 128, False)]
+    for b, l, h, p, g, n, states_16bit in cases:
+        triton_impl.STATES_IN_INPUT_DTYPE = states_16bit
         gen = torch.Generator().manual_seed(l)
         rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
         ref = dict(x=rnd(b, l, h, p), dt=rnd(b, l, h) * 0.5,
@@ -134,10 +139,12 @@ def _ssd_fp16_group(failures: list) -> None:
         errors = {k: rel_err(o, r) for k, o, r in zip(names, *results)}
         worst = max(v for k, v in errors.items() if k != "out")
         ok = worst <= 3 * errors["out"]
-        print(f"{'ok  ' if ok else 'FAIL'} ssd fp16 b{b} l{l} h{h} p{p} n{n} (worst gradient <= 3x out): "
+        triton_impl.STATES_IN_INPUT_DTYPE = True
+        print(f"{'ok  ' if ok else 'FAIL'} ssd fp16 b{b} l{l} h{h} p{p} n{n} states "
+              f"{'fp16' if states_16bit else 'fp32'} (worst gradient <= 3x out): "
               + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
         if not ok:
-            failures.append(f"ssd fp16 b{b} l{l} h{h} p{p}")
+            failures.append(f"ssd fp16 b{b} l{l} h{h} p{p} states_16bit={states_16bit}")
 
 
 def _ssd_launch_options_group(failures: list) -> None:

@@ -73,6 +73,13 @@ Tensor = torch.Tensor
 # in registers; MATMAMBA_SSD_CHUNK=128 trades bigger tiles for half the state traffic.
 _DEFAULT_CHUNK = 64
 
+# Whether the states entering each chunk (and, in the backward, the gradients of the states
+# leaving it) are stored in the inputs' 16-bit dtype, as mamba_ssm does, or in fp32. The matrix
+# products round them to 16 bits either way, so fp32 storage changes only B3's <G, H0> term (of
+# dA) and doubles their traffic; on the H200 it did not change the one-head dA error
+# (scripts/probe_precision.py, docs/performance.md session 9). A switch for such probes.
+STATES_IN_INPUT_DTYPE = True
+
 
 @torch.compiler.assume_constant_result  # under torch.compile: read once per trace
 def _chunk_length() -> int:
@@ -999,7 +1006,8 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
     padded_len = nchunks * Q
     dev = x.device
     dot_dtype, dot_prec = _dot_config(x.dtype)
-    state_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    state_dtype = (x.dtype if STATES_IN_INPUT_DTYPE and x.dtype in (torch.float16, torch.bfloat16)
+                   else torch.float32)
     block_p = _pow2(headdim)
     block_n_full = _pow2(dstate)
     block_n = min(block_n_full, 128)
@@ -1233,7 +1241,8 @@ def _ssd_scan_fwd_fake(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_so
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nchunks = max(1, _cdiv(seqlen, chunk))
-    state_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    state_dtype = (x.dtype if STATES_IN_INPUT_DTYPE and x.dtype in (torch.float16, torch.bfloat16)
+                   else torch.float32)
     f32 = dict(device=x.device, dtype=torch.float32)
     return (x.new_empty(batch, seqlen, nheads, headdim),
             torch.empty(batch, nheads, headdim, dstate, **f32),
