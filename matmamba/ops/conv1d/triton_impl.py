@@ -25,6 +25,8 @@ handles its gradient.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -203,6 +205,186 @@ def _conv_bwd_dx_kernel(
              dx.to(dx_ptr.dtype.element_ty), mask=out_mask[:, None] & c_mask[None, :])
 
 
+@triton.jit
+def _pick(v0, v1, v2, v3, i: tl.constexpr):
+    """v_i for a compile-time i in 0..3 (the one-pass kernel's per-tap and per-shift values)."""
+    if i == 0:
+        return v0
+    elif i == 1:
+        return v1
+    elif i == 2:
+        return v2
+    else:
+        return v3
+
+
+@triton.jit
+def _tap_weight(w_ptr, offs_c, c_mask, s_wd, s_wk, i: tl.constexpr, WIDTH: tl.constexpr):
+    """weight[:, i] in fp32 (zeros for a tap the kernel does not have)."""
+    if i < WIDTH:
+        return tl.load(w_ptr + offs_c * s_wd + i * s_wk, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros(offs_c.shape, dtype=tl.float32)
+
+
+@triton.jit
+def _add_tap(u, val, w0, w1, w2, w3, seg_src, seg_t, m: tl.constexpr, j: tl.constexpr,
+             WIDTH: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """u_j += w[m - j] in_m (same segment only), for the outputs t = s + j that read input row
+    m (= s - (W-1) + m) through tap m - j; u_j unchanged where m - j is not a tap."""
+    if j < WIDTH and m - j >= 0 and m - j < WIDTH:
+        term = val * _pick(w0, w1, w2, w3, m - j)[None, :]
+        if HAS_SEQ:
+            term = tl.where((seg_src == seg_t)[:, None], term, 0.0)
+        return u + term
+    else:
+        return u
+
+
+@triton.jit
+def _du_at(u, dy_ptr, b, t, offs_c, c_mask, seqlen, s_dyb, s_dyl, s_dyd, SILU: tl.constexpr):
+    """du = dy * silu'(u) at outputs t (zero outside 0 <= t < seqlen)."""
+    t_ok = (t >= 0) & (t < seqlen)
+    dy = tl.load(dy_ptr + b * s_dyb + t[:, None] * s_dyl + offs_c[None, :] * s_dyd,
+                 mask=t_ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+    if SILU:
+        sig = tl.sigmoid(u)
+        return dy * sig * (1.0 + u * (1.0 - sig))
+    else:
+        return dy
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, colmap_ptr, dy_ptr, dx_ptr, dw_part_ptr,
+    db_part_ptr,
+    seqlen, dim, n_tiles, tiles_per_program, first_pos, out_first_pos,
+    s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl, s_dyb, s_dyl, s_dyd,
+    s_dxb, s_dxl, s_dxd,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, WIDTH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    HAS_COLMAP: tl.constexpr, VEC: tl.constexpr, OUT_COLMAP: tl.constexpr,
+    PARTIALS: tl.constexpr,
+):
+    """The whole backward in one pass, no du buffer (W <= 4). For a tile of positions s, dx[s]
+    needs du at the W outputs t = s + j (j = 0 .. W-1) that read s. Their pre-activations come
+    from the 2W-1 input rows in_m = in(s - (W-1) + m), m = 0 .. 2W-2, each loaded once:
+
+        u_j    = bias + sum_m w[m - j] in_m        (taps 0 <= m - j < W, same segment as s + j)
+        du_j   = dy(s + j) * silu'(u_j)
+        dx[s]  = sum_j w[W-1-j] du_j same(s, s + j)
+        dw[:, i] += sum_s du_0 in_i same(...),   dbias += sum_s du_0     (j = 0: the tile's own
+                                                                         outputs)
+
+    A program walks ``tiles_per_program`` consecutive tiles and writes one row of dweight / dbias
+    partials. With first_pos = out_first_pos = -(W-1) and PARTIALS off it writes the initial
+    state's gradient (rows 0 .. W-2 of (b, W-1, d))."""
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    c_mask = offs_c < dim
+    x_cols = mapped_columns(colmap_ptr, offs_c, c_mask, HAS_COLMAP, VEC)
+    if OUT_COLMAP:
+        out_cols = x_cols
+    else:
+        out_cols = offs_c
+    w0 = _tap_weight(w_ptr, offs_c, c_mask, s_wd, s_wk, 0, WIDTH)
+    w1 = _tap_weight(w_ptr, offs_c, c_mask, s_wd, s_wk, 1, WIDTH)
+    w2 = _tap_weight(w_ptr, offs_c, c_mask, s_wd, s_wk, 2, WIDTH)
+    w3 = _tap_weight(w_ptr, offs_c, c_mask, s_wd, s_wk, 3, WIDTH)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    dw0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dw1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dw2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dw3 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    first_tile = pid_l * tiles_per_program
+    last_tile = tl.minimum(first_tile + tiles_per_program, n_tiles)
+    for tile in range(first_tile, last_tile):
+        s = first_pos + tile * BLOCK_L + tl.arange(0, BLOCK_L)
+        seg_s = s * 0
+        seg_t1 = s * 0
+        seg_t2 = s * 0
+        seg_t3 = s * 0
+        if HAS_SEQ:
+            seg_s = _segment_at(seg_ptr, b, s, seqlen, s_sb, s_sl)
+            seg_t1 = _segment_at(seg_ptr, b, s + 1, seqlen, s_sb, s_sl)
+            seg_t2 = _segment_at(seg_ptr, b, s + 2, seqlen, s_sb, s_sl)
+            seg_t3 = _segment_at(seg_ptr, b, s + 3, seqlen, s_sb, s_sl)
+        u0 = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32) + bias[None, :]
+        u1 = u0
+        u2 = u0
+        u3 = u0
+        own_in0 = u0  # the tile's own inputs in_0 .. in_{W-1}, for dweight (set below)
+        own_in1 = u0
+        own_in2 = u0
+        own_in3 = u0
+        for m in tl.static_range(2 * WIDTH - 1):
+            src = s + (m - (WIDTH - 1))
+            val = _input_at(x_ptr, init_ptr, b, src, offs_c, x_cols, c_mask, seqlen,
+                            s_xb, s_xl, s_xd, s_ib, s_id, s_ij, WIDTH, HAS_INIT)
+            seg_src = s * 0
+            if HAS_SEQ:
+                seg_src = _segment_at(seg_ptr, b, src, seqlen, s_sb, s_sl)
+            u0 = _add_tap(u0, val, w0, w1, w2, w3, seg_src, seg_s, m, 0, WIDTH, HAS_SEQ)
+            u1 = _add_tap(u1, val, w0, w1, w2, w3, seg_src, seg_t1, m, 1, WIDTH, HAS_SEQ)
+            u2 = _add_tap(u2, val, w0, w1, w2, w3, seg_src, seg_t2, m, 2, WIDTH, HAS_SEQ)
+            u3 = _add_tap(u3, val, w0, w1, w2, w3, seg_src, seg_t3, m, 3, WIDTH, HAS_SEQ)
+            if PARTIALS:
+                if m < WIDTH:  # in_m is what tap m of the tile's own outputs reads
+                    if m == 0:
+                        own_in0 = val
+                    elif m == 1:
+                        own_in1 = val
+                    elif m == 2:
+                        own_in2 = val
+                    else:
+                        own_in3 = val
+        du0 = _du_at(u0, dy_ptr, b, s, offs_c, c_mask, seqlen, s_dyb, s_dyl, s_dyd, SILU)
+        dx = du0 * _pick(w0, w1, w2, w3, WIDTH - 1)[None, :]
+        for j in tl.static_range(1, WIDTH):
+            du_j = _du_at(_pick(u0, u1, u2, u3, j), dy_ptr, b, s + j, offs_c, c_mask, seqlen,
+                          s_dyb, s_dyl, s_dyd, SILU)
+            term = du_j * _pick(w0, w1, w2, w3, WIDTH - 1 - j)[None, :]
+            if HAS_SEQ:
+                term = tl.where((_pick(seg_s, seg_t1, seg_t2, seg_t3, j) == seg_s)[:, None],
+                                term, 0.0)
+            dx += term
+        if first_pos < 0:
+            out_mask = s < 0
+        else:
+            out_mask = s < seqlen
+        tl.store(dx_ptr + b * s_dxb + (s - out_first_pos)[:, None] * s_dxl
+                 + out_cols[None, :] * s_dxd,
+                 dx.to(dx_ptr.dtype.element_ty), mask=out_mask[:, None] & c_mask[None, :])
+        if PARTIALS:
+            db += tl.sum(du0, axis=0)
+            for i in tl.static_range(WIDTH):
+                own = _pick(own_in0, own_in1, own_in2, own_in3, i)
+                if HAS_SEQ:
+                    seg_i = _segment_at(seg_ptr, b, s - (WIDTH - 1) + i, seqlen, s_sb, s_sl)
+                    own = tl.where((seg_i == seg_s)[:, None], own, 0.0)
+                contrib = tl.sum(du0 * own, axis=0)
+                if i == 0:
+                    dw0 += contrib
+                elif i == 1:
+                    dw1 += contrib
+                elif i == 2:
+                    dw2 += contrib
+                else:
+                    dw3 += contrib
+    if PARTIALS:
+        part = b * tl.num_programs(0) + pid_l
+        for i in tl.static_range(WIDTH):
+            tl.store(dw_part_ptr + (part * WIDTH + i) * dim + offs_c,
+                     _pick(dw0, dw1, dw2, dw3, i), mask=c_mask)
+        tl.store(db_part_ptr + part * dim + offs_c, db, mask=c_mask)
+
+
 def _launch_meta(dim):
     block_d = min(BLOCK_D, triton.next_power_of_2(dim))
     return block_d, triton.cdiv(dim, block_d)
@@ -229,10 +411,98 @@ def conv_forward(x, weight, bias, initial_state, segments, silu, colmap=None, co
     return y
 
 
+# How the backward runs: "one_pass" (``_conv_bwd_kernel``: u and du recomputed at the W shifts
+# from each input row loaded once, nothing but dx and small partials written) or "two_pass" (du
+# written to an fp32 buffer, then read back at the W shifts for dx). MATMAMBA_CONV_BWD overrides.
+CONV_BWD_FORMS = ("one_pass", "two_pass")
+
+# Launch options of the one-pass backward (BLOCK_L, BLOCK_D, num_warps, programs_per_sm: how many
+# programs along l per SM the grid aims at); tests and scripts/bench_conv.py update this.
+ONE_PASS_OVERRIDES: dict[str, int] = {}
+
+
+# The one-pass kernel keeps one pre-activation tile per shift in named registers: W <= 4 (Mamba2
+# uses 4; causal_conv1d supports 2 to 4). Wider kernels take the two-pass form.
+ONE_PASS_MAX_WIDTH = 4
+
+
+def _conv_bwd_form() -> str:
+    forced = os.environ.get("MATMAMBA_CONV_BWD", "").strip()
+    if forced:
+        if forced not in CONV_BWD_FORMS:
+            raise ValueError(f"MATMAMBA_CONV_BWD must be one of {CONV_BWD_FORMS}; got {forced!r}")
+        return forced
+    return "one_pass"
+
+
+def _one_pass_options(dim: int) -> dict:
+    opts = dict(BLOCK_L=32, BLOCK_D=min(64, triton.next_power_of_2(dim)), num_warps=4,
+                programs_per_sm=8)
+    opts.update(ONE_PASS_OVERRIDES)
+    return opts
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def conv_backward(dy, x, weight, bias, initial_state, segments, silu, colmap=None, dx_out=None,
                   need_init_grad=True, colmap_vec=1):
     """Launch the backward. Returns (dx, dweight, dbias, d_initial_state). With ``dx_out`` the
     input gradient is written into it (at the columns colmap gives) instead of a new tensor."""
+    batch, seqlen = x.shape[:2]
+    dim, width = weight.shape
+    if _conv_bwd_form() == "two_pass" or width > ONE_PASS_MAX_WIDTH:
+        return _conv_backward_two_pass(dy, x, weight, bias, initial_state, segments, silu, colmap,
+                                       dx_out, need_init_grad, colmap_vec)
+    opts = _one_pass_options(dim)
+    block_l, block_d = opts["BLOCK_L"], opts["BLOCK_D"]
+    n_d = triton.cdiv(dim, block_d)
+    n_tiles = triton.cdiv(seqlen, block_l)
+    # enough programs along l to fill the GPU, each walking consecutive tiles (fewer partials)
+    want = max(1, opts["programs_per_sm"] * _sm_count(x.device) // (n_d * batch))
+    tiles_per_program = triton.cdiv(n_tiles, min(n_tiles, want))
+    n_programs_l = triton.cdiv(n_tiles, tiles_per_program)
+    dw_part = torch.empty(batch, n_programs_l, width, dim, device=x.device, dtype=torch.float32)
+    db_part = torch.empty(batch, n_programs_l, dim, device=x.device, dtype=torch.float32)
+    init = initial_state if initial_state is not None else x
+    s_init = initial_state.stride() if initial_state is not None else (0, 0, 0)
+    seg = segments if segments is not None else x
+    s_seg = segments.stride() if segments is not None else (0, 0)
+    cols = colmap if colmap is not None else weight
+    dx = dx_out if dx_out is not None else torch.empty(batch, seqlen, dim, device=x.device,
+                                                       dtype=x.dtype)
+    common = dict(BLOCK_D=block_d, WIDTH=width,
+                  HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None,
+                  HAS_SEQ=segments is not None, SILU=silu, HAS_COLMAP=colmap is not None,
+                  VEC=colmap_vec, num_warps=opts["num_warps"])
+    args = (x, init, weight, bias if bias is not None else weight, seg, cols, dy)
+    strides = (*x.stride(), *s_init, *weight.stride(), *s_seg, *dy.stride())
+    _conv_bwd_kernel[(n_programs_l, n_d, batch)](
+        *args, dx, dw_part, db_part, seqlen, dim, n_tiles, tiles_per_program, 0, 0,
+        *strides, *dx.stride(), BLOCK_L=block_l, OUT_COLMAP=colmap is not None, PARTIALS=True,
+        **common)
+    d_init = None
+    if initial_state is not None and need_init_grad:
+        if width == 1:
+            d_init = initial_state.new_zeros(initial_state.shape)
+        else:
+            d_init_rows = torch.empty(batch, width - 1, dim, device=x.device, dtype=torch.float32)
+            _conv_bwd_kernel[(1, n_d, batch)](
+                *args, d_init_rows, dw_part, db_part, seqlen, dim, 1, 1, -(width - 1),
+                -(width - 1), *strides, *d_init_rows.stride(),
+                BLOCK_L=max(16, triton.next_power_of_2(width - 1)), OUT_COLMAP=False,
+                PARTIALS=False, **common)
+            d_init = d_init_rows.transpose(1, 2).to(initial_state.dtype).contiguous()
+    dw = dw_part.sum((0, 1)).t().to(weight.dtype).contiguous()
+    db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+    return dx, dw, db, d_init
+
+
+def _conv_backward_two_pass(dy, x, weight, bias, initial_state, segments, silu, colmap, dx_out,
+                            need_init_grad, colmap_vec):
     batch, seqlen = x.shape[:2]
     dim, width = weight.shape
     block_d, n_d = _launch_meta(dim)
