@@ -8,8 +8,6 @@
 #   STAGES="multigpu train" ...                                  # then bench_train on GPU 0
 #   STAGES="pytest multigpu" PYTEST_ARGS="tests/test_fsdp_cpu.py" ...  # CPU tests beside the GPU stages
 #   STAGES="block tune" BLOCK_ARGS="--cases ssd,block,vit" ...  # bench_block alone, then tune_ssd
-#   STAGES="conv check" CONV_ARGS="--shapes block,vit" ...   # the conv1d backward's forms and
-#       launch options (scripts/bench_conv.py), then gpu_check
 #   STAGES="host check" ...                                # where an eager SSD call's host time goes
 #       (scripts/host_profile.py HOST_ARGS), then gpu_check
 #   BLOCK_ARGS="--cases block --no-baseline" STAGES="check train" ...  # bench_block before bench_train
@@ -168,12 +166,6 @@ for stage in $STAGES; do
     block)   # scripts/bench_block.py BLOCK_ARGS alone on GPU 0 (the kernels against mamba_ssm, same run)
         CUDA_VISIBLE_DEVICES=0 timeout ${BLOCK_TIMEOUT:-330} python3 scripts/bench_block.py ${BLOCK_ARGS:-} \
             --json "$OUT/bench_block.json" > "$OUT/bench_block.log" 2>&1
-        ;;
-    conv)    # the conv1d backward: one-pass candidates against the two-pass form, checked and timed
-             # (scripts/bench_conv.py CONV_ARGS), then the block under each form, on GPU 0
-        CUDA_VISIBLE_DEVICES=0 timeout ${CONV_TIMEOUT:-300} python3 scripts/bench_conv.py ${CONV_ARGS:-} \
-            --json "$OUT/bench_conv.json" > "$OUT/bench_conv.log" 2>&1
-        echo "=== bench_conv"; grep -vE "^\s*$" "$OUT/bench_conv.log" | tail -70
         ;;
     host)    # where the host's time goes in an eager SSD forward + backward, ours and mamba_ssm's
         CUDA_VISIBLE_DEVICES=0 timeout ${HOST_TIMEOUT:-240} python3 scripts/host_profile.py ${HOST_ARGS:-} \

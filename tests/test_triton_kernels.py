@@ -179,35 +179,14 @@ def _ssd_launch_options_group(failures: list) -> None:
 def _conv_group(failures: list) -> None:
     import torch
 
-    from matmamba.ops.conv1d import triton_impl
     from matmamba.ops.conv1d.naive import causal_conv1d_naive
     from matmamba.ops.conv1d.triton_impl import causal_conv1d_triton
 
-    # (form, one-pass launch options, shapes): the default launch; small tiles, so that a program
-    # walks several tiles and sequence boundaries and the initial state fall across tiles; and
-    # the two-pass form
-    cases = [(2, 45, 37, 4, dict(seq=True, init=True, bias=True, act="silu")),
-             (1, 70, 130, 4, dict(bias=True, act="silu")),
-             (2, 3, 9, 4, dict(init=True, act=None)),
-             (1, 20, 16, 2, dict(seq=True, bias=True, act="silu")),
-             (2, 61, 20, 3, dict(seq=True, init=True, bias=True, act="silu"))]
-    runs = [("one_pass", {}, cases),
-            ("one_pass", dict(BLOCK_L=16, BLOCK_D=16, programs_per_sm=1), [cases[0], cases[4]]),
-            ("two_pass", {}, cases[:2])]
-    for form, overrides, shapes in runs:
-        os.environ["MATMAMBA_CONV_BWD"] = form
-        triton_impl.ONE_PASS_OVERRIDES.clear()
-        triton_impl.ONE_PASS_OVERRIDES.update(overrides)
-        print(f"-- conv backward {form} {overrides}")
-        _conv_cases(shapes, causal_conv1d_triton, causal_conv1d_naive, failures)
-    os.environ.pop("MATMAMBA_CONV_BWD")
-    triton_impl.ONE_PASS_OVERRIDES.clear()
-
-
-def _conv_cases(shapes, causal_conv1d_triton, causal_conv1d_naive, failures: list) -> None:
-    import torch
-
-    for b, l, d, w, opt in shapes:
+    for b, l, d, w, opt in [(2, 45, 37, 4, dict(seq=True, init=True, bias=True, act="silu")),
+                            (1, 70, 130, 4, dict(bias=True, act="silu")),
+                            (2, 3, 9, 4, dict(init=True, act=None)),
+                            (1, 20, 16, 2, dict(seq=True, bias=True, act="silu")),
+                            (2, 61, 20, 3, dict(seq=True, init=True, bias=True, act="silu"))]:
         gen = torch.Generator().manual_seed(l)
         inputs = dict(
             x=torch.randn(b, l, d, generator=gen, dtype=torch.float64).requires_grad_(),
@@ -240,7 +219,8 @@ def _rmsnorm_group(failures: list) -> None:
     from matmamba.ops.rmsnorm.triton_impl import gated_rmsnorm_triton
 
     for shape, has_z, nbg, group in [((2, 7, 48), True, False, None), ((3, 5, 40), True, True, 8),
-                                     ((6, 30), False, False, None), ((4, 72), True, False, 24)]:
+                                     ((6, 30), False, False, None), ((4, 72), True, False, 24),
+                                     ((5, 1100), True, False, None)]:  # >= 1024: several rows a program
         gen = torch.Generator().manual_seed(sum(shape))
         inputs = dict(
             x=torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(),
