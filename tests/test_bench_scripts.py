@@ -160,6 +160,7 @@ def test_bench_train_recovers_from_oom_and_reports_failures(tmp_path, monkeypatc
     assert base["is_baseline"] and base["status"] == "error" and "simulated" in base["reason"]
 
 
+@pytest.mark.slow  # ~30 s of interpreter: GPU-script plumbing, run with -m slow
 def test_tune_ssd_vets_every_candidate_and_survives_a_dying_one(tmp_path):
     """scripts/tune_ssd.py on the CPU (Triton interpreter): every candidate's outputs and
     gradients are checked against float64 in child processes; a child that dies inside a
@@ -421,6 +422,7 @@ def test_probe_precision_switches_are_set_and_restored():
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow  # ~30 s of interpreter: GPU-script plumbing, run with -m slow
 def test_gpu_check_draw_repeats_a_stage_exactly(tmp_path):
     """gpu_check draws fresh cotangents each run and prints the draw; --draw N repeats a stage's
     values exactly (so a failing row can be re-run alone), and another draw gives other values."""

@@ -230,6 +230,12 @@ def _rmsnorm_group(failures: list) -> None:
         )
         _compare(f"gated_rmsnorm {shape} z={has_z} norm_before_gate={nbg} group={group}",
                  gated_rmsnorm_triton, gated_rmsnorm_naive, inputs, failures)
+        if shape[-1] >= 1024:  # the multi-row tiles in the backward too (its default is 1 row)
+            from matmamba.ops.rmsnorm import triton_impl
+            triton_impl.LAUNCH_OVERRIDES.update(ROWS=2, programs_per_sm=1)
+            _compare(f"gated_rmsnorm {shape} 2 rows a program, fwd and bwd", gated_rmsnorm_triton,
+                     gated_rmsnorm_naive, inputs, failures)
+            triton_impl.LAUNCH_OVERRIDES.clear()
 
 
 def _decode_group(failures: list) -> None:
