@@ -7,7 +7,6 @@ script in a subprocess, whose ``__main__`` calls :func:`group_main`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import subprocess
@@ -33,37 +32,19 @@ def group_main(groups: dict[str, Callable[[list], None]], group: str) -> int:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through the test (sets TRITON_INTERPRET=1)"
     import torch
 
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from gpu_check import poisoned_allocations  # NaN in every torch.empty, as on the GPU
+
     torch.manual_seed(0)
     torch.set_num_threads(2)
     failures: list = []
-    with poisoned_allocations(torch):
+    with poisoned_allocations():
         groups[group](failures)
     if failures:
         print("FAILED:", failures)
         return 1
     print("ALL OK")
     return 0
-
-
-@contextlib.contextmanager
-def poisoned_allocations(torch):
-    """torch.empty / torch.empty_like return NaN-filled (float) or -7-filled (integer) tensors,
-    so an output element that a kernel forgets to write shows up as NaN (or a wild index)."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(-7)
-        return t
-
-    torch.empty = lambda *a, **k: fill(real_empty(*a, **k))
-    torch.empty_like = lambda *a, **k: fill(real_empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_empty_like
 
 
 def rel_err(actual, expected) -> float:

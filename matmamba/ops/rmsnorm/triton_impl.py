@@ -158,9 +158,8 @@ LAUNCH_OVERRIDES: dict[str, int] = {}
 
 def _tile(block: int, kind: str) -> dict:
     opts = dict(ROWS=1, num_warps=_warps(block), programs_per_sm=4)
-    if block >= 1024:
-        if kind == "fwd":
-            opts.update(ROWS=4, num_warps=8)
+    if kind == "fwd" and block >= 1024:
+        opts.update(ROWS=4, num_warps=8)
     opts.update(LAUNCH_OVERRIDES)
     return opts
 
