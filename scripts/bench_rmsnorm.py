@@ -82,7 +82,8 @@ def main():
         for variant in args.variants.split(","):
             r, warps, pps = (int(v) for v in variant.split("x"))
             ri.LAUNCH_OVERRIDES.clear()
-            ri.LAUNCH_OVERRIDES.update(ROWS=r, num_warps=warps, programs_per_sm=pps)
+            tile = dict(ROWS=r, num_warps=warps, programs_per_sm=pps)
+            ri.LAUNCH_OVERRIDES.update(fwd=tile, bwd=tile)
             out, rstd = fwd()
             grads = checked_bwd(rstd)
             errs = [((a.double() - c.double()).norm() / c.double().norm()).item()

@@ -13,6 +13,8 @@
 #   BLOCK_ARGS="--cases block --no-baseline" STAGES="check train" ...  # bench_block before bench_train
 #   TRAIN_ARGS=$'--cases lm_130m --compile off,on\n--cases vision_b16'  # one bench_train run per line
 #   STAGES="check tune" TUNE_ARGS="--shapes block" ...   # gpu_check on GPU 1, SSD launch options on GPU 0
+#       (TUNE_ARGS=$'--shapes block\nMATMAMBA_SSD_CHUNK=32 --shapes block': one run a line, each with
+#       its leading NAME=value words as its environment)
 #   STAGES="tune ncu" ...                                  # tune_ssd on GPU 0 beside Nsight Compute on GPU 1:
 #       NCU_CMDS (one command per line) run under ncu, counters of the kernels matching NCU_KERNELS
 #       (launches NCU_SKIP.. NCU_SKIP+NCU_COUNT-1), summarised by scripts/ncu_summary.py
@@ -111,42 +113,65 @@ for stage in $STAGES; do
         ;;
     profile) # GPU time vs host time of the block per width (scripts/profile_block.py), on GPU 0;
              # also for AB_TREE when set (same tree layout, its own matmamba package), and for each
-             # of PROFILE_VARIANTS (profile_block.py --variant) on this tree
+             # of PROFILE_VARIANTS (profile_block.py --variant) on this tree; PROFILE_ARGS (e.g.
+             # "--widths 768,96 --top 30") go to every run
         for tree in ${AB_TREE:-} .; do
             tag=$([ "$tree" = . ] && echo new || echo old)
-            CUDA_VISIBLE_DEVICES=0 timeout 200 python3 scripts/profile_block.py --repo "$tree" \
+            CUDA_VISIBLE_DEVICES=0 timeout 200 python3 scripts/profile_block.py --repo "$tree" ${PROFILE_ARGS:-} \
                 --json "$OUT/profile_$tag.json" > "$OUT/profile_$tag.log" 2>&1
             echo "=== profile, $tag tree ($tree)"; grep -E "^width" "$OUT/profile_$tag.log"
         done
         for variant in ${PROFILE_VARIANTS:-}; do
-            CUDA_VISIBLE_DEVICES=0 timeout 200 python3 scripts/profile_block.py --variant "$variant" \
+            CUDA_VISIBLE_DEVICES=0 timeout 200 python3 scripts/profile_block.py --variant "$variant" ${PROFILE_ARGS:-} \
                 --json "$OUT/profile_$variant.json" > "$OUT/profile_$variant.log" 2>&1
             echo "=== profile, variant $variant"; grep -E "^width" "$OUT/profile_$variant.log"
         done
         ;;
-    tune)    # launch options of the SSD kernels (scripts/tune_ssd.py TUNE_ARGS) on GPU 0, beside the
-             # stages on GPU 1
-        ( CUDA_VISIBLE_DEVICES=0 timeout ${TUNE_TIMEOUT:-560} python3 scripts/tune_ssd.py ${TUNE_ARGS:-} \
-            --json "$OUT/tune_ssd.json" > "$OUT/tune_ssd.log" 2>&1 ) &
+    tune)    # launch options of the SSD kernels (scripts/tune_ssd.py) on GPU 0, beside the stages on
+             # GPU 1: one run per line of TUNE_ARGS; a line's leading NAME=value words are that
+             # run's environment (e.g. MATMAMBA_SSD_CHUNK=32 --shapes block)
+        (
+            i=0
+            while IFS= read -r line; do
+                i=$((i + 1))
+                [ $i -gt 1 ] && [ -z "$line" ] && continue
+                envs=(); args=()
+                for word in $line; do
+                    if [ ${#args[@]} = 0 ] && [[ $word =~ ^[A-Z_][A-Z0-9_]*= ]]; then envs+=("$word"); else args+=("$word"); fi
+                done
+                tag=$([ $i = 1 ] && echo tune_ssd || echo tune_ssd_$i)
+                echo "${envs[*]} ${args[*]}" > "$OUT/$tag.cmd"
+                CUDA_VISIBLE_DEVICES=0 env "${envs[@]}" timeout ${TUNE_TIMEOUT:-560} python3 scripts/tune_ssd.py \
+                    "${args[@]}" --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
+            done <<< "${TUNE_ARGS:-}"
+        ) &
         pids+=($!)
         ;;
     ncu)     # Nsight Compute on NCU_GPU (default 1), in the foreground: each line of NCU_CMDS
              # under ncu with the clocks and caches left as they are (what the program sees), the
-             # SpeedOfLight, Occupancy, memory and scheduler sections of the kernels matching
-             # NCU_KERNELS; one CSV per command, then one table (scripts/ncu_summary.py)
+             # SpeedOfLight, Occupancy, memory, scheduler and warp-state sections of the kernels
+             # matching NCU_KERNELS, and the per-reason stall counters (why no warp could issue);
+             # one CSV per command, then one table (scripts/ncu_summary.py)
         ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
         i=0
         while IFS= read -r cmd; do
             [ -z "$cmd" ] && continue
             i=$((i + 1))
             echo "$cmd" > "$OUT/ncu_$i.cmd"
-            CUDA_VISIBLE_DEVICES=${NCU_GPU:-$GPU1} timeout ${NCU_TIMEOUT:-240} "${ncu_bin:-ncu}" \
-                --clock-control none --cache-control none \
-                --kernel-name "regex:${NCU_KERNELS:-_chunk_bwd_dx_kernel|_chunk_bwd_dbdc_kernel}" \
-                --launch-skip ${NCU_SKIP:-3} --launch-count ${NCU_COUNT:-4} \
-                --section SpeedOfLight --section Occupancy --section LaunchStats \
-                --section MemoryWorkloadAnalysis --section SchedulerStats \
-                --csv --page details $cmd > "$OUT/ncu_$i.csv" 2> "$OUT/ncu_$i.log"
+            # the stall counters first; if this ncu does not know them, the run again without
+            stall_metrics=(--metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio")
+            for attempt in 1 2; do
+                CUDA_VISIBLE_DEVICES=${NCU_GPU:-$GPU1} timeout ${NCU_TIMEOUT:-240} "${ncu_bin:-ncu}" \
+                    --clock-control none --cache-control none \
+                    --kernel-name "regex:${NCU_KERNELS:-_chunk_bwd_dx_kernel|_chunk_bwd_dbdc_kernel}" \
+                    --launch-skip ${NCU_SKIP:-3} --launch-count ${NCU_COUNT:-4} \
+                    --section SpeedOfLight --section Occupancy --section LaunchStats \
+                    --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
+                    "${stall_metrics[@]}" --csv --page details $cmd > "$OUT/ncu_$i.csv" 2> "$OUT/ncu_$i.log"
+                grep -q '"Duration"' "$OUT/ncu_$i.csv" && break
+                cp "$OUT/ncu_$i.log" "$OUT/ncu_${i}_with_stalls.log"
+                stall_metrics=()
+            done
         done <<< "${NCU_CMDS:-python3 scripts/tune_ssd.py --profile-run 10 --shapes lm_step --layout block}"
         echo "=== ncu"
         python3 scripts/ncu_summary.py "$OUT"/ncu_*.csv --json "$OUT/ncu_summary.json"
@@ -203,7 +228,10 @@ PY
     cat "$OUT/gpu_check_summary.txt"
     grep -E "^\[FAIL\]|Traceback|Error" "$OUT/gpu_check.log" | head -20
 fi
-[ -f "$OUT/tune_ssd.log" ] && { echo "=== tune_ssd"; grep -vE "^\s*$" "$OUT/tune_ssd.log" | tail -45; }
+for path in "$OUT"/tune_ssd*.log; do
+    [ -f "$path" ] || continue
+    echo "=== $(basename "$path" .log): $(cat "${path%.log}.cmd" 2>/dev/null)"; grep -vE "^\s*$" "$path" | tail -45
+done
 [ -f "$OUT/bench_block.log" ] && { echo "=== bench_block"; sed -n '/^=====/,$p' "$OUT/bench_block.log"; }
 for path in "$OUT"/bench_train*.log "$OUT"/bench_multigpu.log; do
     [ -f "$path" ] || continue

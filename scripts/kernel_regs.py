@@ -34,9 +34,25 @@ from matmamba.ops.ssd import triton_impl as ti  # noqa: E402
 # stored states (H0, G) take the input dtype, as _ssd_forward allocates them.
 LOW_PRECISION_PTRS = {"x_ptr", "dt_ptr", "B_ptr", "C_ptr", "dy_ptr", "H0_ptr", "G_ptr", "dx_ptr",
                       "ddt_ptr", "seq_ptr"}
-# Innermost strides: 1 in every layout the block passes, and Triton specializes a 1 at launch.
-UNIT_STRIDES = {"s_xp", "s_dyp", "s_dxp", "s_bn", "s_cn"}
 FLOAT_SCALARS = {"dt_lo", "dt_hi"}
+# The integer arguments' values in the D=768 block's layout at b8 l2048 (64 heads of 24, N 128, one
+# group; x, B, C are column views of the conv output (1792 columns), dt of the in_proj output
+# (3392), dy contiguous from the norm). Triton's launcher specializes on them: a 1 becomes a
+# constant and a multiple of 16 is marked divisible by 16 (pointers are 16-byte aligned), which is
+# what lets loads and stores vectorize; compiling without that (every int a plain i32) gives
+# scalar 16-bit loads and stores the real launch does not have. Names not listed: divisible by 16.
+_L, _CONV, _ZX, _Y = 2048, 1792, 3392, 1536
+BLOCK_CASE_INTS = {
+    "seqlen": _L, "nheads": 64, "heads_per_group": 64, "ngroups": 1, "headdim": 24, "dstate": 128,
+    "padded_len": _L, "heads_per_split": 22,
+    **{f"s_{t}b": _L * _CONV for t in ("x", "dx", "b", "c")},
+    **{f"s_{t}l": _CONV for t in ("x", "dx", "b", "c")},
+    "s_xh": 24, "s_dxh": 24, "s_bg": 128, "s_cg": 128,
+    "s_dtb": _L * _ZX, "s_dtl": _ZX, "s_ddtb": _L * _ZX, "s_ddtl": _ZX, "s_dth": 1, "s_ddth": 1,
+    "s_dyb": _L * _Y, "s_dyl": _Y, "s_dyh": 24, "s_yb": _L * _Y, "s_yl": _Y, "s_yh": 24,
+    **{f"s_{t}": 1 for t in ("xp", "dxp", "dyp", "yp", "bn", "cn")},
+    "s_seqb": 0, "s_seql": 0,
+}
 
 
 def kernel_table(Q: int, block_p: int, block_n_full: int):
@@ -60,23 +76,31 @@ def kernel_table(Q: int, block_p: int, block_n_full: int):
 
 def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int,
                        maxnreg: int | None = None):
-    signature, fixed = {}, {}
+    signature, fixed, attrs = {}, {}, {}
+    divisible = [["tt.divisibility", 16]]
     for i, param in enumerate(fn.params):
         name = param.name
         if param.is_constexpr:
             signature[name] = "constexpr"
-            fixed[(i,)] = constexprs[name]
-        elif name in UNIT_STRIDES:
-            signature[name] = "constexpr"
-            fixed[(i,)] = 1
+            fixed[(i,)] = constexprs[name] if name in constexprs or not param.has_default else param.default
         elif name.endswith("_ptr"):
             signature[name] = "*bf16" if name in LOW_PRECISION_PTRS else "*fp32"
+            attrs[(i,)] = divisible
+        elif name in FLOAT_SCALARS:
+            signature[name] = "fp32"
         else:
-            signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+            value = BLOCK_CASE_INTS.get(name, 16)
+            if value == 1:
+                signature[name] = "constexpr"
+                fixed[(i,)] = 1
+            else:
+                signature[name] = "i32"
+                if value % 16 == 0:
+                    attrs[(i,)] = divisible
     options = dict(num_warps=num_warps, num_stages=num_stages)
     if maxnreg:
         options["maxnreg"] = maxnreg
-    return triton.compile(ASTSource(fn, signature, fixed), target=GPUTarget("cuda", 90, 32),
+    return triton.compile(ASTSource(fn, signature, fixed, attrs), target=GPUTarget("cuda", 90, 32),
                           options=options)
 
 
@@ -89,7 +113,36 @@ def resource_usage(compiled) -> dict:
         text = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True,
                               check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
-    return {k.lower(): int(v) for k, v in fields.items()}
+    use = {k.lower(): int(v) for k, v in fields.items()}
+    # Triton's shared memory is dynamic (sized at launch): cuobjdump's SHARED is only the static part
+    use["shared"] = max(use.get("shared", 0), int(compiled.metadata.shared))
+    return use
+
+
+# SASS opcode families that say where a latency-bound kernel's instructions go (static counts:
+# a loop body counts once).
+SASS_CLASSES = {
+    "mma": ("HMMA", "HGMMA", "IMMA"), "mufu (exp, rcp)": ("MUFU",),
+    "global ld": ("LDG", "LDGSTS"), "global st": ("STG",), "local ld/st (spills)": ("LDL", "STL"),
+    "shared ld/st": ("LDS", "STS", "LDSM"), "barrier": ("BAR",), "shuffle": ("SHFL",),
+    "fp32": ("FADD", "FMUL", "FFMA", "FMNMX", "FSEL", "FSETP"), "convert": ("F2F", "F2FP", "I2F", "F2I"),
+}
+
+
+def sass_counts(compiled) -> dict:
+    """Static instruction counts by family, from cuobjdump -sass of the cubin."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        text = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", text)
+    counts = {"all": len(opcodes)}
+    for family, prefixes in SASS_CLASSES.items():
+        counts[family] = sum(1 for op in opcodes if op.startswith(prefixes))
+    return counts
 
 
 def programs_per_sm(regs: int, warps: int, shared: int) -> int:
@@ -107,7 +160,12 @@ def main(argv=None):
     p.add_argument("--warps", default=None, help="comma-separated num_warps to compile (default: the launch default)")
     p.add_argument("--stages", default=None, help="comma-separated num_stages")
     p.add_argument("--block-n", default=None, help="comma-separated BLOCK_N")
-    p.add_argument("--maxnreg", type=int, default=None, help="cap on registers a thread (ptxas spills beyond)")
+    p.add_argument("--maxnreg", type=int, default=None,
+                   help="cap on registers a thread (ptxas spills beyond); 0: no cap (ptxas's choice)")
+    p.add_argument("--const", action="append", default=[], metavar="NAME=VALUE",
+                   help="a constexpr of the kernel set (an int), e.g. DLAM_Z=1; repeatable")
+    p.add_argument("--sass", action="store_true",
+                   help="also count the SASS instructions by family (static counts)")
     args = p.parse_args(argv)
 
     def opt_list(text):
@@ -128,12 +186,16 @@ def main(argv=None):
                         nw = warps or defaults["num_warps"]
                         ns = stages or defaults.get("num_stages", 3)  # 3: Triton's default
                         bn = block_n or defaults["BLOCK_N"]
-                        reg_cap = args.maxnreg or defaults.get("maxnreg")
-                        use = resource_usage(compile_for_hopper(fn, dict(constexprs, BLOCK_N=bn), nw, ns,
-                                                                maxnreg=reg_cap))
+                        reg_cap = defaults.get("maxnreg") if args.maxnreg is None else args.maxnreg or None
+                        extra = {k: int(v) for k, v in (c.split("=", 1) for c in args.const)}
+                        compiled = compile_for_hopper(fn, dict(constexprs, BLOCK_N=bn, **extra), nw, ns,
+                                                      maxnreg=reg_cap)
+                        use = resource_usage(compiled)
                         spill = use.get("local", 0) + use.get("stack", 0)
                         print(f"{name:18s} {headdim:3d} {nw:5d} {ns:6d} {bn:7d} {use['reg']:5d} {spill:7d} "
                               f"{use['shared']:7d} {programs_per_sm(use['reg'], nw, use['shared']):8d}")
+                        if args.sass:
+                            print("    SASS: " + ", ".join(f"{k} {v}" for k, v in sass_counts(compiled).items()))
 
 
 if __name__ == "__main__":

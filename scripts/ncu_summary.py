@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -36,7 +37,14 @@ METRICS = {
     "Waves Per SM": "waves",
     "Issue Slots Busy": "issue %",
     "No Eligible": "no eligible %",
+    "Warp Cycles Per Issued Instruction": "cycles/issue",
 }
+# Per-reason stall counters (ncu --metrics "regex:smsp__average_warps_issue_stalled_.*"): the
+# average number of warps held back by each reason per issued instruction. They add up to about
+# "cycles/issue" and say which latency a latency-bound kernel waits on (long_scoreboard: global
+# or local memory; barrier: __syncthreads; short_scoreboard / mio_throttle: shared memory and the
+# special-function unit; math_pipe_throttle: a busy pipe; wait: fixed-latency dependencies).
+STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio")
 
 
 def read_rows(path: str) -> list[dict[str, str]]:
@@ -56,7 +64,10 @@ def launches(rows: list[dict[str, str]]) -> list[dict]:
     by_id: dict[str, dict] = {}
     for row in rows:
         name = row.get("Metric Name")
-        if name not in METRICS:
+        stall = STALL.fullmatch(name or "")
+        if stall:
+            name = "stall " + stall.group(1)
+        elif name not in METRICS:
             continue
         launch = by_id.setdefault(row["ID"], dict(
             id=int(row["ID"]), kernel=row.get("Kernel Name", "?").split("(")[0],
@@ -108,6 +119,12 @@ def print_tables(summary: dict) -> None:
         print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        for kernel, means in result["mean_by_kernel"].items():
+            stalls = sorted(((v, name[6:]) for name, (v, _) in means.items()
+                             if name.startswith("stall ")), reverse=True)
+            if stalls:
+                print(f"   {kernel[:40]} stalls (warps per issue): "
+                      + ", ".join(f"{reason} {v:.2f}" for v, reason in stalls[:8] if v >= 0.005))
 
 
 def main(argv=None) -> int:

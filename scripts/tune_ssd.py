@@ -568,11 +568,15 @@ def main(argv=None):
         for chunk in filter(None, args.other_chunks.split(",")):
             if dry:
                 break
+            before = os.environ.get("MATMAMBA_SSD_CHUNK")
             os.environ["MATMAMBA_SSD_CHUNK"] = chunk
             try:
                 _, total = time_config(triton_impl, timers, run, {}, args.reps, args.warmup)
-            finally:
-                del os.environ["MATMAMBA_SSD_CHUNK"]
+            finally:  # back to this run's own chunk (MATMAMBA_SSD_CHUNK may set it)
+                if before is None:
+                    del os.environ["MATMAMBA_SSD_CHUNK"]
+                else:
+                    os.environ["MATMAMBA_SSD_CHUNK"] = before
             entry["other_chunks_total_ms"][chunk] = total
             print(f"   chunk {chunk}: {total:.3f} ms", flush=True)
         best_all = {}

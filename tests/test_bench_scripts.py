@@ -4,6 +4,7 @@ modules, and bench_train.py runs its whole loop (tiny models) and writes every f
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -309,7 +310,7 @@ print("block layout ok")
     assert proc.returncode == 0 and "block layout ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
-def test_ncu_summary_reads_the_details_csv(tmp_path):
+def test_ncu_summary_reads_the_details_csv(tmp_path, capsys):
     """scripts/ncu_summary.py: the rows after ncu's own lines and the program's output, one row per
     launch with the known metrics, thousands separators read, and the mean per kernel."""
     import ncu_summary
@@ -328,6 +329,7 @@ def test_ncu_summary_reads_the_details_csv(tmp_path):
         row(0, "Duration", "msecond", "1.30"), row(0, "SM Frequency", "Ghz", "1.75"),
         row(0, "Achieved Occupancy", "%", "20.5"), row(0, "Registers Per Thread", "register/thread", "168"),
         row(0, "Unrelated Metric", "", "3"),
+        row(0, "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio", "", "4.5"),
         row(1, "Duration", "msecond", "1.40"), row(1, "SM Frequency", "Ghz", "1.65"),
         row(2, "Duration", "usecond", "1,250", kernel="_chunk_bwd_dbdc_kernel"),
         "==PROF== Disconnected from process 7"]))
@@ -337,10 +339,12 @@ def test_ncu_summary_reads_the_details_csv(tmp_path):
     assert first["kernel"] == "_chunk_bwd_dx_kernel" and first["grid"] == "(768, 16, 1)"
     assert first["metrics"]["Registers Per Thread"] == (168.0, "register/thread")
     assert "Unrelated Metric" not in first["metrics"]
+    assert first["metrics"]["stall long_scoreboard"] == (4.5, "")
     means = summary["mean_by_kernel"]
     assert means["_chunk_bwd_dx_kernel"]["Duration"][0] == pytest.approx(1.35)
     assert means["_chunk_bwd_dbdc_kernel"]["Duration"] == (1250.0, "usecond")
     assert ncu_summary.main([str(path), "--json", str(tmp_path / "s.json")]) == 0
+    assert "long_scoreboard 4.50" in capsys.readouterr().out
     empty = tmp_path / "empty.csv"
     empty.write_text("==PROF== ERROR: profiling failed\n")
     assert ncu_summary.main([str(empty)]) == 1
@@ -371,8 +375,8 @@ def test_kernel_regs_compiles_the_backward_for_hopper_with_its_register_cap():
     import subprocess
 
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_regs.py"), "--kernels",
-                           "bwd_dx,bwd_dbdc,chunk_out_fwd", "--headdims", "24"], capture_output=True,
-                          text=True, timeout=300)
+                           "bwd_dx,bwd_dbdc,chunk_out_fwd", "--headdims", "24", "--sass"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
             if line.startswith(("bwd_dx ", "bwd_dbdc ", "chunk_out_fwd "))}
@@ -380,6 +384,10 @@ def test_kernel_regs_compiles_the_backward_for_hopper_with_its_register_cap():
     assert int(rows["bwd_dx"][5]) <= 128 and int(rows["bwd_dbdc"][5]) <= 128, proc.stdout
     assert int(rows["chunk_out_fwd"][5]) <= 96, proc.stdout
     assert int(rows["bwd_dx"][-1]) == 4, proc.stdout
+    # the launch's own shared memory (dynamic, sized by Triton), not only cuobjdump's static part
+    assert int(rows["bwd_dx"][7]) >= 8192, proc.stdout
+    sass = [line for line in proc.stdout.splitlines() if line.strip().startswith("SASS:")]
+    assert len(sass) == 3 and all(int(re.search(r"mma (\d+)", line).group(1)) > 0 for line in sass), proc.stdout
 
 
 def test_host_profile_says_it_needs_a_gpu():
@@ -442,3 +450,22 @@ def test_gpu_check_draw_repeats_a_stage_exactly(tmp_path):
         errors[run] = [row["errors"] for row in report["results"]]
     assert errors["a"] == errors["b"]
     assert errors["a"] != errors["c"]
+
+
+def test_bench_conv_reads_its_variants_and_names_a_bad_one():
+    """scripts/bench_conv.py: BLOCK_LxBLOCK_Dxnum_warps per variant, and a clear error otherwise;
+    every variant it times replaces one launch's defaults only."""
+    import bench_conv
+    from matmamba.ops.conv1d import triton_impl
+
+    assert bench_conv.parse_variant("32x128x4") == dict(BLOCK_L=32, BLOCK_D=128, num_warps=4)
+    with pytest.raises(SystemExit, match="BLOCK_LxBLOCK_Dxnum_warps"):
+        bench_conv.parse_variant("32x128")
+    assert set(bench_conv.KINDS) == set(triton_impl.LAUNCH_DEFAULTS)
+    triton_impl.LAUNCH_OVERRIDES["bwd_dx"] = dict(BLOCK_L=16)
+    try:
+        assert triton_impl._tile("bwd_dx", 1792) == (16, 128, 4)
+        assert triton_impl._tile("bwd_du", 1792) == (64, 128, 4)
+        assert triton_impl._tile("fwd", 40) == (32, 64, 4)  # BLOCK_D no wider than the channels
+    finally:
+        triton_impl.LAUNCH_OVERRIDES.clear()

@@ -210,6 +210,19 @@ def _conv_group(failures: list) -> None:
 
         _compare(f"conv1d b{b} l{l} d{d} w{w} {sorted(k for k, v in opt.items() if v)}", strided_triton,
                  causal_conv1d_naive, inputs, failures)
+        if opt.get("seq") and opt.get("init") and w == 4:
+            # each launch on its own tile (the backward's two passes tile the positions
+            # differently, so pass 1's partial sums and pass 2's reads must not assume one tiling)
+            from matmamba.ops.conv1d import triton_impl
+            triton_impl.LAUNCH_OVERRIDES.update(
+                fwd=dict(BLOCK_L=16, BLOCK_D=16, num_warps=2),
+                bwd_du=dict(BLOCK_L=32, BLOCK_D=16, num_warps=4),
+                bwd_dx=dict(BLOCK_L=16, BLOCK_D=32, num_warps=2))
+            try:
+                _compare(f"conv1d b{b} l{l} d{d} w{w} own tiles per launch", strided_triton,
+                         causal_conv1d_naive, inputs, failures)
+            finally:
+                triton_impl.LAUNCH_OVERRIDES.clear()
 
 
 def _rmsnorm_group(failures: list) -> None:
@@ -230,10 +243,11 @@ def _rmsnorm_group(failures: list) -> None:
         )
         _compare(f"gated_rmsnorm {shape} z={has_z} norm_before_gate={nbg} group={group}",
                  gated_rmsnorm_triton, gated_rmsnorm_naive, inputs, failures)
-        if shape[-1] >= 1024:  # the multi-row tiles in the backward too (its default is 1 row)
+        if shape[-1] >= 1024:  # other multi-row tiles (defaults: fwd 4 rows, bwd 2), one program an SM
             from matmamba.ops.rmsnorm import triton_impl
-            triton_impl.LAUNCH_OVERRIDES.update(ROWS=2, programs_per_sm=1)
-            _compare(f"gated_rmsnorm {shape} 2 rows a program, fwd and bwd", gated_rmsnorm_triton,
+            triton_impl.LAUNCH_OVERRIDES.update(fwd=dict(ROWS=2, programs_per_sm=1),
+                                                bwd=dict(ROWS=4, num_warps=8, programs_per_sm=1))
+            _compare(f"gated_rmsnorm {shape} fwd 2 rows, bwd 4 rows a program", gated_rmsnorm_triton,
                      gated_rmsnorm_naive, inputs, failures)
             triton_impl.LAUNCH_OVERRIDES.clear()
 

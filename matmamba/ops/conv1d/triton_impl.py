@@ -35,8 +35,26 @@ from .naive import check_conv1d_inputs, check_conv1d_update_inputs
 
 Tensor = torch.Tensor
 
-BLOCK_L = 64
-BLOCK_D = 128
+# Tile (positions x channels) and warps of each launch: "fwd", "bwd_du" (pass 1 of the backward),
+# "bwd_dx" (pass 2). LAUNCH_OVERRIDES[kind] replaces any of them (scripts/bench_conv.py times
+# alternatives on the GPU); results do not depend on them beyond rounding. On an H200 (bf16, the
+# D=768 block's 1792 channels read through the column map; session 11, 8 variants each): the
+# forward and pass 2 are fastest at 32 x 128 (fwd 0.059 -> 0.056 ms at b8 l2048 and 0.066 ->
+# 0.045 at b64 l197, where 197 positions fill 64-row tiles badly; the backward 0.335 -> 0.322 and
+# 0.307 -> 0.289 ms), pass 1 at 64 x 128. 8 warps were slower at every tile for all three (e.g.
+# pass 1 at 64 x 128: 0.334 -> 0.502 ms), although they compile without the 4-warp tile's spills.
+LAUNCH_DEFAULTS: dict[str, dict[str, int]] = {
+    "fwd": dict(BLOCK_L=32, BLOCK_D=128, num_warps=4),
+    "bwd_du": dict(BLOCK_L=64, BLOCK_D=128, num_warps=4),
+    "bwd_dx": dict(BLOCK_L=32, BLOCK_D=128, num_warps=4),
+}
+LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
+
+
+def _tile(kind: str, dim: int) -> tuple[int, int, int]:
+    """(BLOCK_L, BLOCK_D, num_warps) of one launch kind; BLOCK_D no wider than the channels."""
+    opts = dict(LAUNCH_DEFAULTS[kind], **LAUNCH_OVERRIDES.get(kind, {}))
+    return opts["BLOCK_L"], min(opts["BLOCK_D"], triton.next_power_of_2(dim)), opts["num_warps"]
 
 
 @triton.jit
@@ -203,29 +221,24 @@ def _conv_bwd_dx_kernel(
              dx.to(dx_ptr.dtype.element_ty), mask=out_mask[:, None] & c_mask[None, :])
 
 
-def _launch_meta(dim):
-    block_d = min(BLOCK_D, triton.next_power_of_2(dim))
-    return block_d, triton.cdiv(dim, block_d)
-
-
 def conv_forward(x, weight, bias, initial_state, segments, silu, colmap=None, colmap_vec=1):
     """Launch the forward. x (b,l,·): channel c is column colmap[c] of x (or c); the number of
     channels is weight.shape[0]. Returns y (b,l,d) contiguous in x.dtype."""
     batch, seqlen = x.shape[:2]
     dim, width = weight.shape
     y = torch.empty(batch, seqlen, dim, device=x.device, dtype=x.dtype)
-    block_d, n_d = _launch_meta(dim)
+    block_l, block_d, warps = _tile("fwd", dim)
     init = initial_state if initial_state is not None else x
     s_init = initial_state.stride() if initial_state is not None else (0, 0, 0)
     seg = segments if segments is not None else x
     s_seg = segments.stride() if segments is not None else (0, 0)
-    _conv_fwd_kernel[(triton.cdiv(seqlen, BLOCK_L), n_d, batch)](
+    _conv_fwd_kernel[(triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), batch)](
         x, init, weight, bias if bias is not None else weight, seg,
         colmap if colmap is not None else weight, y,
         seqlen, dim, *x.stride(), *s_init, *weight.stride(), *s_seg, *y.stride(),
-        BLOCK_L=BLOCK_L, BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None,
+        BLOCK_L=block_l, BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None,
         HAS_INIT=initial_state is not None, HAS_SEQ=segments is not None, SILU=silu,
-        HAS_COLMAP=colmap is not None, VEC=colmap_vec, num_warps=4)
+        HAS_COLMAP=colmap is not None, VEC=colmap_vec, num_warps=warps)
     return y
 
 
@@ -235,8 +248,8 @@ def conv_backward(dy, x, weight, bias, initial_state, segments, silu, colmap=Non
     input gradient is written into it (at the columns colmap gives) instead of a new tensor."""
     batch, seqlen = x.shape[:2]
     dim, width = weight.shape
-    block_d, n_d = _launch_meta(dim)
-    n_tiles = triton.cdiv(seqlen, BLOCK_L)
+    block_l, block_d, warps = _tile("bwd_du", dim)
+    n_tiles = triton.cdiv(seqlen, block_l)
     du = torch.empty(batch, seqlen, dim, device=x.device, dtype=torch.float32)
     dw_part = torch.empty(batch, n_tiles, width, dim, device=x.device, dtype=torch.float32)
     db_part = torch.empty(batch, n_tiles, dim, device=x.device, dtype=torch.float32)
@@ -245,19 +258,21 @@ def conv_backward(dy, x, weight, bias, initial_state, segments, silu, colmap=Non
     seg = segments if segments is not None else x
     s_seg = segments.stride() if segments is not None else (0, 0)
     cols = colmap if colmap is not None else weight
-    _conv_bwd_du_kernel[(n_tiles, n_d, batch)](
+    _conv_bwd_du_kernel[(n_tiles, triton.cdiv(dim, block_d), batch)](
         x, init, weight, bias if bias is not None else weight, seg, cols, dy, du, dw_part,
         db_part, seqlen, dim, n_tiles,
         *x.stride(), *s_init, *weight.stride(), *s_seg, *dy.stride(),
-        BLOCK_L=BLOCK_L, BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None,
+        BLOCK_L=block_l, BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None,
         HAS_INIT=initial_state is not None, HAS_SEQ=segments is not None, SILU=silu,
-        HAS_COLMAP=colmap is not None, VEC=colmap_vec, num_warps=4)
+        HAS_COLMAP=colmap is not None, VEC=colmap_vec, num_warps=warps)
     dx = dx_out if dx_out is not None else torch.empty(batch, seqlen, dim, device=x.device,
                                                        dtype=x.dtype)
-    _conv_bwd_dx_kernel[(n_tiles, n_d, batch)](
+    block_l, block_d, warps = _tile("bwd_dx", dim)
+    n_d = triton.cdiv(dim, block_d)
+    _conv_bwd_dx_kernel[(triton.cdiv(seqlen, block_l), n_d, batch)](
         du, weight, seg, cols, dx, seqlen, dim, 0, 0, *weight.stride(), *s_seg, *dx.stride(),
-        BLOCK_L=BLOCK_L, BLOCK_D=block_d, WIDTH=width, HAS_SEQ=segments is not None,
-        HAS_COLMAP=colmap is not None, VEC=colmap_vec, num_warps=4)
+        BLOCK_L=block_l, BLOCK_D=block_d, WIDTH=width, HAS_SEQ=segments is not None,
+        HAS_COLMAP=colmap is not None, VEC=colmap_vec, num_warps=warps)
     d_init = None
     if initial_state is not None and need_init_grad:
         if width == 1:

@@ -147,20 +147,21 @@ def _warps(block: int) -> int:
 
 # Rows a program normalises at once (a (ROWS, BLOCK) tile), warps, and programs an SM the grid
 # aims at. Measured on an H200 (bf16, the block's layout, 16384 and 12608 rows of 1536, group
-# 1536, scripts/bench_rmsnorm.py, session 10): one row at a time left each program waiting on
-# one row's loads; the forward at 4 rows and 8 warps took 0.088-0.090 -> 0.056 ms (1.6x; 0.069
-# -> 0.046 at 12608 rows). The backward at 2 rows and 8 programs an SM was 0.04 ms faster in the
-# micro-benchmark but 0.152 -> 0.169 ms inside the block's profile (another run), so it keeps one
-# row a program until that is settled. Rows narrower than 1024 keep one row (not measured).
-# LAUNCH_OVERRIDES replaces any of them.
-LAUNCH_OVERRIDES: dict[str, int] = {}
+# 1536, scripts/bench_rmsnorm.py): one row at a time left each program waiting on one row's
+# loads. The forward at 4 rows and 8 warps: 0.088-0.090 -> 0.056 ms (1.6x; 0.069 -> 0.046 at
+# 12608 rows; session 10). The backward at 2 rows, 4 warps and 8 programs an SM: 0.223 -> 0.183
+# ms (0.174 -> 0.144), and inside the block's profile 0.202 -> 0.169 ms with the block's GPU time
+# 2.696 -> 2.652 ms, both in one visit (session 11). Rows narrower than 1024 keep one row (not
+# measured). LAUNCH_OVERRIDES["fwd"] / ["bwd"] replace any of them for that kernel.
+LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
 
 
 def _tile(block: int, kind: str) -> dict:
     opts = dict(ROWS=1, num_warps=_warps(block), programs_per_sm=4)
-    if kind == "fwd" and block >= 1024:
-        opts.update(ROWS=4, num_warps=8)
-    opts.update(LAUNCH_OVERRIDES)
+    if block >= 1024:
+        opts.update(dict(ROWS=4, num_warps=8) if kind == "fwd"
+                    else dict(ROWS=2, num_warps=4, programs_per_sm=8))
+    opts.update(LAUNCH_OVERRIDES.get(kind, {}))
     return opts
 
 

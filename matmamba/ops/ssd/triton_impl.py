@@ -663,6 +663,10 @@ def _chunk_bwd_dx_kernel(
     # d Lam_t = dy_t . y'_t - xt_t . dxt_t (module docstring: the rowsum(Z) - colsum(Z) of the
     # Q x Q Z_ts = scores_ts (dy_t . xt_s) without forming Z, which took two more Q x Q fp32 tiles
     # beside scores), then d a_s = sum_{t >= s} d Lam_t; x_t . dxt_t serves d dt'_t as well.
+    # (Session 11: scores split into hi + lo once, shared by both products, with xt split on the
+    # y side instead of a second Q x Q split: 0.486 -> 0.508 ms on the H200, dropped. The Z form
+    # with a single 16-bit product for dxt compiled to 2.1x the spills at the 128-register cap
+    # (scripts/kernel_regs.py), not timed.)
     x_dxt = tl.sum(x_tile * dxt, axis=1)
     d_lam = tl.sum(dy * y_ssd, axis=1) - dtp * x_dxt
     d_lam += tl.where(offs_q == Q - 1, leaving, 0.0)

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""The causal conv1d + SiLU's three launches (forward, backward pass 1 "bwd_du", pass 2 "bwd_dx")
+on the GPU as the block calls them (channels read out of the in_proj output through the column
+map, the input gradient written back into its columns; D768: 1792 channels of 3392 columns),
+under launch variants BLOCK_LxBLOCK_Dxnum_warps. Each variant of each launch is checked against
+the defaults' outputs (y, dx, dweight, dbias) on NaN-poisoned buffers, then timed alone (GPU
+time: rounds queued behind torch.cuda._sleep, medians; the other launch of the backward at its
+default, so a pass's row is the whole backward with that pass varied).
+
+    python scripts/bench_conv.py --variants 64x128x4,64x128x8,32x128x4 --json /tmp/conv.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_rmsnorm import gpu_ms  # noqa: E402
+from matmamba.ops.conv1d import triton_impl as ci  # noqa: E402
+from matmamba.ops.triton_common import mixer  # noqa: E402
+
+KINDS = ("fwd", "bwd_du", "bwd_dx")
+
+
+def parse_variant(text: str) -> dict:
+    try:
+        block_l, block_d, warps = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise SystemExit(f"--variants: expected BLOCK_LxBLOCK_Dxnum_warps like 64x128x8, got {text!r}")
+    return dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default="64x128x4,64x128x8,32x128x4,32x128x8,64x64x4,128x128x8")
+    p.add_argument("--shapes", default="8x2048,64x197", help="batch x length, comma-separated")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_conv.py needs a CUDA GPU")
+    variants = [(v, parse_variant(v)) for v in args.variants.split(",")]
+    nheads, headdim, gn, width = 64, 24, 128, 4
+    cols = 2 * gn + nheads + 2 * nheads * headdim
+    dim = 2 * gn + nheads * headdim
+    conv_cols, _ = mixer._column_maps(torch.device("cuda"), gn, nheads, headdim, nheads)
+    vec = mixer._map_vector_width(gn, nheads, headdim, cols)
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  defaults=ci.LAUNCH_DEFAULTS, shapes={})
+    for shape in args.shapes.split(","):
+        b, l = (int(v) for v in shape.split("x"))
+        zx = torch.randn(b, l, cols, device="cuda", dtype=torch.bfloat16)
+        weight = 0.3 * torch.randn(dim, width, device="cuda")
+        bias = 0.1 * torch.randn(dim, device="cuda")
+        dy = torch.randn(b, l, dim, device="cuda", dtype=torch.bfloat16)
+        dx_out = torch.empty_like(zx)
+
+        def fwd():
+            return ci.conv_forward(zx, weight, bias, None, None, True, conv_cols, colmap_vec=vec)
+
+        def bwd():
+            _, dw, db, _ = ci.conv_backward(dy, zx, weight, bias, None, None, True, conv_cols,
+                                            dx_out=dx_out, colmap_vec=vec)
+            return dw, db
+
+        def checked():  # every output of a variant, its buffers poisoned first
+            dx_out.fill_(float("nan"))
+            y = fwd()
+            dw, db = bwd()
+            return y, dx_out[..., conv_cols.long()].clone(), dw, db
+
+        ci.LAUNCH_OVERRIDES.clear()
+        reference = checked()
+        rows = []
+        for name, tile in variants:
+            for kind in KINDS:
+                ci.LAUNCH_OVERRIDES.clear()
+                ci.LAUNCH_OVERRIDES[kind] = tile
+                got = checked()
+                errs = [((a.double() - r.double()).norm() / r.double().norm()).item()
+                        for a, r in zip(got, reference)]
+                ok = all(e < 1e-2 for e in errs) and all(bool(t.isfinite().all()) for t in got)
+                ms = gpu_ms(fwd if kind == "fwd" else bwd)
+                rows.append(dict(kind=kind, variant=name, ms=ms, errors=errs, ok=ok))
+                print(f"{shape:>8s} {kind:6s} {name:10s} {ms:.4f} ms  "
+                      f"{'ok' if ok else 'MISMATCH ' + str(errs)}", flush=True)
+        ci.LAUNCH_OVERRIDES.clear()
+        best = {}
+        for kind in KINDS:
+            good = [r for r in rows if r["kind"] == kind and r["ok"]]
+            if good:
+                best[kind] = min(good, key=lambda r: r["ms"])
+                print(f"{shape:>8s} {kind:6s} best {best[kind]['variant']} {best[kind]['ms']:.4f} ms",
+                      flush=True)
+        result["shapes"][shape] = dict(rows=rows, best=best)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
