@@ -31,7 +31,8 @@ def parse_variant(text: str) -> dict:
     try:
         block_l, block_d, warps = (int(v) for v in text.split("x"))
     except ValueError:
-        raise SystemExit(f"--variants: expected BLOCK_LxBLOCK_Dxnum_warps like 64x128x8, got {text!r}")
+        raise SystemExit("--variants: expected BLOCK_LxBLOCK_Dxnum_warps like 64x128x8, "
+                         f"got {text!r}")
     return dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps)
 
 
@@ -94,8 +95,8 @@ def main():
             good = [r for r in rows if r["kind"] == kind and r["ok"]]
             if good:
                 best[kind] = min(good, key=lambda r: r["ms"])
-                print(f"{shape:>8s} {kind:6s} best {best[kind]['variant']} {best[kind]['ms']:.4f} ms",
-                      flush=True)
+                row = best[kind]
+                print(f"{shape:>8s} {kind:6s} best {row['variant']} {row['ms']:.4f} ms", flush=True)
         result["shapes"][shape] = dict(rows=rows, best=best)
     if args.json:
         with open(args.json, "w") as f:
