@@ -45,8 +45,15 @@ def check_ranks(ranks):
     assert not seen[0] & seen[1], "ranks saw the same images"
 
 
-def test_ddp_two_cpu_processes(tmp_path):
-    out, ranks = ddp_run(tmp_path, "ddp", [])
+@pytest.fixture(scope="module")
+def plain_ddp(tmp_path_factory):
+    """One plain (fp32) 2-process run, shared by the tests that only read it."""
+    with one_thread():
+        return ddp_run(tmp_path_factory.mktemp("ddp_plain"), "ddp", [])
+
+
+def test_ddp_two_cpu_processes(plain_ddp):
+    out, ranks = plain_ddp
     check_ranks(ranks)
     report = json.loads((out / "metrics.json").read_text())
     assert report["global_step"] == 4 and len(report["widths"]) == 4
@@ -78,10 +85,10 @@ def check_bf16_run_against_fp32(fp32_run, bf16_run):
     assert abs(loss[1] - loss[0]) <= 1e-3 * abs(loss[0]), loss
 
 
-def test_ddp_bf16_gradient_all_reduce(tmp_path):
+def test_ddp_bf16_gradient_all_reduce(tmp_path, plain_ddp):
     """trainer=ddp_bf16_grads: DDP's reducer sends the gradients in bf16 (its comm hook, which we
     also register on CPU, where Lightning does not); ranks stay identical."""
-    plain = ddp_run(tmp_path, "fp32", [])
+    plain = plain_ddp
     compressed = ddp_run(tmp_path, "bf16", ["trainer=ddp_bf16_grads"])
     check_ranks(compressed[1])
     check_bf16_run_against_fp32(plain, compressed)
