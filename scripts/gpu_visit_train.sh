@@ -158,7 +158,7 @@ for stage in $STAGES; do
             [ -z "$cmd" ] && continue
             i=$((i + 1))
             echo "$cmd" > "$OUT/ncu_$i.cmd"
-            # the stall counters first; if this ncu does not know them, the run again without
+            # with the stall counters first; if this ncu does not know them, again without them
             stall_metrics=(--metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio")
             for attempt in 1 2; do
                 CUDA_VISIBLE_DEVICES=${NCU_GPU:-$GPU1} timeout ${NCU_TIMEOUT:-240} "${ncu_bin:-ncu}" \

@@ -104,15 +104,19 @@ def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int,
                           options=options)
 
 
-def resource_usage(compiled) -> dict:
+def _cuobjdump(compiled, flag: str) -> str:
+    """Triton's bundled cuobjdump run with ``flag`` on the compiled kernel's cubin."""
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        text = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True,
+        return subprocess.run([cuobjdump, flag, path], capture_output=True, text=True,
                               check=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
+
+
+def resource_usage(compiled) -> dict:
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", _cuobjdump(compiled, "-res-usage")))
     use = {k.lower(): int(v) for k, v in fields.items()}
     # Triton's shared memory is dynamic (sized at launch): cuobjdump's SHARED is only the static part
     use["shared"] = max(use.get("shared", 0), int(compiled.metadata.shared))
@@ -131,13 +135,7 @@ SASS_CLASSES = {
 
 def sass_counts(compiled) -> dict:
     """Static instruction counts by family, from cuobjdump -sass of the cubin."""
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        text = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True,
-                              check=True).stdout
+    text = _cuobjdump(compiled, "-sass")
     opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", text)
     counts = {"all": len(opcodes)}
     for family, prefixes in SASS_CLASSES.items():

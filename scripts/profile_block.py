@@ -43,10 +43,11 @@ def parse_args():
     p.add_argument("--widths", default=None, help="comma-separated (default: D, D/2, D/4, D/8)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--top", type=int, default=12)
-    p.add_argument("--variant", default=None, choices=["core_dy_fp32", "norm_bwd_2x4x8"],
+    p.add_argument("--variant", default=None, choices=["core_dy_fp32", "norm_bwd_1x4x4"],
                    help="core_dy_fp32: the fused core's backward hands the scan dy in fp32; "
-                        "norm_bwd_2x4x8: the gated norm's backward at 2 rows a program, 4 warps, "
-                        "8 programs an SM (ROWSxwarpsxprograms, as in bench_rmsnorm.py)")
+                        "norm_bwd_1x4x4: the gated norm's backward at its pre-session-11 launch, "
+                        "1 row a program, 4 warps, 4 programs an SM (ROWSxwarpsxprograms, as in "
+                        "bench_rmsnorm.py; the default is 2x4x8)")
     p.add_argument("--json", default=None)
     return p.parse_args()
 
@@ -66,9 +67,9 @@ def main():
     if args.variant == "core_dy_fp32":
         from matmamba.ops.triton_common import mixer
         mixer.SCAN_DY_IN_FP32 = True
-    if args.variant == "norm_bwd_2x4x8":
+    if args.variant == "norm_bwd_1x4x4":
         from matmamba.ops.rmsnorm import triton_impl as rmsnorm_triton
-        rmsnorm_triton.LAUNCH_OVERRIDES["bwd"] = dict(ROWS=2, num_warps=4, programs_per_sm=8)
+        rmsnorm_triton.LAUNCH_OVERRIDES["bwd"] = dict(ROWS=1, num_warps=4, programs_per_sm=4)
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
