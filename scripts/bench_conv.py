@@ -1,13 +1,16 @@
 #!/usr/bin/env python
-"""The causal conv1d + SiLU's three launches (forward, backward pass 1 "bwd_du", pass 2 "bwd_dx")
-on the GPU as the block calls them (channels read out of the in_proj output through the column
-map, the input gradient written back into its columns; D768: 1792 channels of 3392 columns),
-under launch variants BLOCK_LxBLOCK_Dxnum_warps. Each variant of each launch is checked against
-the defaults' outputs (y, dx, dweight, dbias) on NaN-poisoned buffers, then timed alone (GPU
-time: rounds queued behind torch.cuda._sleep, medians; the other launch of the backward at its
-default, so a pass's row is the whole backward with that pass varied).
+"""The causal conv1d + SiLU's four launches (forward, backward pass 1 "bwd_du", pass 2
+"bwd_dx", the sums of pass 1's weight-gradient partials "wgrad") on the GPU as the block calls
+them (channels read out of the in_proj output through the column map, the input gradient written
+back into its columns; D768: 1792 channels of 3392 columns), under launch variants
+BLOCK_LxBLOCK_Dxnum_warps (for "wgrad" BLOCK_L is its rows of partials a step, BLOCK_R). Each
+variant of each launch is checked against the defaults' outputs (y, dx, dweight, dbias) on
+NaN-poisoned buffers, then timed alone (GPU time: rounds queued behind torch.cuda._sleep,
+medians; the other launches of the backward at their defaults, so a pass's row is the whole
+backward with that pass varied; the "default" row is the backward at the defaults).
 
     python scripts/bench_conv.py --variants 64x128x4,64x128x8,32x128x4 --json /tmp/conv.json
+    python scripts/bench_conv.py --variants "" --du-dtype both     # du in fp32 vs 16 bits, defaults
 """
 from __future__ import annotations
 
@@ -24,7 +27,14 @@ from bench_rmsnorm import gpu_ms  # noqa: E402
 from matmamba.ops.conv1d import triton_impl as ci  # noqa: E402
 from matmamba.ops.triton_common import mixer  # noqa: E402
 
-KINDS = ("fwd", "bwd_du", "bwd_dx")
+KINDS = ("fwd", "bwd_du", "bwd_dx", "wgrad")
+
+
+def launch_options(kind: str, tile: dict) -> dict:
+    """A variant's options for one launch kind ("wgrad" names its row step BLOCK_R)."""
+    if kind != "wgrad":
+        return tile
+    return dict(BLOCK_R=tile["BLOCK_L"], BLOCK_D=tile["BLOCK_D"], num_warps=tile["num_warps"])
 
 
 def parse_variant(text: str) -> dict:
@@ -40,11 +50,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default="64x128x4,64x128x8,32x128x4,32x128x8,64x64x4,128x128x8")
     p.add_argument("--shapes", default="8x2048,64x197", help="batch x length, comma-separated")
+    p.add_argument("--du-dtype", default="fp32", choices=("fp32", "input", "both"),
+                   help="how pass 1 stores du (triton_impl.DU_IN_INPUT_DTYPE); both: every "
+                        "variant timed both ways, checked against the fp32 defaults")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_conv.py needs a CUDA GPU")
-    variants = [(v, parse_variant(v)) for v in args.variants.split(",")]
+    variants = [(v, parse_variant(v)) for v in args.variants.split(",") if v]
+    du_settings = {"fp32": [False], "input": [True], "both": [False, True]}[args.du_dtype]
     nheads, headdim, gn, width = 64, 24, 128, 4
     cols = 2 * gn + nheads + 2 * nheads * headdim
     dim = 2 * gn + nheads * headdim
@@ -75,23 +89,31 @@ def main():
             return y, dx_out[..., conv_cols.long()].clone(), dw, db
 
         ci.LAUNCH_OVERRIDES.clear()
+        ci.DU_IN_INPUT_DTYPE = False
         reference = checked()
         rows = []
-        for name, tile in variants:
-            for kind in KINDS:
+        for du16 in du_settings:
+            ci.DU_IN_INPUT_DTYPE = du16
+            suffix = "/du16" if du16 else ""
+            # the defaults first (with du16: what storing du in 16 bits alone changes)
+            for name, kind, tile in ([("default", "bwd", None)]
+                                     + [(n, k, t) for n, t in variants for k in KINDS]):
                 ci.LAUNCH_OVERRIDES.clear()
-                ci.LAUNCH_OVERRIDES[kind] = tile
+                if tile is not None:
+                    ci.LAUNCH_OVERRIDES[kind] = launch_options(kind, tile)
                 got = checked()
                 errs = [((a.double() - r.double()).norm() / r.double().norm()).item()
                         for a, r in zip(got, reference)]
                 ok = all(e < 1e-2 for e in errs) and all(bool(t.isfinite().all()) for t in got)
                 ms = gpu_ms(fwd if kind == "fwd" else bwd)
-                rows.append(dict(kind=kind, variant=name, ms=ms, errors=errs, ok=ok))
-                print(f"{shape:>8s} {kind:6s} {name:10s} {ms:.4f} ms  "
-                      f"{'ok' if ok else 'MISMATCH ' + str(errs)}", flush=True)
+                rows.append(dict(kind=kind, variant=name + suffix, ms=ms, errors=errs, ok=ok))
+                print(f"{shape:>8s} {kind:6s} {name + suffix:15s} {ms:.4f} ms  "
+                      f"{'ok' if ok else 'MISMATCH'} errors y/dx/dw/db "
+                      + " ".join(f"{e:.1e}" for e in errs), flush=True)
         ci.LAUNCH_OVERRIDES.clear()
+        ci.DU_IN_INPUT_DTYPE = False
         best = {}
-        for kind in KINDS:
+        for kind in ("bwd",) + KINDS:
             good = [r for r in rows if r["kind"] == kind and r["ok"]]
             if good:
                 best[kind] = min(good, key=lambda r: r["ms"])

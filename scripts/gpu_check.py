@@ -47,7 +47,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # mamba_baseline, bench_block
 
-STAGES = ("ssd", "conv", "rmsnorm", "state_update", "mixer", "long", "block", "models", "decode", "compile")
+STAGES = ("ssd", "conv", "rmsnorm", "state_update", "mixer", "long", "block", "models", "decode", "compile",
+          "launch")
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 RESULTS: list[dict] = []
@@ -850,6 +851,92 @@ def check_compile(dev):
         record_failure("torch.compile", "lm_tiny", error)
 
 
+def _bitwise_difference(first, second) -> float:
+    """Largest |a - b| over matching tensors of two (output, grads) results; 0.0 = identical."""
+    (out_a, grads_a), (out_b, grads_b) = first, second
+    pairs = [(out_a, out_b)] + [(grads_a[k], grads_b.get(k)) for k in grads_a]
+    worst = 0.0
+    for a, b in pairs:
+        if b is None or a.shape != b.shape:
+            return float("inf")
+        if not torch.equal(a, b):
+            worst = max(worst, (a.double() - b.double()).abs().max().nan_to_num(float("inf")).item())
+    return worst
+
+
+def check_launch(dev, autocasts):
+    """The launch cache (matmamba.ops.triton_common.launch) gives bit-identical results to
+    Triton's own launch path: the block forward + backward at a full and a narrow width, run
+    several times through the cache (hits after the first), against the same with the cache
+    off; the scan on 16-byte aligned inputs, then on misaligned views of them (a different
+    pointer specialization: the cache must go back to Triton), each against the cache off.
+    Then every kernel the ops launched must have been launched through the cache's fast path."""
+    from matmamba import MatMamba2
+    from matmamba.ops.ssd.triton_impl import ssd_scan_triton
+    from matmamba.ops.triton_common import launch as launch_mod
+
+    def both_paths(run):
+        launch_mod.ENABLED = True
+        cached = [run() for _ in range(3)]
+        launch_mod.ENABLED = False
+        try:
+            plain = run()
+        finally:
+            launch_mod.ENABLED = True
+        return max(_bitwise_difference(c, plain) for c in cached)
+
+    launch_mod.clear_launch_cache()
+    torch.manual_seed(0)
+    block = MatMamba2(d_model=256, d_state=64, layer_idx=0).to(dev)
+    u = torch.randn(2, 300 if dev.type == "cuda" else 70, 256, device=dev)
+    for autocast in autocasts:
+        for width in (256, 64):
+            for fused in (False, True):
+                dname = "fp32" if autocast is None else "bf16"
+                case = f"{'fused ' if fused else ''}block D256 width {width} b2 l{u.shape[1]}"
+                try:
+                    diff = both_paths(lambda: _block_grads(block, u, "triton", autocast, width,
+                                                           fused=fused))
+                    record("launch cache", dname, case, {"max_abs_diff": diff}, 0.0,
+                           note="3 cached runs vs the cache off, bitwise")
+                except Exception as error:  # noqa: BLE001
+                    record_failure("launch cache", case, error)
+
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    b, l, h, p, n = 2, 200, 5, 24, 64
+    base = {k: torch.randn(numel + 8, device=dev, dtype=dtype) for k, numel in
+            dict(x=b * l * h * p, B=b * l * n, C=b * l * n).items()}
+    dt_raw = torch.randn(b, l, h, device=dev, dtype=dtype)
+    A = -torch.rand(h, device=dev) * 8 - 1
+
+    def scan(offset):
+        x = base["x"][offset:offset + b * l * h * p].view(b, l, h, p).requires_grad_()
+        B = base["B"][offset:offset + b * l * n].view(b, l, 1, n).requires_grad_()
+        C = base["C"][offset:offset + b * l * n].view(b, l, 1, n).requires_grad_()
+        dt = dt_raw.detach().clone().requires_grad_()
+        y = ssd_scan_triton(x, dt, A, B, C, dt_softplus=True)
+        g = torch.randn(y.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(5))
+        dx, ddt, dB, dC = torch.autograd.grad((y.float() * g).sum(), (x, dt, B, C))
+        return y.detach().float(), {"dx": dx, "ddt": ddt, "dB": dB, "dC": dC}
+
+    for offset in (0, 1):  # element offset 1 of a 16-bit buffer: 2 bytes off the 16-byte alignment
+        case = f"ssd_scan b{b} l{l} h{h} p{p} n{n}, " + ("aligned" if offset == 0 else "misaligned views")
+        try:
+            record("launch cache", DTYPE_NAME[dtype], case,
+                   {"max_abs_diff": both_paths(lambda: scan(offset))}, 0.0,
+                   note="after the aligned runs filled the cache" if offset else "")
+        except Exception as error:  # noqa: BLE001
+            record_failure("launch cache", case, error)
+
+    if dev.type == "cuda":
+        stats = launch_mod.launch_stats()
+        no_fast = sorted(name for name, s in stats.items() if s["hits"] == 0)
+        record("launch cache", "-", f"{len(stats)} kernels: every one launched from the cache",
+               {"kernels_never_hit": float(len(no_fast))}, 0.0,
+               note=("never hit: " + ", ".join(no_fast)) if no_fast else "")
+        print("launch cache:", {k: (v["hits"], v["misses"]) for k, v in stats.items()}, flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=None, help="write all results here")
@@ -901,7 +988,8 @@ def main():
               ("block", lambda: check_block(dev, args.quick, autocasts)),
               ("models", lambda: check_models(dev)),
               ("decode", lambda: check_decoding(dev)),
-              ("compile", lambda: check_compile(dev))]
+              ("compile", lambda: check_compile(dev)),
+              ("launch", lambda: check_launch(dev, autocasts))]
     timings = {}
     for index, (name, stage) in enumerate(stages):
         if name in skip or (only and name not in only):

@@ -8,6 +8,7 @@
 #   STAGES="multigpu train" ...                                  # then bench_train on GPU 0
 #   STAGES="pytest multigpu" PYTEST_ARGS="tests/test_fsdp_cpu.py" ...  # CPU tests beside the GPU stages
 #   STAGES="block tune" BLOCK_ARGS="--cases ssd,block,vit" ...  # bench_block alone, then tune_ssd
+#   STAGES="conv" CONV_ARGS="--variants 32x128x4,64x64x4" ...  # the conv1d's launch variants
 #   STAGES="host check" ...                                # where an eager SSD call's host time goes
 #       (scripts/host_profile.py HOST_ARGS), then gpu_check
 #   BLOCK_ARGS="--cases block --no-baseline" STAGES="check train" ...  # bench_block before bench_train
@@ -191,6 +192,11 @@ for stage in $STAGES; do
     block)   # scripts/bench_block.py BLOCK_ARGS alone on GPU 0 (the kernels against mamba_ssm, same run)
         CUDA_VISIBLE_DEVICES=0 timeout ${BLOCK_TIMEOUT:-330} python3 scripts/bench_block.py ${BLOCK_ARGS:-} \
             --json "$OUT/bench_block.json" > "$OUT/bench_block.log" 2>&1
+        ;;
+    conv)    # the conv1d's launch variants (scripts/bench_conv.py CONV_ARGS) on GPU 0
+        CUDA_VISIBLE_DEVICES=0 timeout ${CONV_TIMEOUT:-200} python3 scripts/bench_conv.py ${CONV_ARGS:-} \
+            --json "$OUT/bench_conv.json" > "$OUT/bench_conv.log" 2>&1
+        echo "=== bench_conv"; grep -E "best|MISMATCH|Error" "$OUT/bench_conv.log" | head -30
         ;;
     host)    # where the host's time goes in an eager SSD forward + backward, ours and mamba_ssm's
         CUDA_VISIBLE_DEVICES=0 timeout ${HOST_TIMEOUT:-240} python3 scripts/host_profile.py ${HOST_ARGS:-} \

@@ -7,11 +7,13 @@ separates the two and says what the host spends its time on:
 
 1. per-launch host cost (µs) of: an empty Triton kernel, one of the scan's kernels through
    ``JITFunction.__getitem__`` (Triton's binder and cache lookup, then the launch), the same
-   compiled kernel launched directly (``CompiledKernel.run``), ``torch.empty`` and a small
-   torch reduction on CUDA;
+   compiled kernel launched directly (``CompiledKernel.run``), the same through our launch
+   cache (``matmamba.ops.triton_common.launch``, a hit), ``torch.empty`` and a small torch
+   reduction on CUDA;
 2. per shape, for ours and mamba_ssm: the wall time from idle, the host time to enqueue one
    forward + backward (the GPU kept busy behind ``torch.cuda._sleep`` so the host never waits),
    the GPU time alone (the call captured in a CUDA graph and replayed), and the launches per call;
+   for ours also the wall and host times with the launch cache off (``*_cache_off``);
 3. a cProfile of our calls (top functions by own time) in the JSON and the log.
 
     python scripts/host_profile.py --json /tmp/host.json
@@ -64,6 +66,21 @@ def host_us(fn, calls: int) -> float:
 def wall_ms(fn) -> float:
     """Median ms per call from an idle GPU: bench_block's timing (CUDA events, synchronised)."""
     return bench(fn, reps=30)["ms"]
+
+
+def without_launch_cache(measure):
+    """measure() with the launch cache off (every launch through Triton's own path)."""
+    from matmamba.ops.triton_common import launch as launch_mod
+    launch_mod.ENABLED = False
+    try:
+        return measure()
+    finally:
+        launch_mod.ENABLED = True
+
+
+def cache_off_times(fn) -> dict:
+    return dict(wall_ms_cache_off=without_launch_cache(lambda: wall_ms(fn)),
+                host_ms_cache_off=without_launch_cache(lambda: host_us(fn, 10) / 1e3))
 
 
 def launches_per_call(fn) -> dict:
@@ -119,6 +136,9 @@ def launch_costs(shape) -> dict:
         out["cb_kernel_direct_run"] = host_us(direct, 500)
     except Exception as error:  # noqa: BLE001 - the launcher's calling convention differs
         out["cb_kernel_direct_run"] = f"failed: {type(error).__name__}: {error}"[:200]
+    from matmamba.ops.triton_common.launch import launch
+    launch(ti._cb_kernel, grid, *args, **consts)
+    out["cb_kernel_launch_cache"] = host_us(lambda: launch(ti._cb_kernel, grid, *args, **consts), 500)
     out["torch_empty_cuda"] = host_us(lambda: torch.empty(b, l, h, p, device="cuda"), 2000)
     small = torch.randn(b, h, nchunks, device="cuda")
     out["torch_sum_small"] = host_us(lambda: small.sum((0, 2)), 500)
@@ -170,10 +190,14 @@ def shape_report(shape, mamba, results: dict, want_profile: bool):
             entry["gpu_ms"] = None
             entry["graph_error"] = f"{type(error).__name__}: {error}"[:200]
         entry.update(launches_per_call(fn))
+        if name == "ours":
+            entry.update(cache_off_times(fn))
         row[name] = entry
         print(f"  {label:<28} {name:<6} wall {entry['wall_ms']:.3f} ms  host {entry['host_ms']:.3f} ms  "
               f"gpu {entry['gpu_ms'] if entry['gpu_ms'] is None else round(entry['gpu_ms'], 3)} ms  "
-              f"kernels {entry['kernels']} (triton {entry['triton']})", flush=True)
+              f"kernels {entry['kernels']} (triton {entry['triton']})"
+              + (f"  | launch cache off: wall {entry['wall_ms_cache_off']:.3f} host "
+                 f"{entry['host_ms_cache_off']:.3f}" if name == "ours" else ""), flush=True)
     if want_profile:
         row["ours_profile"] = profile_top(ours)
         print(row["ours_profile"], flush=True)
@@ -192,10 +216,12 @@ def block_report(config, results: dict):
     torch.cuda.synchronize()
     entry = dict(wall_ms=wall_ms(ours), host_ms=host_us(ours, 10) / 1e3, gpu_ms=wall_ms(graphed))
     entry.update(launches_per_call(ours))
+    entry.update(cache_off_times(ours))
     label = f"block D{D} b{b} l{l} width {width}"
     print(f"  {label:<28} wall {entry['wall_ms']:.3f} ms  host {entry['host_ms']:.3f} ms  "
-          f"gpu {entry['gpu_ms']:.3f} ms  kernels {entry['kernels']} (triton {entry['triton']})",
-          flush=True)
+          f"gpu {entry['gpu_ms']:.3f} ms  kernels {entry['kernels']} (triton {entry['triton']})  "
+          f"| launch cache off: wall {entry['wall_ms_cache_off']:.3f} host "
+          f"{entry['host_ms_cache_off']:.3f}", flush=True)
     for name, count in entry["kernel_names"].items():
         print(f"    {count:>3} x {name}", flush=True)
     # stay under the launch queue's depth (~1000 pending launches), or the host blocks in

@@ -43,11 +43,14 @@ def parse_args():
     p.add_argument("--widths", default=None, help="comma-separated (default: D, D/2, D/4, D/8)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--top", type=int, default=12)
-    p.add_argument("--variant", default=None, choices=["core_dy_fp32", "norm_bwd_1x4x4"],
+    p.add_argument("--variant", default=None,
+                   choices=["core_dy_fp32", "norm_bwd_1x4x4", "conv_du16", "no_launch_cache"],
                    help="core_dy_fp32: the fused core's backward hands the scan dy in fp32; "
                         "norm_bwd_1x4x4: the gated norm's backward at its pre-session-11 launch, "
                         "1 row a program, 4 warps, 4 programs an SM (ROWSxwarpsxprograms, as in "
-                        "bench_rmsnorm.py; the default is 2x4x8)")
+                        "bench_rmsnorm.py; the default is 2x4x8); conv_du16: the conv's "
+                        "backward stores du in 16 bits (conv1d.triton_impl.DU_IN_INPUT_DTYPE); "
+                        "no_launch_cache: every Triton launch through Triton's own path")
     p.add_argument("--json", default=None)
     return p.parse_args()
 
@@ -70,6 +73,12 @@ def main():
     if args.variant == "norm_bwd_1x4x4":
         from matmamba.ops.rmsnorm import triton_impl as rmsnorm_triton
         rmsnorm_triton.LAUNCH_OVERRIDES["bwd"] = dict(ROWS=1, num_warps=4, programs_per_sm=4)
+    if args.variant == "conv_du16":
+        from matmamba.ops.conv1d import triton_impl as conv_triton
+        conv_triton.DU_IN_INPUT_DTYPE = True
+    if args.variant == "no_launch_cache":
+        from matmamba.ops.triton_common import launch
+        launch.ENABLED = False
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)

@@ -212,17 +212,46 @@ def _conv_group(failures: list) -> None:
                  causal_conv1d_naive, inputs, failures)
         if opt.get("seq") and opt.get("init") and w == 4:
             # each launch on its own tile (the backward's two passes tile the positions
-            # differently, so pass 1's partial sums and pass 2's reads must not assume one tiling)
+            # differently, so pass 1's partial sums and pass 2's reads must not assume one
+            # tiling; pass 1's 2 x 3 partials are summed 4 rows a step: a ragged second step)
             from matmamba.ops.conv1d import triton_impl
             triton_impl.LAUNCH_OVERRIDES.update(
                 fwd=dict(BLOCK_L=16, BLOCK_D=16, num_warps=2),
-                bwd_du=dict(BLOCK_L=32, BLOCK_D=16, num_warps=4),
-                bwd_dx=dict(BLOCK_L=16, BLOCK_D=32, num_warps=2))
+                bwd_du=dict(BLOCK_L=16, BLOCK_D=16, num_warps=4),
+                bwd_dx=dict(BLOCK_L=32, BLOCK_D=32, num_warps=2),
+                wgrad=dict(BLOCK_R=4, BLOCK_D=16, num_warps=1))
             try:
                 _compare(f"conv1d b{b} l{l} d{d} w{w} own tiles per launch", strided_triton,
                          causal_conv1d_naive, inputs, failures)
             finally:
                 triton_impl.LAUNCH_OVERRIDES.clear()
+
+    # 16-bit inputs: pass 1 stores du in the input dtype (DU_IN_INPUT_DTYPE) or fp32. Only dx reads
+    # the stored du: dweight and dbias must be bit-identical either way, dx within fp16 rounding.
+    from matmamba.ops.conv1d import triton_impl
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 45, 37, generator=gen, dtype=torch.float64)
+    weight = torch.randn(37, 4, generator=gen, dtype=torch.float64) * 0.5
+    bias = torch.randn(37, generator=gen, dtype=torch.float64)
+    dy = torch.randn(2, 45, 37, generator=gen, dtype=torch.float64)
+    grads = {}
+    for du16 in (False, True):
+        triton_impl.DU_IN_INPUT_DTYPE = du16
+        leaves = [x.half().requires_grad_(), weight.float().requires_grad_(), bias.float().requires_grad_()]
+        out = causal_conv1d_triton(leaves[0], leaves[1], leaves[2], activation="silu")
+        grads[du16] = torch.autograd.grad(out, leaves, dy.half())
+    triton_impl.DU_IN_INPUT_DTYPE = True
+    ref = [x.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()]
+    ref_grads = torch.autograd.grad(causal_conv1d_naive(*ref, activation="silu"), ref, dy)
+    same_wgrad = all(torch.equal(a, b) for a, b in zip(grads[False][1:], grads[True][1:]))
+    dx_err = rel_err(grads[True][0], ref_grads[0])
+    rounded = not torch.equal(grads[True][0], grads[False][0])  # the 16-bit du was really read
+    ok = same_wgrad and rounded and dx_err < 3e-3
+    print(f"{'ok  ' if ok else 'FAIL'} conv1d fp16, du stored in fp16: "
+          f"dweight/dbias identical to fp32 du: {same_wgrad}; dx changed: {rounded}; dx={dx_err:.1e} "
+          f"(fp32 du: {rel_err(grads[False][0], ref_grads[0]):.1e})")
+    if not ok:
+        failures.append("conv1d fp16 du16")
 
 
 def _rmsnorm_group(failures: list) -> None:

@@ -15,8 +15,9 @@ belongs to the first). Backward, with du = dy * silu'(u), silu'(u) = sig(u) (1 +
     d initial    = dx at the negative times -(w-1) .. -1
 
 The backward is two passes over tiles of positions: the first recomputes u, writes du (fp32)
-and reduces this tile's dweight / dbias into small partial buffers (summed on the host); the
-second reads du at the w shifted positions (cache hits) for dx. (A single pass that recomputed
+and reduces this tile's dweight / dbias into small partial buffers; the second reads du at the w
+shifted positions (cache hits) for dx (``DU_IN_INPUT_DTYPE``: du stored in 16 bits instead). A third, small launch sums the partials over the tiles
+(in a fixed order) into dweight and dbias in their dtypes. (A single pass that recomputed
 du at every shift, reading x w^2 times, took 1.1 ms for the D=768 block's conv at b8 l2048 on
 an H200.)
 ``final_state`` (the last w-1 inputs) is sliced with torch ops outside the kernels, so autograd
@@ -31,12 +32,13 @@ import triton.language as tl
 
 from ..triton_common.custom_ops import differentiable_triton_op, segment_ids
 from ..triton_common.columns import mapped_columns
+from ..triton_common.launch import cdiv, launch, next_power_of_2
 from .naive import check_conv1d_inputs, check_conv1d_update_inputs
 
 Tensor = torch.Tensor
 
 # Tile (positions x channels) and warps of each launch: "fwd", "bwd_du" (pass 1 of the backward),
-# "bwd_dx" (pass 2). LAUNCH_OVERRIDES[kind] replaces any of them (scripts/bench_conv.py times
+# "bwd_dx" (pass 2); "wgrad" (the sums of pass 1's partials) has its own tile. LAUNCH_OVERRIDES[kind] replaces any of them (scripts/bench_conv.py times
 # alternatives on the GPU); results do not depend on them beyond rounding. On an H200 (bf16, the
 # D=768 block's 1792 channels read through the column map; session 11, 8 variants each): the
 # forward and pass 2 are fastest at 32 x 128 (fwd 0.059 -> 0.056 ms at b8 l2048 and 0.066 ->
@@ -47,14 +49,26 @@ LAUNCH_DEFAULTS: dict[str, dict[str, int]] = {
     "fwd": dict(BLOCK_L=32, BLOCK_D=128, num_warps=4),
     "bwd_du": dict(BLOCK_L=64, BLOCK_D=128, num_warps=4),
     "bwd_dx": dict(BLOCK_L=32, BLOCK_D=128, num_warps=4),
+    # the sums of pass 1's dweight / dbias partials: (rows of partials, channels) a step. Session
+    # 12, b8 l2048: the backward 0.319 ms at 32 x 32, 0.320 at 64 x 32, 0.330 - 0.362 at the other
+    # tiles tried (16 x 32, 32 x 64, 64 x 128, 32 x 128)
+    "wgrad": dict(BLOCK_R=32, BLOCK_D=32, num_warps=4),
 }
 LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
+
+# Whether pass 1 stores du in the inputs' 16-bit dtype (halving its write and pass 2's read)
+# instead of fp32. dweight and dbias use the fp32 du either way (in registers); only dx reads the
+# stored copy, and dx is rounded to that dtype anyway. fp32 inputs always keep fp32. On an H200
+# (bf16, the D=768 block's conv, session 12): the backward 0.319 -> 0.296 ms at b8 l2048 and
+# 0.284 -> 0.264 at b64 l197; dx moved by 2.7e-3 relative to the fp32-du result (bf16's own
+# rounding is 2^-9), dweight and dbias not at all (scripts/bench_conv.py --du-dtype both).
+DU_IN_INPUT_DTYPE = True
 
 
 def _tile(kind: str, dim: int) -> tuple[int, int, int]:
     """(BLOCK_L, BLOCK_D, num_warps) of one launch kind; BLOCK_D no wider than the channels."""
     opts = dict(LAUNCH_DEFAULTS[kind], **LAUNCH_OVERRIDES.get(kind, {}))
-    return opts["BLOCK_L"], min(opts["BLOCK_D"], triton.next_power_of_2(dim)), opts["num_warps"]
+    return opts["BLOCK_L"], min(opts["BLOCK_D"], next_power_of_2(dim)), opts["num_warps"]
 
 
 @triton.jit
@@ -164,8 +178,8 @@ def _conv_bwd_du_kernel(
         du = dy * sig * (1.0 + u * (1.0 - sig))
     else:
         du = dy
-    tl.store(du_ptr + (b * seqlen + t[:, None]) * dim + offs_c[None, :], du,
-             mask=t_ok[:, None] & c_mask[None, :])
+    tl.store(du_ptr + (b * seqlen + t[:, None]) * dim + offs_c[None, :],
+             du.to(du_ptr.dtype.element_ty), mask=t_ok[:, None] & c_mask[None, :])
     part = b * n_tiles + pid_l
     if HAS_SEQ:
         seg_t = _segment_at(seg_ptr, b, t, seqlen, s_sb, s_sl)
@@ -205,7 +219,7 @@ def _conv_bwd_dx_kernel(
         t = s + shift                                # the output reading s through tap k
         t_ok = (t >= 0) & (t < seqlen)
         du = tl.load(du_ptr + (b * seqlen + t[:, None]) * dim + offs_c[None, :],
-                     mask=t_ok[:, None] & c_mask[None, :], other=0.0)
+                     mask=t_ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
         if HAS_SEQ:
             same = _segment_at(seg_ptr, b, t, seqlen, s_sb, s_sl) == seg_s
             du = tl.where(same[:, None], du, 0.0)
@@ -221,6 +235,35 @@ def _conv_bwd_dx_kernel(
              dx.to(dx_ptr.dtype.element_ty), mask=out_mask[:, None] & c_mask[None, :])
 
 
+@triton.jit
+def _conv_wgrad_sum_kernel(
+    dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, n_parts, dim, s_wd, s_wk,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """dweight[c, k] = sum_r dw_part[r, k, c] and dbias[c] = sum_r db_part[r, c] over the
+    (batch x tile) partials r of pass 1, in a fixed order (the same inputs give the same bits),
+    stored in the parameters' dtypes through their strides. One launch instead of two torch
+    reductions, a transpose and two casts."""
+    offs_c = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    c_mask = offs_c < dim
+    offs_r = tl.arange(0, BLOCK_R)
+    for k in tl.static_range(WIDTH):
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for r0 in range(0, n_parts, BLOCK_R):
+            r = r0 + offs_r
+            acc += tl.load(dw_part_ptr + (r[:, None] * WIDTH + k) * dim + offs_c[None, :],
+                           mask=(r < n_parts)[:, None] & c_mask[None, :], other=0.0)
+        tl.store(dw_ptr + offs_c * s_wd + k * s_wk,
+                 tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty), mask=c_mask)
+    if HAS_BIAS:
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for r0 in range(0, n_parts, BLOCK_R):
+            r = r0 + offs_r
+            acc += tl.load(db_part_ptr + r[:, None] * dim + offs_c[None, :],
+                           mask=(r < n_parts)[:, None] & c_mask[None, :], other=0.0)
+        tl.store(db_ptr + offs_c, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty), mask=c_mask)
+
+
 def conv_forward(x, weight, bias, initial_state, segments, silu, colmap=None, colmap_vec=1):
     """Launch the forward. x (b,l,·): channel c is column colmap[c] of x (or c); the number of
     channels is weight.shape[0]. Returns y (b,l,d) contiguous in x.dtype."""
@@ -232,7 +275,7 @@ def conv_forward(x, weight, bias, initial_state, segments, silu, colmap=None, co
     s_init = initial_state.stride() if initial_state is not None else (0, 0, 0)
     seg = segments if segments is not None else x
     s_seg = segments.stride() if segments is not None else (0, 0)
-    _conv_fwd_kernel[(triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), batch)](
+    launch(_conv_fwd_kernel, (cdiv(seqlen, block_l), cdiv(dim, block_d), batch),
         x, init, weight, bias if bias is not None else weight, seg,
         colmap if colmap is not None else weight, y,
         seqlen, dim, *x.stride(), *s_init, *weight.stride(), *s_seg, *y.stride(),
@@ -249,8 +292,10 @@ def conv_backward(dy, x, weight, bias, initial_state, segments, silu, colmap=Non
     batch, seqlen = x.shape[:2]
     dim, width = weight.shape
     block_l, block_d, warps = _tile("bwd_du", dim)
-    n_tiles = triton.cdiv(seqlen, block_l)
-    du = torch.empty(batch, seqlen, dim, device=x.device, dtype=torch.float32)
+    n_tiles = cdiv(seqlen, block_l)
+    du_dtype = (x.dtype if DU_IN_INPUT_DTYPE and x.dtype in (torch.float16, torch.bfloat16)
+                else torch.float32)
+    du = torch.empty(batch, seqlen, dim, device=x.device, dtype=du_dtype)
     dw_part = torch.empty(batch, n_tiles, width, dim, device=x.device, dtype=torch.float32)
     db_part = torch.empty(batch, n_tiles, dim, device=x.device, dtype=torch.float32)
     init = initial_state if initial_state is not None else x
@@ -258,7 +303,7 @@ def conv_backward(dy, x, weight, bias, initial_state, segments, silu, colmap=Non
     seg = segments if segments is not None else x
     s_seg = segments.stride() if segments is not None else (0, 0)
     cols = colmap if colmap is not None else weight
-    _conv_bwd_du_kernel[(n_tiles, triton.cdiv(dim, block_d), batch)](
+    launch(_conv_bwd_du_kernel, (n_tiles, cdiv(dim, block_d), batch),
         x, init, weight, bias if bias is not None else weight, seg, cols, dy, du, dw_part,
         db_part, seqlen, dim, n_tiles,
         *x.stride(), *s_init, *weight.stride(), *s_seg, *dy.stride(),
@@ -268,8 +313,8 @@ def conv_backward(dy, x, weight, bias, initial_state, segments, silu, colmap=Non
     dx = dx_out if dx_out is not None else torch.empty(batch, seqlen, dim, device=x.device,
                                                        dtype=x.dtype)
     block_l, block_d, warps = _tile("bwd_dx", dim)
-    n_d = triton.cdiv(dim, block_d)
-    _conv_bwd_dx_kernel[(triton.cdiv(seqlen, block_l), n_d, batch)](
+    n_d = cdiv(dim, block_d)
+    launch(_conv_bwd_dx_kernel, (cdiv(seqlen, block_l), n_d, batch),
         du, weight, seg, cols, dx, seqlen, dim, 0, 0, *weight.stride(), *s_seg, *dx.stride(),
         BLOCK_L=block_l, BLOCK_D=block_d, WIDTH=width, HAS_SEQ=segments is not None,
         HAS_COLMAP=colmap is not None, VEC=colmap_vec, num_warps=warps)
@@ -279,14 +324,20 @@ def conv_backward(dy, x, weight, bias, initial_state, segments, silu, colmap=Non
             d_init = initial_state.new_zeros(initial_state.shape)
         else:
             d_init_rows = torch.empty(batch, width - 1, dim, device=x.device, dtype=torch.float32)
-            _conv_bwd_dx_kernel[(1, n_d, batch)](
+            launch(_conv_bwd_dx_kernel, (1, n_d, batch),
                 du, weight, seg, weight, d_init_rows, seqlen, dim, -(width - 1), -(width - 1),
                 *weight.stride(), *s_seg, *d_init_rows.stride(),
-                BLOCK_L=max(16, triton.next_power_of_2(width - 1)), BLOCK_D=block_d,
+                BLOCK_L=max(16, next_power_of_2(width - 1)), BLOCK_D=block_d,
                 WIDTH=width, HAS_SEQ=segments is not None, HAS_COLMAP=False, VEC=1, num_warps=4)
             d_init = d_init_rows.transpose(1, 2).to(initial_state.dtype).contiguous()
-    dw = dw_part.sum((0, 1)).t().to(weight.dtype).contiguous()
-    db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+    dw = torch.empty(dim, width, device=x.device, dtype=weight.dtype)
+    db = torch.empty(dim, device=x.device, dtype=bias.dtype) if bias is not None else None
+    opts = dict(LAUNCH_DEFAULTS["wgrad"], **LAUNCH_OVERRIDES.get("wgrad", {}))
+    block_d = min(opts["BLOCK_D"], next_power_of_2(dim))
+    launch(_conv_wgrad_sum_kernel, (cdiv(dim, block_d),),
+           dw_part, db_part, dw, db if db is not None else dw, batch * n_tiles, dim, *dw.stride(),
+           BLOCK_R=opts["BLOCK_R"], BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None,
+           num_warps=opts["num_warps"])
     return dx, dw, db, d_init
 
 
@@ -437,8 +488,8 @@ def _causal_conv1d_update_impl(x, conv_state, weight, bias, silu):
     batch, dim = x.shape
     width = weight.shape[1]
     y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
-    block_d = min(1024, triton.next_power_of_2(dim))
-    _conv_update_kernel[(batch, triton.cdiv(dim, block_d))](
+    block_d = min(1024, next_power_of_2(dim))
+    launch(_conv_update_kernel, (batch, cdiv(dim, block_d)),
         x, conv_state, weight, bias if bias is not None else weight, y, dim,
         *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
         BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, num_warps=4)

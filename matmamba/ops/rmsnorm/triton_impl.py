@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ..triton_common.custom_ops import differentiable_triton_op
 from ..triton_common.columns import mapped_columns
+from ..triton_common.launch import cdiv, launch, next_power_of_2
 from .naive import check_rmsnorm_inputs
 
 Tensor = torch.Tensor
@@ -136,9 +137,9 @@ def _launch(n_rows: int, device: torch.device, n_groups: int,
     """(rows per program, programs): enough programs to fill the GPU, few dw partial rows."""
     target = programs_per_sm * (torch.cuda.get_device_properties(device).multi_processor_count
                                 if device.type == "cuda" else 2)
-    programs = max(1, min(n_rows, triton.cdiv(target, n_groups)))
-    rows_per_program = triton.cdiv(max(n_rows, 1), programs)
-    return rows_per_program, triton.cdiv(max(n_rows, 1), rows_per_program)
+    programs = max(1, min(n_rows, cdiv(target, n_groups)))
+    rows_per_program = cdiv(max(n_rows, 1), programs)
+    return rows_per_program, cdiv(max(n_rows, 1), rows_per_program)
 
 
 def _warps(block: int) -> int:
@@ -172,11 +173,11 @@ def rmsnorm_forward(x2, z2, weight, eps, norm_before_gate, group_size, zmap=None
     n_groups = dim // group_size
     out = torch.empty(n_rows, dim, device=x2.device, dtype=x2.dtype)
     rstd = torch.empty(n_rows, n_groups, device=x2.device, dtype=torch.float32)
-    block = triton.next_power_of_2(group_size)
+    block = next_power_of_2(group_size)
     tile = _tile(block, "fwd")
     rows_per_program, programs = _launch(n_rows, x2.device, n_groups, tile["programs_per_sm"])
     if n_rows > 0:
-        _rmsnorm_fwd_kernel[(programs, n_groups)](
+        launch(_rmsnorm_fwd_kernel, (programs, n_groups),
             x2, z2 if z2 is not None else x2, zmap if zmap is not None else x2, weight, out, rstd,
             n_rows, rows_per_program, group_size, n_groups, eps,
             x2.stride(0), z2.stride(0) if z2 is not None else 0, out.stride(0),
@@ -199,12 +200,12 @@ def rmsnorm_backward(dout2, x2, z2, weight, rstd, norm_before_gate, group_size, 
                                                            dtype=z2.dtype)
     else:
         dz = None
-    block = triton.next_power_of_2(group_size)
+    block = next_power_of_2(group_size)
     tile = _tile(block, "bwd")
     rows_per_program, programs = _launch(n_rows, x2.device, n_groups, tile["programs_per_sm"])
     dw_part = torch.zeros(programs, dim, device=x2.device, dtype=torch.float32)
     if n_rows > 0:
-        _rmsnorm_bwd_kernel[(programs, n_groups)](
+        launch(_rmsnorm_bwd_kernel, (programs, n_groups),
             x2, z2 if has_z else x2, zmap if zmap is not None else x2, weight, rstd, dout2, dx,
             dz if has_z else dx, dw_part,
             n_rows, rows_per_program, group_size, n_groups, dim,

@@ -64,6 +64,7 @@ import triton
 import triton.language as tl
 
 from ..triton_common.custom_ops import differentiable_triton_op, segment_ids
+from ..triton_common.launch import cdiv, launch, next_power_of_2
 from .naive import check_ssd_inputs
 
 Tensor = torch.Tensor
@@ -90,7 +91,7 @@ def _chunk_length() -> int:
 
 
 def _pow2(n: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(n))
+    return max(minimum, next_power_of_2(n))
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -982,7 +983,7 @@ def _state_form(batch_heads: int, dstate: int, device) -> str:
 def _sequential_block_n(batch_heads: int, dstate: int, device) -> int:
     """N block of the sequential state kernels: 64 when that still gives >= 4 programs per SM."""
     block_n = min(_pow2(dstate), 64)
-    while block_n > 16 and batch_heads * triton.cdiv(dstate, block_n) < 4 * _sm_count(device):
+    while block_n > 16 and batch_heads * cdiv(dstate, block_n) < 4 * _sm_count(device):
         block_n //= 2
     return block_n
 
@@ -1005,7 +1006,7 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     heads_per_group = nheads // ngroups
-    nchunks = max(1, triton.cdiv(seqlen, Q))
+    nchunks = max(1, cdiv(seqlen, Q))
     _check_chunks(nchunks, Q)
     padded_len = nchunks * Q
     dev = x.device
@@ -1027,7 +1028,7 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
     final_state = torch.empty(batch, nheads, headdim, dstate, device=dev, dtype=torch.float32)
     y = torch.empty(batch, seqlen, nheads, headdim, device=dev, dtype=x.dtype)
 
-    _cb_kernel[(batch * ngroups, nchunks)](
+    launch(_cb_kernel, (batch * ngroups, nchunks),
         C, B, CB, seqlen, ngroups, dstate, *C.stride(), *B.stride(),
         Q=Q, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
         **_launch("cb", BLOCK_N=block_n, num_warps=warps))
@@ -1035,7 +1036,7 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
     if _state_form(batch * nheads, dstate, dev) == "sequential":
         opts = _launch("state_fwd_fused", BLOCK_N=_sequential_block_n(batch * nheads, dstate, dev),
                        num_warps=4)
-        _state_fwd_fused_kernel[(batch * nheads, triton.cdiv(dstate, opts["BLOCK_N"]))](
+        launch(_state_fwd_fused_kernel, (batch * nheads, cdiv(dstate, opts["BLOCK_N"])),
             x, dt, A, dt_bias if dt_bias is not None else A, B, seq_arg,
             initial_state if initial_state is not None else A,
             dtp, lam, entering, final_state,
@@ -1050,7 +1051,8 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
         # the whole N in one program: 1.2x (p=64) to 1.7x (p=24, with 2 warps) over 64-wide blocks
         opts = _launch("chunk_state_fwd", BLOCK_N=min(block_n_full, 128),
                        num_warps=2 if block_p <= 32 else 4)
-        _chunk_state_fwd_kernel[(batch * nheads, nchunks, triton.cdiv(dstate, opts["BLOCK_N"]))](
+        grid = (batch * nheads, nchunks, cdiv(dstate, opts["BLOCK_N"]))
+        launch(_chunk_state_fwd_kernel, grid,
             x, dt, A, dt_bias if dt_bias is not None else A, B, seq_arg,
             dtp, lam, chunk_states,
             seqlen, nheads, heads_per_group, headdim, dstate, padded_len, dt_lo, dt_hi,
@@ -1058,15 +1060,15 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
             Q=Q, BLOCK_P=block_p, HAS_BIAS=dt_bias is not None,
             SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None,
             DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
-        opts = _launch("state_pass_fwd", BLOCK=min(1024, triton.next_power_of_2(state_size)),
+        opts = _launch("state_pass_fwd", BLOCK=min(1024, next_power_of_2(state_size)),
                        num_warps=4)
-        _state_pass_kernel[(batch * nheads, triton.cdiv(state_size, opts["BLOCK"]))](
+        launch(_state_pass_kernel, (batch * nheads, cdiv(state_size, opts["BLOCK"])),
             chunk_states, entering, initial_state if initial_state is not None else chunk_states,
             final_state, lam, seq_arg,
             seqlen, nheads, state_size, padded_len, nchunks, *s_seq,
             Q=Q, HAS_START=initial_state is not None,
             HAS_SEQ=seq_idx is not None, REVERSE=False, **opts)
-    _chunk_out_fwd_kernel[(batch * nheads, nchunks)](
+    launch(_chunk_out_fwd_kernel, (batch * nheads, nchunks),
         x, C, CB, entering, dtp, lam, D if D is not None else A, seq_arg, y,
         seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len,
         *x.stride(), *C.stride(), *y.stride(), *s_seq,
@@ -1082,7 +1084,7 @@ def _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, device) -> 
     programs = batch * nchunks * ngroups * n_blocks
     if device.type != "cuda":
         return min(2, heads_per_group)  # exercise the split path under the interpreter
-    return max(1, min(heads_per_group, triton.cdiv(4 * _sm_count(device), programs)))
+    return max(1, min(heads_per_group, cdiv(4 * _sm_count(device), programs)))
 
 
 def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=None):
@@ -1110,7 +1112,7 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     if _state_form(batch * nheads, dstate, dev) == "sequential":
         opts = _launch("state_bwd_fused", BLOCK_N=_sequential_block_n(batch * nheads, dstate, dev),
                        num_warps=4)
-        _state_bwd_fused_kernel[(batch * nheads, triton.cdiv(dstate, opts["BLOCK_N"]))](
+        launch(_state_bwd_fused_kernel, (batch * nheads, cdiv(dstate, opts["BLOCK_N"])),
             dy, C, lam, seq_arg, d_final if d_final is not None else lam, leaving_grad, d_initial,
             seqlen, nheads, heads_per_group, headdim, dstate, padded_len, nchunks,
             *dy.stride(), *C.stride(), *s_seq,
@@ -1120,15 +1122,16 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
         d_local = torch.empty(batch, nchunks, nheads, headdim, dstate, device=dev,
                               dtype=torch.float32)
         opts = _launch("chunk_dstate_bwd", **_chunk_dstate_bwd_options(block_p, block_n_full))
-        _chunk_dstate_bwd_kernel[(batch * nheads, nchunks, triton.cdiv(dstate, opts["BLOCK_N"]))](
+        grid = (batch * nheads, nchunks, cdiv(dstate, opts["BLOCK_N"]))
+        launch(_chunk_dstate_bwd_kernel, grid,
             dy, C, lam, seq_arg, d_local,
             seqlen, nheads, heads_per_group, headdim, dstate, padded_len,
             *dy.stride(), *C.stride(), *s_seq,
             Q=Q, BLOCK_P=block_p, HAS_SEQ=seq_idx is not None,
             DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
-        opts = _launch("state_pass_bwd", BLOCK=min(1024, triton.next_power_of_2(state_size)),
+        opts = _launch("state_pass_bwd", BLOCK=min(1024, next_power_of_2(state_size)),
                        num_warps=4)
-        _state_pass_kernel[(batch * nheads, triton.cdiv(state_size, opts["BLOCK"]))](
+        launch(_state_pass_kernel, (batch * nheads, cdiv(state_size, opts["BLOCK"])),
             d_local, leaving_grad, d_final if d_final is not None else d_local, d_initial, lam,
             seq_arg, seqlen, nheads, state_size, padded_len, nchunks, *s_seq,
             Q=Q, HAS_START=d_final is not None,
@@ -1151,7 +1154,7 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     dD_part = torch.empty(batch, nheads, nchunks, *((headdim,) if per_channel else ()),
                           device=dev, dtype=torch.float32)
     dbias_part = torch.empty(batch, nheads, nchunks, device=dev, dtype=torch.float32)
-    _chunk_bwd_dx_kernel[(batch * nheads, nchunks)](
+    launch(_chunk_bwd_dx_kernel, (batch * nheads, nchunks),
         x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A,
         seq_arg, dy, CB, entering, leaving_grad, dtp, lam,
         dx, ddt, dA_part, dD_part, dbias_part,
@@ -1166,15 +1169,15 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
 
     # B4: per group
     block_n_bc = _launch("bwd_dbdc", BLOCK_N=_bwd_dbdc_block_n(Q, block_n_full))["BLOCK_N"]
-    n_blocks = triton.cdiv(dstate, block_n_bc)
+    n_blocks = cdiv(dstate, block_n_bc)
     splits = _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, dev)
-    heads_per_split = triton.cdiv(heads_per_group, splits)
-    splits = triton.cdiv(heads_per_group, heads_per_split)
+    heads_per_split = cdiv(heads_per_group, splits)
+    splits = cdiv(heads_per_group, heads_per_split)
     opts = _launch("bwd_dbdc", **_bwd_dbdc_options(Q, block_p, block_n_bc, dot_dtype,
                                                    several=heads_per_split > 1))
     dB_part = torch.empty(splits, batch, seqlen, ngroups, dstate, device=dev, dtype=torch.float32)
     dC_part = torch.empty_like(dB_part)
-    _chunk_bwd_dbdc_kernel[(batch * ngroups, nchunks, n_blocks * splits)](
+    launch(_chunk_bwd_dbdc_kernel, (batch * ngroups, nchunks, n_blocks * splits),
         x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, dB_part, dC_part,
         seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, heads_per_split,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *s_seq,
@@ -1189,8 +1192,8 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     d_bias = torch.empty(nheads, device=dev, dtype=dt_bias.dtype) if dt_bias is not None else None
     n_elem = batch * seqlen * ngroups * dstate
     opts = _launch("finalize", BLOCK=2048, BLOCK_R=32, num_warps=4)  # 1.01 - 1.12x over 1024
-    n_elem_programs = triton.cdiv(n_elem, opts["BLOCK"])
-    _finalize_grads_kernel[(n_elem_programs + nheads,)](
+    n_elem_programs = cdiv(n_elem, opts["BLOCK"])
+    launch(_finalize_grads_kernel, (n_elem_programs + nheads,),
         dB_part, dC_part, dB, dC, dA_part, dD_part, dbias_part, dA,
         dD if dD is not None else dA, d_bias if d_bias is not None else dA,
         splits, seqlen, ngroups, dstate, n_elem, n_elem_programs, batch, nheads, nchunks, headdim,
@@ -1213,10 +1216,6 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
 # non-differentiable, and the public function drops them. Eager calls take an autograd.Function
 # over the same implementation instead (no dispatcher round trips: less host time per call).
 # ----------------------------------------------------------------------------------------------
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
 
 
 def _empty0(like: Tensor) -> Tensor:
@@ -1244,7 +1243,7 @@ def _ssd_scan_fwd_fake(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_so
                        dt_hi, chunk):
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
-    nchunks = max(1, _cdiv(seqlen, chunk))
+    nchunks = max(1, cdiv(seqlen, chunk))
     state_dtype = (x.dtype if STATES_IN_INPUT_DTYPE and x.dtype in (torch.float16, torch.bfloat16)
                    else torch.float32)
     f32 = dict(device=x.device, dtype=torch.float32)

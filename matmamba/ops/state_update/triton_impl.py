@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..ssd.triton_impl import _softplus
+from ..triton_common.launch import cdiv, launch, next_power_of_2
 from .naive import check_state_update_inputs
 
 Tensor = torch.Tensor
@@ -83,10 +84,10 @@ def _ssd_state_update_impl(state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_lo
     batch, nheads, headdim = x.shape
     ngroups, dstate = B.shape[1], B.shape[2]
     y = torch.empty(batch, nheads, headdim, device=x.device, dtype=x.dtype)
-    block_n = triton.next_power_of_2(dstate)
+    block_n = next_power_of_2(dstate)
     # About 4K state elements per program: a (P-block x N) tile.
-    block_p = max(1, min(triton.next_power_of_2(headdim), 4096 // block_n))
-    _state_update_kernel[(batch * nheads, triton.cdiv(headdim, block_p))](
+    block_p = max(1, min(next_power_of_2(headdim), 4096 // block_n))
+    launch(_state_update_kernel, (batch * nheads, cdiv(headdim, block_p)),
         state, x, dt, A, B, C, D if D is not None else A, dt_bias if dt_bias is not None else A, y,
         nheads, nheads // ngroups, headdim, dstate, dt_lo, dt_hi,
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
