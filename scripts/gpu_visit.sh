@@ -29,7 +29,7 @@ DEFAULT_JOBS="--only ssd --dtypes bf16
 --only conv,rmsnorm,state_update
 --only mixer
 --only long,block --quick
---only models,decode,compile"
+--only models,decode,compile,launch"
 CHECK_JOBS=${CHECK_JOBS:-$DEFAULT_JOBS}
 BENCH_S=${BENCH_S:-330}          # bench_block time limit (0: skip)
 BENCH_ARGS=${BENCH_ARGS:-}
