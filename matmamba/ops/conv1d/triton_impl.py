@@ -14,10 +14,11 @@ belongs to the first). Backward, with du = dy * silu'(u), silu'(u) = sig(u) (1 +
     dbias[c]     = sum_t du[t, c]
     d initial    = dx at the negative times -(w-1) .. -1
 
-The backward is two passes over tiles of positions: the first recomputes u, writes du (fp32)
-and reduces this tile's dweight / dbias into small partial buffers; the second reads du at the w
-shifted positions (cache hits) for dx (``DU_IN_INPUT_DTYPE``: du stored in 16 bits instead). A third, small launch sums the partials over the tiles
-(in a fixed order) into dweight and dbias in their dtypes. (A single pass that recomputed
+The backward is two passes over tiles of positions: the first recomputes u, writes du (in the
+inputs' 16-bit dtype, or fp32: ``DU_IN_INPUT_DTYPE``) and reduces this tile's dweight / dbias
+(from the fp32 du) into small partial buffers; the second reads du at the w shifted positions
+(cache hits) for dx. A third, small launch sums the partials over the tiles (in a fixed order)
+into dweight and dbias in their dtypes. (A single pass that recomputed
 du at every shift, reading x w^2 times, took 1.1 ms for the D=768 block's conv at b8 l2048 on
 an H200.)
 ``final_state`` (the last w-1 inputs) is sliced with torch ops outside the kernels, so autograd
@@ -38,8 +39,9 @@ from .naive import check_conv1d_inputs, check_conv1d_update_inputs
 Tensor = torch.Tensor
 
 # Tile (positions x channels) and warps of each launch: "fwd", "bwd_du" (pass 1 of the backward),
-# "bwd_dx" (pass 2); "wgrad" (the sums of pass 1's partials) has its own tile. LAUNCH_OVERRIDES[kind] replaces any of them (scripts/bench_conv.py times
-# alternatives on the GPU); results do not depend on them beyond rounding. On an H200 (bf16, the
+# "bwd_dx" (pass 2); "wgrad" (the sums of pass 1's partials) has its own tile.
+# LAUNCH_OVERRIDES[kind] replaces any of them (scripts/bench_conv.py times alternatives on the
+# GPU); results do not depend on them beyond rounding. On an H200 (bf16, the
 # D=768 block's 1792 channels read through the column map; session 11, 8 variants each): the
 # forward and pass 2 are fastest at 32 x 128 (fwd 0.059 -> 0.056 ms at b8 l2048 and 0.066 ->
 # 0.045 at b64 l197, where 197 positions fill 64-row tiles badly; the backward 0.335 -> 0.322 and
@@ -65,10 +67,17 @@ LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
 DU_IN_INPUT_DTYPE = True
 
 
-def _tile(kind: str, dim: int) -> tuple[int, int, int]:
-    """(BLOCK_L, BLOCK_D, num_warps) of one launch kind; BLOCK_D no wider than the channels."""
+def _options(kind: str, dim: int) -> dict[str, int]:
+    """One launch kind's options (defaults, then overrides); BLOCK_D no wider than the channels."""
     opts = dict(LAUNCH_DEFAULTS[kind], **LAUNCH_OVERRIDES.get(kind, {}))
-    return opts["BLOCK_L"], min(opts["BLOCK_D"], next_power_of_2(dim)), opts["num_warps"]
+    opts["BLOCK_D"] = min(opts["BLOCK_D"], next_power_of_2(dim))
+    return opts
+
+
+def _tile(kind: str, dim: int) -> tuple[int, int, int]:
+    """(BLOCK_L, BLOCK_D, num_warps) of one of the position-tiled launches."""
+    opts = _options(kind, dim)
+    return opts["BLOCK_L"], opts["BLOCK_D"], opts["num_warps"]
 
 
 @triton.jit
@@ -332,12 +341,10 @@ def conv_backward(dy, x, weight, bias, initial_state, segments, silu, colmap=Non
             d_init = d_init_rows.transpose(1, 2).to(initial_state.dtype).contiguous()
     dw = torch.empty(dim, width, device=x.device, dtype=weight.dtype)
     db = torch.empty(dim, device=x.device, dtype=bias.dtype) if bias is not None else None
-    opts = dict(LAUNCH_DEFAULTS["wgrad"], **LAUNCH_OVERRIDES.get("wgrad", {}))
-    block_d = min(opts["BLOCK_D"], next_power_of_2(dim))
-    launch(_conv_wgrad_sum_kernel, (cdiv(dim, block_d),),
+    opts = _options("wgrad", dim)
+    launch(_conv_wgrad_sum_kernel, (cdiv(dim, opts["BLOCK_D"]),),
            dw_part, db_part, dw, db if db is not None else dw, batch * n_tiles, dim, *dw.stride(),
-           BLOCK_R=opts["BLOCK_R"], BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None,
-           num_warps=opts["num_warps"])
+           WIDTH=width, HAS_BIAS=bias is not None, **opts)
     return dx, dw, db, d_init
 
 

@@ -17,6 +17,9 @@ launch hook is registered):
   divisible-by-16 attribute and its i32 / i64 type, so the exact value is a superset of those;
 * the keyword arguments (constexprs and launch options, in the order given) and the device.
 
+Measured on an H200 host (Triton 3.6, session 12): 18.8 us a launch through Triton, 12.6 us a
+hit, 6.1 us the launcher alone; the scan's eager forward + backward 1.81 -> 1.18 ms of host time.
+
 A miss runs the ordinary ``kernel[grid](...)``, which compiles or finds the kernel in Triton's
 own cache, and remembers the result; results are identical either way (the same compiled code is
 launched with the same arguments). The fast path needs every parameter after the positional
