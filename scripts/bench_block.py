@@ -585,6 +585,76 @@ def case_ssd_variants(shapes):
         torch.cuda.empty_cache()
 
 
+def case_pack(shapes, factors=(2, 4, 8, 16)):
+    """Ours only: the SSD at short lengths with k batch rows packed into one row.
+
+    A row of l tokens costs ceil(l/Q) full chunks (l=197: 4 chunks of 64, 23% of them padding).
+    Packed, k rows of one batch are one row of k*l tokens (a free view of contiguous inputs)
+    with segment ids that reset the state at each original row's start; the padding is then per
+    k rows. Rows: k=1 as is; k=1 with all-zero ids (what the ids themselves cost); each k; and
+    "auto" (the op's own choice, ``matmamba.ops.ssd.triton_impl.pack_factor``, where present;
+    MATMAMBA_SSD_PACK=0 turns it off). Eager and CUDA-graphed forward + backward."""
+    from matmamba.ops.ssd import triton_impl
+    from matmamba.ops.ssd.triton_impl import ssd_scan_triton
+    print("SSD packed rows (ours): k rows of one batch as one row, segment ids between", flush=True)
+    for (b, l, h, p, n) in shapes:
+        tensors = ssd_inputs(b, l, h, p, n)
+        dy = torch.randn(b, l, h, p, device="cuda", dtype=torch.bfloat16)
+        variants = [("k1", 1, None), ("k1 zero ids", 1, "zeros")]
+        variants += [(f"k{k}", k, "pack") for k in factors if k > 1 and b % k == 0]
+        if hasattr(triton_impl, "pack_factor"):
+            variants.append((f"auto (k{triton_impl.pack_factor(b, l, 64)})", 1, "auto"))
+        base_ms = None
+        for label, k, ids in variants:
+            os.environ["MATMAMBA_SSD_PACK"] = "auto" if ids == "auto" else "0"
+            rows, length = b // k, k * l
+            leaves = [t.detach().clone().requires_grad_() for t in tensors]
+            seq = None
+            if ids == "zeros":
+                seq = torch.zeros(rows, length, device="cuda", dtype=torch.int32)
+            elif ids == "pack":
+                seq = (torch.arange(length, device="cuda", dtype=torch.int32) // l).expand(rows, length)
+            dy_k = dy.view(rows, length, h, p)
+
+            def fwdbwd():  # (the views inside: every op of a captured step on its stream)
+                views = [t.view(rows, length, *t.shape[2:]) if t.dim() >= 3 else t for t in leaves]
+                ssd_scan_triton(*views[:5], D=views[5], dt_bias=views[6], dt_softplus=True,
+                                seq_idx=seq).backward(dy_k)
+            try:
+                eager = bench(fwdbwd)
+                graphed = bench(cuda_graphed(fwdbwd))
+            except Exception as error:  # noqa: BLE001 - one variant failing loses its row only
+                import traceback
+                traceback.print_exc()
+                add("ssd packed", f"b{b} l{l} h{h} {label}", note=f"failed: {type(error).__name__}: {error}"[:200])
+                continue
+            base_ms = base_ms or graphed["ms"]
+            padded = rows * -(-length // 64) * 64
+            add("ssd packed fwd+bwd, graphed", f"b{b} l{l} h{h} p{p} n{n} {label}", graphed,
+                dict(ms=base_ms), "k1 graphed",
+                f"eager {eager['ms']:.3f} ms; padded tokens {padded / (b * l) - 1:+.1%}",
+                k=k, ids=ids, eager_ms=eager["ms"])
+            del leaves
+        os.environ.pop("MATMAMBA_SSD_PACK", None)
+        del tensors
+        torch.cuda.empty_cache()
+    if not hasattr(triton_impl, "pack_factor"):
+        return
+    # the ViT block (fused path, in a CUDA graph) with the scan's packing off and on
+    block, _ = make_blocks(768, None)
+    for width in (768, 96):
+        times = {}
+        for setting in ("0", "auto"):
+            os.environ["MATMAMBA_SSD_PACK"] = setting
+            ours, _, _ = block_step_fns(block, None, 64, 197, 768, width, fused=True, graphed=True)
+            times[setting] = bench(ours)
+        add("block ViT, packing on vs off, graphed", f"D768 b64 l197 width {width}", times["auto"],
+            times["0"], "packing off", f"k{triton_impl.pack_factor(64, 197, 64)}", width=width)
+    os.environ.pop("MATMAMBA_SSD_PACK", None)
+    del block
+    torch.cuda.empty_cache()
+
+
 def case_profile():
     """Per-kernel CUDA time of the SSD fwd+bwd and of the block fwd+bwd (ours)."""
     from torch.profiler import ProfilerActivity, profile
@@ -665,6 +735,8 @@ def main():
         "variants": lambda: case_ssd_variants([(8, 2048, 64, 24, 128), (8, 2048, 8, 24, 128),
                                                (1, 65536, 64, 24, 128), (1, 65536, 8, 24, 128)]),
         "profile": case_profile,
+        "pack": lambda: case_pack([(64, 197, 64, 24, 128), (16, 577, 64, 24, 128), (8, 2048, 64, 24, 128)],
+                                  factors=(2, 4, 8, 16, 32, 64)),
     }
     t0 = time.time()
     for name in args.cases.split(","):

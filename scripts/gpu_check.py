@@ -417,9 +417,12 @@ def check_ssd(dtypes, dev, quick):
              limit=None),
         dict(b=3, l=129, h=7, p=8, g=7, n=16, D="h", init=True, seq=False, softplus=True,
              limit=None),
+        # no final state asked for: the 6 rows of 197 are scanned as one (triton_impl.pack_factor)
+        dict(b=6, l=197, h=5, p=24, g=1, n=128, D="h", init=False, seq=False, softplus=True,
+             limit=None, final=False),
     ]
     if quick:
-        cases = cases[:2]
+        cases = cases[:2] + cases[-1:]
     for cfg in cases:
         b, l, h, p, g, n = (cfg[k] for k in "b l h p g n".split())
         for dtype in dtypes:
@@ -437,7 +440,7 @@ def check_ssd(dtypes, dev, quick):
                 seq_idx=None,
                 dt_softplus=cfg["softplus"],
                 dt_limit=cfg["limit"] or (0.0, math.inf),
-                return_final_state=True,
+                return_final_state=cfg.get("final", True),
                 _fp32=("A", "D", "dt_bias", "initial_state"),
             )
             if cfg["seq"]:
@@ -448,7 +451,7 @@ def check_ssd(dtypes, dev, quick):
                 inputs["seq_idx"] = seq
             name = (f"b{b} l{l} h{h} p{p} g{g} n{n}" + (" D" + cfg["D"] if cfg["D"] else "")
                     + (" init" if cfg["init"] else "") + (" seq" if cfg["seq"] else "")
-                    + (" lim" if cfg["limit"] else ""))
+                    + (" lim" if cfg["limit"] else "") + ("" if cfg.get("final", True) else " packed"))
             compare_op("ssd_scan", dtype, name, ssd_scan_triton, ssd_scan_naive, inputs,
                        lambda outs: [torch.randn_like(o.double()) for o in outs], baselines=baselines)
 
@@ -626,10 +629,11 @@ def check_mixer(dtypes, dev, quick):
     G, N, P, H, W = 1, 128, 24, 16, 4
     baselines = {"mamba_ssm": mamba_ssm_baseline(mixer_core_on_mamba_ssm, dev),
                  "torch": Baseline(functools.partial(mamba2_mixer_core_reference, impl="torch"))}
-    cases = [(16, False, 16), (5, True, 5)] + ([] if quick else [(1, False, 1), (1, False, 101)])
-    for k, seq, seed in cases:
+    # (heads used, seq_idx, seed, b, l); b4 l197: the 4 rows are scanned as one (pack_factor)
+    cases = [(16, False, 16, 2, 300), (5, True, 5, 2, 300), (7, False, 7, 4, 197)]
+    cases += [] if quick else [(1, False, 1, 2, 300), (1, False, 101, 2, 300)]
+    for k, seq, seed, b, l in cases:
         for dtype in dtypes:
-            b, l = 2, 300
             gen = torch.Generator(device=dev).manual_seed(seed)
             rnd = lambda *s_: torch.randn(*s_, device=dev, dtype=torch.float64, generator=gen)  # noqa: E731
             R = 2 * G * N + H + 2 * k * P
@@ -684,7 +688,9 @@ def check_block(dev, quick, autocasts):
         torch.manual_seed(0)
         block = MatMamba2(d_model=D, d_state=128, layer_idx=0).to(dev)
         u = torch.randn(2, 300 if dev.type == "cuda" else 70, D, device=dev)
-        for width in (D, D // 2, D // 4, D // 8):
+        # and ViT-like rows, short enough that the scan packs them (triton_impl.pack_factor)
+        u_short = torch.randn(4, 197 if dev.type == "cuda" else 21, D, device=dev)
+        for u, width in [(u, w) for w in (D, D // 2, D // 4, D // 8)] + [(u_short, D), (u_short, D // 8)]:
             out_r, grads_r = _block_grads(block, u, "torch", None, width)
             for autocast in autocasts:
                 for fused in (False, True):
@@ -694,7 +700,7 @@ def check_block(dev, quick, autocasts):
                         errors = {"out": rel_err(out_t, out_r)}
                         errors.update({k: rel_err(grads_t.get(k), v) for k, v in grads_r.items()})
                         dname = "fp32" if autocast is None else "bf16"
-                        record(label, dname, f"D{D} width {width} b2 l{u.shape[1]}",
+                        record(label, dname, f"D{D} width {width} b{u.shape[0]} l{u.shape[1]}",
                                errors, 2e-4 if autocast is None else 3e-2,
                                note="torch path in fp32 is the reference")
                     except Exception as error:  # noqa: BLE001

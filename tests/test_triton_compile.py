@@ -78,18 +78,27 @@ def _opcheck_group(failures: list) -> None:
     seg = torch.zeros(b, l, dtype=torch.int32)
     seg[:, 7:] = 1
     full = (rnd(b, l, h, p), rnd(b, l, h, scale=0.5), (-torch.rand(h, generator=gen) - 0.5).requires_grad_(),
-            rnd(b, l, g, n), rnd(b, l, g, n), rnd(h, p), rnd(h), rnd(b, h, p, n), seg, True, 0.0, inf, Q)
+            rnd(b, l, g, n), rnd(b, l, g, n), rnd(h, p), rnd(h), rnd(b, h, p, n), seg, True, 0.0, inf, Q, 1)
     _opcheck("ssd_scan_fwd (D per channel, bias, init, seq)", ops.ssd_scan_fwd.default, full, failures)
     bare = (rnd(b, l, h, p), rnd(b, l, h, scale=0.1).abs().detach().requires_grad_(),
             (-torch.rand(h, generator=gen)).requires_grad_(), rnd(b, l, g, n), rnd(b, l, g, n),
-            None, None, None, None, False, 0.0, 0.3, Q)
+            None, None, None, None, False, 0.0, 0.3, Q, 1)
     _opcheck("ssd_scan_fwd (no optional inputs, dt_limit)", ops.ssd_scan_fwd.default, bare, failures)
+    # 3 rows of 7 packed into one row (no final state then)
+    packed = (rnd(3, 7, h, p), rnd(3, 7, h, scale=0.5), (-torch.rand(h, generator=gen) - 0.5).requires_grad_(),
+              rnd(3, 7, g, n), rnd(3, 7, g, n), rnd(h), rnd(h), None, None, True, 0.0, inf, Q, 3)
+    _opcheck("ssd_scan_fwd (3 rows packed)", ops.ssd_scan_fwd.default, packed, failures)
+    with torch.no_grad():
+        y3, _, *inter3 = ops.ssd_scan_fwd(*packed)
+    plain3 = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in packed)
+    _opcheck("ssd_scan_bwd (3 rows packed)", ops.ssd_scan_bwd.default,
+             (torch.randn_like(y3), None, *plain3[:9], *inter3, True, 0.0, inf, Q, 3), failures)
     with torch.no_grad():
         y, final, dtp, lam, CB, entering = ops.ssd_scan_fwd(*full)
     plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in full)
     _opcheck("ssd_scan_bwd", ops.ssd_scan_bwd.default,
              (torch.randn_like(y), torch.randn_like(final), *plain[:9], dtp, lam, CB, entering,
-              True, 0.0, inf, Q), failures)
+              True, 0.0, inf, Q, 1), failures)
 
     # causal conv1d: a strided view of a wider tensor, bias, initial state, packed sequences
     b, l, d, w = 2, 19, 12, 4
@@ -137,13 +146,21 @@ def _opcheck_group(failures: list) -> None:
     segm[:, 11:] = 1
     core = (zxbcdt, rnd(2 * G * N + k * P, W, scale=0.5), rnd(2 * G * N + k * P), rnd(k, scale=0.3),
             (-torch.rand(k, generator=gen) * 3 - 0.5).requires_grad_(), rnd(k), rnd(k * P), segm,
-            G, N, P, H, 1e-5, False, 0.0, inf, Q)
+            G, N, P, H, 1e-5, False, 0.0, inf, Q, 1)
     _opcheck("mamba2_mixer_core_fwd (k=3 of 5, seq)", ops.mamba2_mixer_core_fwd.default, core, failures)
     core_bare = (rnd(b, l, 2 * G * N + H + 2 * H * P), rnd(2 * G * N + H * P, W, scale=0.5), None,
                  rnd(H, scale=0.3), (-torch.rand(H, generator=gen) - 0.5).requires_grad_(), None,
-                 rnd(H * P), None, G, N, P, H, 1e-5, True, 0.0, 0.5, Q)
+                 rnd(H * P), None, G, N, P, H, 1e-5, True, 0.0, 0.5, Q, 1)
     _opcheck("mamba2_mixer_core_fwd (all heads, no conv bias, no D)", ops.mamba2_mixer_core_fwd.default,
              core_bare, failures)
+    core_packed = core[:7] + (None,) + core[8:-1] + (2,)  # the 2 rows as one
+    _opcheck("mamba2_mixer_core_fwd (2 rows packed)", ops.mamba2_mixer_core_fwd.default, core_packed, failures)
+    with torch.no_grad():
+        saved_packed = ops.mamba2_mixer_core_fwd(*core_packed)
+    plain_packed = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in core_packed)
+    _opcheck("mamba2_mixer_core_bwd (2 rows packed)", ops.mamba2_mixer_core_bwd.default,
+             (torch.randn_like(saved_packed[0]), *plain_packed[:8], *saved_packed[1:], *plain_packed[8:]),
+             failures)
     with torch.no_grad():
         saved = ops.mamba2_mixer_core_fwd(*core)
     plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in core)

@@ -24,7 +24,7 @@ TOL = 1e-4  # float32 against float64 (issue 3's target)
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("group", ["ssd_parallel", "ssd_sequential", "ssd_launch_options", "ssd_fp16", "conv1d",
+@pytest.mark.parametrize("group", ["ssd_parallel", "ssd_sequential", "ssd_launch_options", "ssd_fp16", "ssd_packed", "conv1d",
                                    "rmsnorm", "decode", "mixer", "dispatch"])
 def test_triton_kernels_under_interpreter(group):
     run_group(__file__, group)
@@ -103,6 +103,51 @@ def _ssd_group(form: str, failures: list) -> None:
             inputs["seq_idx"] = seq
         name = f"ssd[{form}] b{b} l{l} h{h} p{p} g{g} n{n} Q{chunk} {sorted(k for k, v in opt.items() if v)}"
         _compare(name, ssd_scan_triton, ssd_scan_naive, inputs, failures)
+
+
+def _ssd_packed_group(failures: list) -> None:
+    """Short rows packed into one (``pack_factor``; here forced by MATMAMBA_SSD_PACK): the same
+    scan as the rows apart, forward and every gradient, and the packing really happened (the
+    forward's ``pack`` argument is recorded). Also: inputs whose rows do not follow each other in
+    memory, and calls that want a final state, are not packed and still right."""
+    import torch
+
+    from matmamba.ops.ssd import triton_impl
+    from matmamba.ops.ssd.naive import ssd_scan_naive
+
+    packs = []
+    forward = triton_impl._ssd_forward
+
+    def recording_forward(*args):
+        packs.append(args[-1] if len(args) == 14 else 1)
+        return forward(*args)
+    triton_impl._ssd_forward = recording_forward
+    os.environ["MATMAMBA_SSD_STATE"] = "parallel"
+    os.environ["MATMAMBA_SSD_CHUNK"] = "16"
+    try:
+        for b, l, h, p, force, rows_apart, final, expect in [
+                (4, 13, 3, 24, "2", False, False, 2), (4, 13, 3, 24, "4", False, False, 4),
+                (6, 5, 1, 8, "auto", False, False, 6),  # 6 rows of 5 in 2 chunks instead of 6
+                (4, 13, 3, 24, "4", True, False, 1), (4, 13, 3, 24, "4", False, True, 1)]:
+            os.environ["MATMAMBA_SSD_PACK"] = force
+            gen = torch.Generator().manual_seed(100 * b + l)
+            rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+            x = rnd(l, b, h, p).transpose(0, 1) if rows_apart else rnd(b, l, h, p)  # (b, l) either way
+            inputs = dict(x=x.requires_grad_(), dt=(rnd(b, l, h) * 0.5).requires_grad_(),
+                          A=(-torch.rand(h, generator=gen, dtype=torch.float64) * 4 - 0.5).requires_grad_(),
+                          B=rnd(b, l, 1, 16).requires_grad_(), C=rnd(b, l, 1, 16).requires_grad_(),
+                          D=rnd(h).requires_grad_(), dt_bias=(rnd(h) * 0.3 - 2).requires_grad_(),
+                          dt_softplus=True, return_final_state=final)
+            packs.clear()
+            name = (f"ssd packed b{b} l{l} h{h} p{p} MATMAMBA_SSD_PACK={force}"
+                    + (" rows apart" if rows_apart else "") + (" final state" if final else ""))
+            _compare(name, triton_impl.ssd_scan_triton, ssd_scan_naive, inputs, failures)
+            if packs != [expect]:
+                print(f"FAIL {name}: packed {packs}, expected [{expect}]")
+                failures.append(name + " (pack)")
+    finally:
+        triton_impl._ssd_forward = forward
+        os.environ.pop("MATMAMBA_SSD_PACK", None)
 
 
 def _ssd_fp16_group(failures: list) -> None:
@@ -347,6 +392,11 @@ def _mixer_group(failures: list) -> None:
             inputs["seq_idx"] = sq
         _compare(f"mixer core k{k}/{H}" + (" seq" if seq else ""), mamba2_mixer_core_triton,
                  mamba2_mixer_core_reference, inputs, failures)
+        if not seq:  # the two rows scanned as one (ssd.triton_impl.pack_factor, forced)
+            os.environ["MATMAMBA_SSD_PACK"] = "2"
+            _compare(f"mixer core k{k}/{H} 2 rows packed", mamba2_mixer_core_triton,
+                     mamba2_mixer_core_reference, inputs, failures)
+            os.environ.pop("MATMAMBA_SSD_PACK")
 
 
 def _dispatch_group(failures: list) -> None:
@@ -376,6 +426,29 @@ def _dispatch_group(failures: list) -> None:
         failures.append("dispatch")
 
 
+def test_ssd_pack_factor_packs_only_where_padding_is_large(monkeypatch):
+    """Which rows the scan packs (chunk 64): ViT-B/16's 197 tokens (4 chunks, 23% padding) 16 to a
+    row; 577 tokens (10% padding) and whole chunks not at all; rows of at most 4096 tokens; a
+    prime batch as one row when short enough; MATMAMBA_SSD_PACK forces a k or turns it off."""
+    from matmamba.ops.ssd import triton_impl
+
+    monkeypatch.delenv("MATMAMBA_SSD_PACK", raising=False)
+    assert triton_impl.pack_factor(64, 197, 64) == 16
+    assert triton_impl.pack_factor(256, 197, 64) == 16
+    assert triton_impl.pack_factor(16, 577, 64) == 1
+    assert triton_impl.pack_factor(8, 2048, 64) == 1
+    assert triton_impl.pack_factor(64, 1000, 64) == 1
+    assert triton_impl.pack_factor(1, 197, 64) == 1
+    assert triton_impl.pack_factor(7, 197, 64) == 7  # 1379 tokens: 22 chunks instead of 28
+    assert triton_impl.pack_factor(64, 50, 64) * 50 <= 4096
+    for setting, expect in (("0", 1), ("1", 1), ("4", 4), ("3", 1)):  # 3 does not divide 64
+        monkeypatch.setenv("MATMAMBA_SSD_PACK", setting)
+        assert triton_impl.pack_factor(64, 197, 64) == expect
+    monkeypatch.setenv("MATMAMBA_SSD_PACK", "yes")
+    with pytest.raises(ValueError, match="MATMAMBA_SSD_PACK must be"):
+        triton_impl.pack_factor(64, 197, 64)
+
+
 def test_ssd_launch_limits_are_explicit():
     """The (batch x heads) index rides grid axis 0 (2^31 - 1 programs), so large batches launch;
     a sequence with more chunks than grid axis 1 holds gets an error that says what to do."""
@@ -392,6 +465,7 @@ def _main(group: str) -> int:
         "ssd_sequential": lambda failures: _ssd_group("sequential", failures),
         "ssd_launch_options": _ssd_launch_options_group,
         "ssd_fp16": _ssd_fp16_group,
+        "ssd_packed": _ssd_packed_group,
         "conv1d": _conv_group,
         "rmsnorm": _rmsnorm_group,
         "decode": _decode_group,

@@ -43,6 +43,11 @@ cancel (their sums over the chunk cancel exactly), so B3 forms both products fro
 rounded operands and, with 16-bit operands, carries the fp32 scores to about 16 bits as the sum
 of two 16-bit parts (without that, bf16 lost dA to 4e-2 against float64 on the H200).
 
+Short rows are packed (``pack_factor``): a row of l tokens costs ceil(l / Q) whole chunks, so a
+ViT-B/16 row of 197 tokens is 4 chunks of 64, a quarter of them padding. k rows of the batch are
+then scanned as one row of k * l tokens (a view of the inputs, no copy) with segment ids that
+start a new sequence at each original row, and the padding is paid once per k rows.
+
 ``seq_idx`` (packed sequences) zeroes every factor that crosses a change of sequence, exactly as
 ``matmamba.ops.ssd.chunked`` does: pairs in different sequences, contributions to the chunk state
 from positions outside the chunk's last sequence, and the entering state for positions (and chunk
@@ -88,6 +93,85 @@ def _chunk_length() -> int:
     if value not in (16, 32, 64, 128):
         raise ValueError(f"MATMAMBA_SSD_CHUNK must be 16, 32, 64 or 128; got {value}")
     return value
+
+
+# Packing short rows (module docstring). Measured on an H200, bf16, fwd+bwd in a CUDA graph,
+# h64 p24 n128 (session 13): b64 l197 (29.9% of the padded tokens padding) 1.424 ms as is, packed
+# 2 / 4 / 8 / 16 / 32 / 64 rows to a row 1.390 / 1.323 / 1.292 / 1.225 / 1.258 / 1.349 ms, this
+# rule's choice (16) 1.207; the ViT block D768 graphed 2.440 -> 2.227 ms. The segment ids cost 3-8% on
+# their own (b8 l2048: 1.445 -> 1.484 ms; b16 l577: 0.961 -> 1.035, where packing 4 rows, padding
+# 10.9% -> 2.6%, still lost: 0.983), and rows of many chunks cost their state pass (b8 l2048 as
+# one row: 1.662). So rows are packed only where that removes at least _PACK_MIN_SAVING of the
+# padded tokens, into rows of at most _PACK_MAX_TOKENS.
+_PACK_MIN_SAVING = 0.15
+_PACK_MAX_TOKENS = 4096
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: read once per trace
+def _pack_setting() -> int:
+    """MATMAMBA_SSD_PACK: "auto" (default; ``pack_factor`` decides), 0 or 1 (never pack), or k
+    (always pack k rows, where the batch allows it: for tests and benchmarks)."""
+    value = os.environ.get("MATMAMBA_SSD_PACK", "auto").strip().lower()
+    if value in ("", "auto"):
+        return -1
+    if not value.isdigit():
+        raise ValueError(f"MATMAMBA_SSD_PACK must be 'auto', 0 (off) or a row count k >= 1; got {value!r}")
+    return int(value)
+
+
+def _padded_tokens(batch: int, seqlen: int, k: int, Q: int) -> int:
+    return (batch // k) * max(1, cdiv(k * seqlen, Q)) * Q
+
+
+def pack_factor(batch: int, seqlen: int, Q: int) -> int:
+    """How many rows of the batch the scan packs into one row (1: none). Rows are packed where
+    that removes at least _PACK_MIN_SAVING of the padded tokens; k divides the batch, packed rows
+    hold at most _PACK_MAX_TOKENS, and of the k that pad least the largest is taken (b64 l197:
+    k = 8 and 16 both pad 1.5%; 16 measured 1.05x faster). MATMAMBA_SSD_PACK overrides."""
+    setting = _pack_setting()
+    if setting >= 0:
+        return setting if setting >= 1 and batch % setting == 0 else 1
+    if torch.compiler.is_compiling():  # traced once per shape: no need for the memo
+        return _best_pack_factor(batch, seqlen, Q)
+    key = (batch, seqlen, Q)
+    if key not in _PACK_FACTORS:  # (the search is a loop over the batch's divisors: ~10 us)
+        _PACK_FACTORS[key] = _best_pack_factor(batch, seqlen, Q)
+    return _PACK_FACTORS[key]
+
+
+_PACK_FACTORS: dict = {}
+
+
+def _best_pack_factor(batch: int, seqlen: int, Q: int) -> int:
+    unpacked = _padded_tokens(batch, seqlen, 1, Q)
+    best, best_tokens = 1, unpacked
+    for k in range(2, batch + 1):
+        if k * seqlen > _PACK_MAX_TOKENS:
+            break
+        if batch % k == 0 and _padded_tokens(batch, seqlen, k, Q) <= best_tokens:
+            best, best_tokens = k, _padded_tokens(batch, seqlen, k, Q)
+    return best if best_tokens <= (1 - _PACK_MIN_SAVING) * unpacked else 1
+
+
+def _packable(t: Tensor) -> bool:
+    """Whether (b, l, ...) -> (b / k, k * l, ...) is a view: rows follow each other in memory."""
+    return t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1)
+
+
+def _pack_rows(t: Tensor, k: int) -> Tensor:
+    return t.view(t.shape[0] // k, k * t.shape[1], *t.shape[2:])
+
+
+_PACKED_SEGMENTS: dict = {}
+
+
+def _packed_segments(rows: int, k: int, seqlen: int, device) -> Tensor:
+    """(rows, k * seqlen) int32 segment ids, i // seqlen (one tensor per shape, rows by stride 0)."""
+    key = (str(device), k, seqlen)
+    ids = _PACKED_SEGMENTS.get(key)
+    if ids is None:
+        ids = _PACKED_SEGMENTS[key] = torch.arange(k * seqlen, device=device, dtype=torch.int32) // seqlen
+    return ids.expand(rows, k * seqlen)
 
 
 def _pow2(n: int, minimum: int = 16) -> int:
@@ -1002,7 +1086,15 @@ def _check_chunks(nchunks: int, Q: int) -> None:
 
 
 def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus, dt_lo, dt_hi,
-                 Q):
+                 Q, pack=1):
+    """-> y, final state, (dt', Lam, CB, entering states). ``pack`` > 1: k rows scanned as one
+    (``pack_factor``; no initial state or seq_idx then, inputs ``_packable``): y comes back in
+    x's shape, the intermediates and the final state (not one row's: unused) in the packed one."""
+    y_shape = x.shape
+    if pack > 1:
+        rows, seqlen0 = x.shape[0] // pack, x.shape[1]
+        x, dt, B, C = (_pack_rows(t, pack) for t in (x, dt, B, C))
+        seq_idx = _packed_segments(rows, pack, seqlen0, x.device)
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     heads_per_group = nheads // ngroups
@@ -1076,7 +1168,7 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
         D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_SEQ=seq_idx is not None,
         DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
         **_launch("chunk_out_fwd", **_chunk_out_fwd_options(Q, block_p, block_n_full, dot_dtype)))
-    return y, final_state, (dtp, lam, CB, entering)
+    return y.view(y_shape), final_state, (dtp, lam, CB, entering)
 
 
 def _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, device) -> int:
@@ -1087,11 +1179,24 @@ def _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, device) -> 
     return max(1, min(heads_per_group, cdiv(4 * _sm_count(device), programs)))
 
 
-def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=None):
+def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=None, pack=1):
     """Launch the backward. ``out`` may hold tensors (any strides) to write "dx", "ddt", "dB",
-    "dC" into instead of allocating them (then the returned entries are those tensors)."""
+    "dC" into instead of allocating them (then the returned entries are those tensors). ``pack``:
+    the forward's (``saved`` holds the inputs in their own shapes, the intermediates packed)."""
     out = out or {}
     (x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dtp, lam, CB, entering) = saved
+    if pack > 1:
+        shapes = dict(dx=x.shape, ddt=dt.shape, dB=B.shape, dC=C.shape)
+        rows, seqlen0 = x.shape[0] // pack, x.shape[1]
+        x, dt, B, C = (_pack_rows(t, pack) for t in (x, dt, B, C))
+        dy = dy.reshape(rows, pack * seqlen0, *dy.shape[2:])
+        out = {name: _pack_rows(t, pack) for name, t in out.items()}
+        seq_idx = _packed_segments(rows, pack, seqlen0, x.device)
+        grads = _ssd_backward(dy, None, (x, dt, A, B, C, D, dt_bias, None, seq_idx, dtp, lam, CB,
+                                         entering), dt_softplus, dt_lo, dt_hi, Q, needs, out)
+        dx, ddt, dA, dB, dC, dD, d_bias, _ = grads
+        return (dx.view(shapes["dx"]), ddt.view(shapes["ddt"]), dA, dB.view(shapes["dB"]),
+                dC.view(shapes["dC"]), dD, d_bias, None)
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     heads_per_group = nheads // ngroups
@@ -1224,45 +1329,47 @@ def _empty0(like: Tensor) -> Tensor:
 
 
 def _ssd_scan_fwd_impl(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus, dt_lo,
-                       dt_hi, chunk):
-    """-> (y, final_state, dt', Lam, CB, entering states). ``seq_idx`` here is segment ids."""
+                       dt_hi, chunk, pack):
+    """-> (y, final_state, dt', Lam, CB, entering states). ``seq_idx`` here is segment ids.
+    With ``pack`` > 1 the final state is absent (a (0,) tensor: the caller does not want it)."""
     y, final_state, (dtp, lam, CB, entering) = _ssd_forward(
-        x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus, dt_lo, dt_hi, chunk)
-    return y, final_state, dtp, lam, CB, entering
+        x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus, dt_lo, dt_hi, chunk, pack)
+    return y, final_state if pack == 1 else _empty0(final_state), dtp, lam, CB, entering
 
 
 ssd_scan_fwd_op = torch.library.custom_op(
     "matmamba::ssd_scan_fwd", _ssd_scan_fwd_impl, mutates_args=(),
     schema="(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? dt_bias, "
            "Tensor? initial_state, Tensor? seq_idx, bool dt_softplus, float dt_lo, float dt_hi, "
-           "int chunk) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+           "int chunk, int pack) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 @ssd_scan_fwd_op.register_fake
 def _ssd_scan_fwd_fake(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus, dt_lo,
-                       dt_hi, chunk):
+                       dt_hi, chunk, pack):
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
-    nchunks = max(1, cdiv(seqlen, chunk))
+    rows, length = batch // pack, seqlen * pack  # the intermediates' (packed) rows
+    nchunks = max(1, cdiv(length, chunk))
     state_dtype = (x.dtype if STATES_IN_INPUT_DTYPE and x.dtype in (torch.float16, torch.bfloat16)
                    else torch.float32)
     f32 = dict(device=x.device, dtype=torch.float32)
     return (x.new_empty(batch, seqlen, nheads, headdim),
-            torch.empty(batch, nheads, headdim, dstate, **f32),
-            torch.empty(batch, nheads, nchunks * chunk, **f32),
-            torch.empty(batch, nheads, nchunks * chunk, **f32),
-            torch.empty(batch, nchunks, ngroups, chunk, chunk, **f32),
-            torch.empty(batch, nchunks, nheads, headdim, dstate, device=x.device,
+            torch.empty(batch, nheads, headdim, dstate, **f32) if pack == 1 else _empty0(x),
+            torch.empty(rows, nheads, nchunks * chunk, **f32),
+            torch.empty(rows, nheads, nchunks * chunk, **f32),
+            torch.empty(rows, nchunks, ngroups, chunk, chunk, **f32),
+            torch.empty(rows, nchunks, nheads, headdim, dstate, device=x.device,
                         dtype=state_dtype))
 
 
 def _ssd_scan_bwd_impl(dy, d_final, x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dtp,
-                       lam, CB, entering, dt_softplus, dt_lo, dt_hi, chunk):
+                       lam, CB, entering, dt_softplus, dt_lo, dt_hi, chunk, pack):
     """-> (dx, ddt, dA, dB, dC, dD, d dt_bias, d initial_state); absent inputs get (0,) tensors."""
     saved = (x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dtp, lam, CB, entering)
     needs = {"A": True, "D": True, "dt_bias": True}
     dx, ddt, dA, dB, dC, dD, d_bias, d_init = _ssd_backward(
-        dy, d_final, saved, dt_softplus, dt_lo, dt_hi, chunk, needs)
+        dy, d_final, saved, dt_softplus, dt_lo, dt_hi, chunk, needs, pack=pack)
     return (dx, ddt, dA, dB, dC, dD if dD is not None else _empty0(x),
             d_bias if d_bias is not None else _empty0(x),
             d_init if d_init is not None else _empty0(x))
@@ -1273,12 +1380,12 @@ ssd_scan_bwd_op = torch.library.custom_op(
     schema="(Tensor dy, Tensor? d_final, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
            "Tensor? D, Tensor? dt_bias, Tensor? initial_state, Tensor? seq_idx, Tensor dtp, "
            "Tensor lam, Tensor CB, Tensor entering, bool dt_softplus, float dt_lo, float dt_hi, "
-           "int chunk) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+           "int chunk, int pack) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 @ssd_scan_bwd_op.register_fake
 def _ssd_scan_bwd_fake(dy, d_final, x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dtp,
-                       lam, CB, entering, dt_softplus, dt_lo, dt_hi, chunk):
+                       lam, CB, entering, dt_softplus, dt_lo, dt_hi, chunk, pack):
     return (x.new_empty(x.shape), dt.new_empty(dt.shape), A.new_empty(A.shape),
             B.new_empty(B.shape), C.new_empty(C.shape),
             D.new_empty(D.shape) if D is not None else _empty0(x),
@@ -1289,11 +1396,11 @@ def _ssd_scan_bwd_fake(dy, d_final, x, dt, A, B, C, D, dt_bias, initial_state, s
 
 def _ssd_setup_context(ctx, inputs, output):
     (x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus, dt_lo, dt_hi,
-     chunk) = inputs
+     chunk, pack) = inputs
     _, _, dtp, lam, CB, entering = output
     ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx,
                           dtp, lam, CB, entering)
-    ctx.config = (dt_softplus, dt_lo, dt_hi, chunk)
+    ctx.config = (dt_softplus, dt_lo, dt_hi, chunk, pack)
     ctx.mark_non_differentiable(dtp, lam, CB, entering)
     ctx.set_materialize_grads(False)  # no zero tensors for unused outputs' gradients
 
@@ -1302,20 +1409,20 @@ def _ssd_grads(ctx, grad_outputs, backward_op):
     dy, d_final = grad_outputs[:2]  # the rest are non-differentiable intermediates
     saved = ctx.saved_tensors
     x, D, dt_bias, initial_state = saved[0], saved[5], saved[6], saved[7]
-    dt_softplus, dt_lo, dt_hi, chunk = ctx.config
+    dt_softplus, dt_lo, dt_hi, chunk, pack = ctx.config
     if dy is None:
         dy = torch.zeros_like(x)
     if d_final is not None:
         d_final = d_final.contiguous()
     dx, ddt, dA, dB, dC, dD, d_bias, d_init = backward_op(
-        dy, d_final, *saved, dt_softplus, dt_lo, dt_hi, chunk)
+        dy, d_final, *saved, dt_softplus, dt_lo, dt_hi, chunk, pack)
     needs = ctx.needs_input_grad
     return (dx if needs[0] else None, ddt if needs[1] else None, dA if needs[2] else None,
             dB if needs[3] else None, dC if needs[4] else None,
             dD if D is not None and needs[5] else None,
             d_bias if dt_bias is not None and needs[6] else None,
             d_init if initial_state is not None and needs[7] else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _ssd_scan = differentiable_triton_op(
@@ -1355,6 +1462,10 @@ def ssd_scan_triton(
         initial_state = initial_state.contiguous()
     if seq_idx is not None:
         seq_idx = segment_ids(seq_idx)  # equal exactly where no boundary lies between
+    chunk, pack = _chunk_length(), 1
+    if (initial_state is None and seq_idx is None and not return_final_state
+            and all(_packable(t) for t in (x, dt, B, C))):
+        pack = pack_factor(x.shape[0], x.shape[1], chunk)
     y, final_state, *_ = _ssd_scan(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx,
-                              bool(dt_softplus), dt_lo, dt_hi, _chunk_length())
+                              bool(dt_softplus), dt_lo, dt_hi, chunk, pack)
     return (y, final_state) if return_final_state else y

@@ -33,7 +33,7 @@ import torch
 
 from ..conv1d.triton_impl import conv_backward, conv_forward
 from ..rmsnorm.triton_impl import rmsnorm_backward, rmsnorm_forward
-from ..ssd.triton_impl import _chunk_length, _ssd_backward, _ssd_forward
+from ..ssd.triton_impl import _chunk_length, _packable, _ssd_backward, _ssd_forward, pack_factor
 from .custom_ops import differentiable_triton_op, segment_ids
 
 Tensor = torch.Tensor
@@ -85,7 +85,7 @@ def _column_maps(device, gn: int, nheads_total: int, headdim: int, k: int):
 # ----------------------------------------------------------------------------------------------
 
 _CORE_CFG = ("int ngroups, int dstate, int headdim, int nheads_total, float eps, "
-             "bool norm_before_gate, float dt_lo, float dt_hi, int chunk")
+             "bool norm_before_gate, float dt_lo, float dt_hi, int chunk, int pack")
 
 
 def _views(conv_out, zxbcdt, ngroups, dstate, headdim, k):
@@ -99,7 +99,8 @@ def _views(conv_out, zxbcdt, ngroups, dstate, headdim, k):
 
 
 def _core_fwd_impl(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments, ngroups,
-                   dstate, headdim, nheads_total, eps, norm_before_gate, dt_lo, dt_hi, chunk):
+                   dstate, headdim, nheads_total, eps, norm_before_gate, dt_lo, dt_hi, chunk,
+                   pack):
     """-> (out (b,l,kP), conv_out, y, rstd, dt', Lam, CB, entering)."""
     batch, seqlen, width_cols = zxbcdt.shape
     gn = ngroups * dstate
@@ -110,7 +111,7 @@ def _core_fwd_impl(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, s
                             colmap_vec=vec)
     B, C, x, dt = _views(conv_out, zxbcdt, ngroups, dstate, headdim, k)
     y, _, (dtp, lam, CB, entering) = _ssd_forward(
-        x, dt, A, B, C, D, dt_bias, None, segments, True, dt_lo, dt_hi, chunk)
+        x, dt, A, B, C, D, dt_bias, None, segments, True, dt_lo, dt_hi, chunk, pack)
     y2 = y.view(batch * seqlen, k * headdim)
     z2 = zxbcdt.view(batch * seqlen, width_cols)
     out, rstd = rmsnorm_forward(y2, z2, norm_weight, eps, norm_before_gate, k * headdim, z_cols,
@@ -128,11 +129,12 @@ mamba2_mixer_core_fwd_op = torch.library.custom_op(
 @mamba2_mixer_core_fwd_op.register_fake
 def _mamba2_mixer_core_fwd_fake(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight,
                                 segments, ngroups, dstate, headdim, nheads_total, eps,
-                                norm_before_gate, dt_lo, dt_hi, chunk):
+                                norm_before_gate, dt_lo, dt_hi, chunk, pack):
     batch, seqlen, _ = zxbcdt.shape
     gn = ngroups * dstate
     k = dt_bias.shape[0]
-    nchunks = max(1, (seqlen + chunk - 1) // chunk)
+    rows = batch // pack  # the scan's intermediates are in its packed rows
+    nchunks = max(1, (seqlen * pack + chunk - 1) // chunk)
     state_dtype = (zxbcdt.dtype if zxbcdt.dtype in (torch.float16, torch.bfloat16)
                    else torch.float32)
     f32 = dict(device=zxbcdt.device, dtype=torch.float32)
@@ -140,16 +142,16 @@ def _mamba2_mixer_core_fwd_fake(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, n
             zxbcdt.new_empty(batch, seqlen, 2 * gn + k * headdim),
             zxbcdt.new_empty(batch, seqlen, k, headdim),
             torch.empty(batch * seqlen, 1, **f32),
-            torch.empty(batch, k, nchunks * chunk, **f32),
-            torch.empty(batch, k, nchunks * chunk, **f32),
-            torch.empty(batch, nchunks, ngroups, chunk, chunk, **f32),
-            torch.empty(batch, nchunks, k, headdim, dstate, device=zxbcdt.device,
+            torch.empty(rows, k, nchunks * chunk, **f32),
+            torch.empty(rows, k, nchunks * chunk, **f32),
+            torch.empty(rows, nchunks, ngroups, chunk, chunk, **f32),
+            torch.empty(rows, nchunks, k, headdim, dstate, device=zxbcdt.device,
                         dtype=state_dtype))
 
 
 def _core_bwd_impl(d_out, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments,
                    conv_out, y, rstd, dtp, lam, CB, entering, ngroups, dstate, headdim,
-                   nheads_total, eps, norm_before_gate, dt_lo, dt_hi, chunk):
+                   nheads_total, eps, norm_before_gate, dt_lo, dt_hi, chunk, pack):
     """-> (d zxbcdt, d conv_weight, d conv_bias, d dt_bias, dA, dD, d norm_weight); absent
     optional inputs get (0,) tensors."""
     batch, seqlen, width_cols = zxbcdt.shape
@@ -180,7 +182,7 @@ def _core_bwd_impl(d_out, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_we
     outs = {"dx": dx_out, "ddt": ddt_out, "dB": dB_out, "dC": dC_out}
     _, _, dA, _, _, dD, d_dt_bias, _ = _ssd_backward(
         dy.view(batch, seqlen, k, headdim), None, saved, True, dt_lo, dt_hi, chunk, needs,
-        out=outs)
+        out=outs, pack=pack)
 
     # conv: dx into d_zxbcdt's B, C and x columns
     _, d_conv_weight, d_conv_bias, _ = conv_backward(
@@ -203,7 +205,7 @@ mamba2_mixer_core_bwd_op = torch.library.custom_op(
 def _mamba2_mixer_core_bwd_fake(d_out, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight,
                                 segments, conv_out, y, rstd, dtp, lam, CB, entering, ngroups,
                                 dstate, headdim, nheads_total, eps, norm_before_gate, dt_lo,
-                                dt_hi, chunk):
+                                dt_hi, chunk, pack):
     return (torch.empty_like(zxbcdt), conv_weight.new_empty(conv_weight.shape),
             conv_bias.new_empty(conv_bias.shape) if conv_bias is not None else zxbcdt.new_empty((0,)),
             dt_bias.new_empty(dt_bias.shape), A.new_empty(A.shape),
@@ -225,7 +227,7 @@ def _core_grads(ctx, grad_outputs, backward_op):
     d_out = grad_outputs[0]  # the rest are non-differentiable intermediates
     saved = ctx.saved_tensors
     if d_out is None:
-        return (None,) * 17
+        return (None,) * 18
     conv_bias, D = saved[2], saved[5]
     grads = backward_op(d_out, *saved, *ctx.cfg)
     d_zxbcdt, d_conv_weight, d_conv_bias, d_dt_bias, dA, dD, d_norm_weight = grads
@@ -234,7 +236,7 @@ def _core_grads(ctx, grad_outputs, backward_op):
             d_conv_bias if conv_bias is not None and needs[2] else None,
             d_dt_bias if needs[3] else None, dA if needs[4] else None,
             dD if D is not None and needs[5] else None, d_norm_weight if needs[6] else None,
-            *(None,) * 10)
+            *(None,) * 11)
 
 
 _mamba2_mixer_core = differentiable_triton_op(
@@ -284,9 +286,13 @@ def mamba2_mixer_core_triton(
                          f"{tuple(dt_bias.shape)} and {tuple(A.shape)}")
     segments = segment_ids(seq_idx) if seq_idx is not None else None
     dt_lo, dt_hi = (float(v) for v in dt_limit)
+    chunk = _chunk_length()
+    # the scan reads x, B, C in the conv's (contiguous) output and dt in zxbcdt, whose rows follow
+    # each other (made so above): short rows can be packed (ssd.triton_impl.pack_factor)
+    pack = pack_factor(batch, seqlen, chunk) if segments is None and _packable(zxbcdt) else 1
     return _mamba2_mixer_core(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments, ngroups,
                 dstate, headdim, nheads_total, float(eps), bool(norm_before_gate), dt_lo, dt_hi,
-                _chunk_length())[0]
+                chunk, pack)[0]
 
 
 def mamba2_mixer_core_reference(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, *,
