@@ -447,6 +447,11 @@ def test_ssd_pack_factor_packs_only_where_padding_is_large(monkeypatch):
     monkeypatch.setenv("MATMAMBA_SSD_PACK", "yes")
     with pytest.raises(ValueError, match="MATMAMBA_SSD_PACK must be"):
         triton_impl.pack_factor(64, 197, 64)
+    # what the packed launches refuse (the custom ops can be called with any pack)
+    with pytest.raises(ValueError, match="must divide the batch"):
+        triton_impl._check_pack(3, 64, None, None)
+    with pytest.raises(ValueError, match="without initial_state and seq_idx"):
+        triton_impl._check_pack(4, 64, None, object())
 
 
 def test_ssd_launch_limits_are_explicit():

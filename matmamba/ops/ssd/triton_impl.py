@@ -158,6 +158,14 @@ def _packable(t: Tensor) -> bool:
     return t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1)
 
 
+def _check_pack(pack: int, batch: int, initial_state, seq_idx) -> None:
+    if batch % pack:
+        raise ValueError(f"ssd_scan (triton): pack={pack} must divide the batch ({batch})")
+    if initial_state is not None or seq_idx is not None:
+        raise ValueError("ssd_scan (triton): rows are packed only without initial_state and seq_idx "
+                         "(pack_factor's caller checks); pass pack=1")
+
+
 def _pack_rows(t: Tensor, k: int) -> Tensor:
     return t.view(t.shape[0] // k, k * t.shape[1], *t.shape[2:])
 
@@ -1092,6 +1100,7 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
     x's shape, the intermediates and the final state (not one row's: unused) in the packed one."""
     y_shape = x.shape
     if pack > 1:
+        _check_pack(pack, x.shape[0], initial_state, seq_idx)
         rows, seqlen0 = x.shape[0] // pack, x.shape[1]
         x, dt, B, C = (_pack_rows(t, pack) for t in (x, dt, B, C))
         seq_idx = _packed_segments(rows, pack, seqlen0, x.device)
@@ -1186,6 +1195,9 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     out = out or {}
     (x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dtp, lam, CB, entering) = saved
     if pack > 1:
+        _check_pack(pack, x.shape[0], initial_state, seq_idx)
+        if d_final is not None and d_final.numel():
+            raise ValueError("ssd_scan (triton): packed rows have no final state to take a gradient of")
         shapes = dict(dx=x.shape, ddt=dt.shape, dB=B.shape, dC=C.shape)
         rows, seqlen0 = x.shape[0] // pack, x.shape[1]
         x, dt, B, C = (_pack_rows(t, pack) for t in (x, dt, B, C))
@@ -1355,7 +1367,7 @@ def _ssd_scan_fwd_fake(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_so
                    else torch.float32)
     f32 = dict(device=x.device, dtype=torch.float32)
     return (x.new_empty(batch, seqlen, nheads, headdim),
-            torch.empty(batch, nheads, headdim, dstate, **f32) if pack == 1 else _empty0(x),
+            torch.empty(batch, nheads, headdim, dstate, **f32) if pack == 1 else torch.empty(0, **f32),
             torch.empty(rows, nheads, nchunks * chunk, **f32),
             torch.empty(rows, nheads, nchunks * chunk, **f32),
             torch.empty(rows, nchunks, ngroups, chunk, chunk, **f32),
