@@ -116,15 +116,15 @@ def launch_costs(shape) -> dict:
     CB = torch.empty(b, nchunks, 1, Q, Q, device="cuda")
     dot_dtype, dot_prec = ti._dot_config(x.dtype)
     grid = (b, nchunks)
-    args = (C, B, CB, l, 1, n, *C.stride(), *B.stride())
-    consts = dict(Q=Q, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, BLOCK_N=128, num_warps=4)
+    args = (C, B, C, CB, l, 1, n, *C.stride(), *B.stride(), 0, 0)  # (no seq_idx: C stands in)
+    consts = dict(Q=Q, HAS_SEQ=False, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, BLOCK_N=128, num_warps=4)
     compiled = ti._cb_kernel[grid](*args, **consts)
     out["cb_kernel_jit_launch"] = host_us(lambda: ti._cb_kernel[grid](*args, **consts), 500)
     # the same compiled kernel, skipping Triton's binder and cache lookup: the launcher takes
     # every parameter in order, constexprs included
     stream = torch.cuda.current_stream().cuda_stream
     by_name = dict(zip((param.name for param in ti._cb_kernel.params), args), Q=Q, BLOCK_N=128,
-                   DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec)
+                   HAS_SEQ=False, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec)
     kernel_args = [by_name[param.name] for param in ti._cb_kernel.params]
     run, function, meta = compiled.run, compiled.function, compiled.packed_metadata
 

@@ -12,7 +12,7 @@ sequence is cut into chunks of Q positions; inside chunk c, t and s are position
 
 Forward (four launches; K1 and K2 fused in the "sequential" state form)::
 
-    K0  CB[t, s]   = C_t . B_s                                  per (b, chunk, group), fp32
+    K0  CB[t, s]   = C_t . B_s  (0 if t, s in different seqs)   per (b, chunk, group), fp32
     K1  S_c        = sum_s exp(Lam_end - Lam_s) xt_s B_s^T      per (b, chunk, head), fp32
                      (also writes dt' and Lam for the other kernels)
     K2  H0_{c+1}   = exp(Lam_end_c) H0_c + S_c                  sequential over chunks, fp32
@@ -259,11 +259,12 @@ def _seq_masks(seq_ptr, stride_seq_b, stride_seq_l, b, chunk_start, t_idx, seqle
 
 @triton.jit
 def _cb_kernel(
-    C_ptr, B_ptr, CB_ptr,
+    C_ptr, B_ptr, seq_ptr, CB_ptr,
     seqlen, ngroups, dstate,
     s_cb, s_cl, s_cg, s_cn,
     s_bb, s_bl, s_bg, s_bn,
-    Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    s_seqb, s_seql,
+    Q: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     c = tl.program_id(1)
@@ -284,6 +285,9 @@ def _cb_kernel(
                          + (n0 + offs_n)[:, None] * s_bn,
                          mask=valid[None, :] & n_mask[:, None], other=0.0)   # (N, Q): B^T
         acc += tl.dot(c_tile.to(DOT_DTYPE), b_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
+    if HAS_SEQ:  # pairs in different sequences: 0 here, once per group, not in every head's K3/B3
+        seq_t = tl.load(seq_ptr + b * s_seqb + tl.minimum(t_idx, seqlen - 1) * s_seql)
+        acc = tl.where(seq_t[:, None] == seq_t[None, :], acc, 0.0)
     offs_q = tl.arange(0, Q)
     out = CB_ptr + ((b * nchunks + c) * ngroups + g) * Q * Q
     tl.store(out + offs_q[:, None] * Q + offs_q[None, :], acc)
@@ -568,8 +572,7 @@ def _chunk_out_fwd_kernel(
         seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
                                               seqlen, Q)
         from_start = tl.where(seq_t == seq_prev, from_start, 0.0)
-        # seq ids along the other axis (same values, column layout)
-        pair_ok = pair_ok & (seq_t[:, None] == seq_t[None, :])
+        # (pairs in different sequences: K0 wrote CB = 0 there, so their scores are 0)
 
     # Inter-chunk: C (Q, N) @ H0^T (N, P)
     acc = tl.zeros((Q, BLOCK_P), dtype=tl.float32)
@@ -707,7 +710,7 @@ def _chunk_bwd_dx_kernel(
         from_start = tl.where(seq_t == seq_prev, from_start, 0.0)
         to_end = tl.where(seq_t == seq_end, to_end, 0.0)
         keep_start = tl.where(seq_end == seq_prev, 1.0, 0.0)
-        pair_ok = pair_ok & (seq_t[:, None] == seq_t[None, :])
+        # (pairs in different sequences: CB = 0 there, from K0)
 
     # State terms, N in blocks:  B G^T -> dxt_state,  C H0^T -> y_inter,  <G, H0>
     state_slot = ((b * nchunks + c) * nheads + h) * headdim * dstate
@@ -840,9 +843,10 @@ def _chunk_bwd_dbdc_kernel(
     if HAS_SEQ:
         seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
                                               seqlen, Q)
-        pair_ok = pair_ok & (seq_t[:, None] == seq_t[None, :])
         from_start_ok = from_start_ok & (seq_t == seq_prev)
         to_end_ok = to_end_ok & (seq_t == seq_end)
+        # (pairs in different sequences: zeroed in W once, after the head loop; their per-head
+        # L_ts = exp(Lam_t - Lam_s) <= 1 is finite, so the sum over heads can be masked after)
 
     w_acc = tl.zeros((Q, Q), dtype=tl.float32)
     dc_acc = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
@@ -879,6 +883,8 @@ def _chunk_bwd_dbdc_kernel(
                      mask=qn_mask, other=0.0)
     c_tile = tl.load(C_ptr + b * s_cb + g * s_cg + t_idx[:, None] * s_cl + offs_n[None, :] * s_cn,
                      mask=qn_mask, other=0.0)
+    if HAS_SEQ:
+        w_acc = tl.where(seq_t[:, None] == seq_t[None, :], w_acc, 0.0)
     w_low = w_acc.to(DOT_DTYPE)
     dc_acc += tl.dot(w_low, b_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
     db_acc += tl.dot(tl.trans(w_low), c_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
@@ -1130,8 +1136,8 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
     y = torch.empty(batch, seqlen, nheads, headdim, device=dev, dtype=x.dtype)
 
     launch(_cb_kernel, (batch * ngroups, nchunks),
-        C, B, CB, seqlen, ngroups, dstate, *C.stride(), *B.stride(),
-        Q=Q, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
+        C, B, seq_arg, CB, seqlen, ngroups, dstate, *C.stride(), *B.stride(), *s_seq,
+        Q=Q, HAS_SEQ=seq_idx is not None, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
         **_launch("cb", BLOCK_N=block_n, num_warps=warps))
     state_size = headdim * dstate
     if _state_form(batch * nheads, dstate, dev) == "sequential":
