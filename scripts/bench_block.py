@@ -17,6 +17,10 @@ All block cases: bf16 autocast, fp32 weights, forward + backward of a random cot
 gradient included. Peak memory is ``max_memory_allocated`` during one call minus what was
 allocated before it. JSON goes to ``--json``; a table is printed last.
 
+Cases beyond the default list (``--cases``): ``variants`` (the scan's state forms x chunk
+lengths), ``profile`` (per-kernel CUDA time), ``pack`` (the scan with k rows packed into one,
+every k against the op's own choice, and the ViT block with packing off and on; ours only).
+
 mamba_ssm / fla-core are imported from wherever Python finds them (scripts/gpu_visit.sh installs
 the wheels to /tmp/site). ``selective_scan_cuda`` is replaced by an empty module and the
 ``mamba_ssm`` package's __init__ is bypassed (it imports CUDA extensions the Mamba2 Triton path
@@ -707,7 +711,8 @@ def print_table():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=None)
-    parser.add_argument("--cases", default="ceilings,ssd,block,vit,cold,lengths,decode,ssd32,block1024")
+    parser.add_argument("--cases", default="ceilings,ssd,block,vit,cold,lengths,decode,ssd32,block1024",
+                        help="comma list; also: variants, profile, pack")
     parser.add_argument("--budget-s", type=float, default=1e9,
                         help="skip the remaining cases once this many seconds have passed")
     parser.add_argument("--chunks", default="64", help="SSD chunk lengths to time")
