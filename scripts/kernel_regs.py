@@ -51,7 +51,8 @@ BLOCK_CASE_INTS = {
     "s_dtb": _L * _ZX, "s_dtl": _ZX, "s_ddtb": _L * _ZX, "s_ddtl": _ZX, "s_dth": 1, "s_ddth": 1,
     "s_dyb": _L * _Y, "s_dyl": _Y, "s_dyh": 24, "s_yb": _L * _Y, "s_yl": _Y, "s_yh": 24,
     **{f"s_{t}": 1 for t in ("xp", "dxp", "dyp", "yp", "bn", "cn")},
-    "s_seqb": 0, "s_seql": 0,
+    # segment ids (--const HAS_SEQ=1) as the packed scan passes them: one row shared by stride 0
+    "s_seqb": 0, "s_seql": 1,
 }
 
 
