@@ -33,7 +33,8 @@ from matmamba.ops.ssd import triton_impl as ti  # noqa: E402
 # Pointer arguments that hold the input dtype (bf16 here); every other pointer is fp32. The
 # stored states (H0, G) take the input dtype, as _ssd_forward allocates them.
 LOW_PRECISION_PTRS = {"x_ptr", "dt_ptr", "B_ptr", "C_ptr", "dy_ptr", "H0_ptr", "G_ptr", "dx_ptr",
-                      "ddt_ptr", "seq_ptr"}
+                      "ddt_ptr"}
+INT32_PTRS = {"seq_ptr"}  # segment ids
 FLOAT_SCALARS = {"dt_lo", "dt_hi"}
 # The integer arguments' values in the D=768 block's layout at b8 l2048 (64 heads of 24, N 128, one
 # group; x, B, C are column views of the conv output (1792 columns), dt of the in_proj output
@@ -85,7 +86,8 @@ def compile_for_hopper(fn, constexprs: dict, num_warps: int, num_stages: int,
             signature[name] = "constexpr"
             fixed[(i,)] = constexprs[name] if name in constexprs or not param.has_default else param.default
         elif name.endswith("_ptr"):
-            signature[name] = "*bf16" if name in LOW_PRECISION_PTRS else "*fp32"
+            signature[name] = ("*bf16" if name in LOW_PRECISION_PTRS
+                               else "*i32" if name in INT32_PTRS else "*fp32")
             attrs[(i,)] = divisible
         elif name in FLOAT_SCALARS:
             signature[name] = "fp32"
