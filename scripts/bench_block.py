@@ -606,8 +606,9 @@ def case_pack(shapes, factors=(2, 4, 8, 16)):
         dy = torch.randn(b, l, h, p, device="cuda", dtype=torch.bfloat16)
         variants = [("k1", 1, None), ("k1 zero ids", 1, "zeros")]
         variants += [(f"k{k}", k, "pack") for k in factors if k > 1 and b % k == 0]
+        Q = triton_impl._chunk_length()
         if hasattr(triton_impl, "pack_factor"):
-            variants.append((f"auto (k{triton_impl.pack_factor(b, l, 64)})", 1, "auto"))
+            variants.append((f"auto (k{triton_impl.pack_factor(b, l, Q)})", 1, "auto"))
         base_ms = None
         for label, k, ids in variants:
             os.environ["MATMAMBA_SSD_PACK"] = "auto" if ids == "auto" else "0"
@@ -633,7 +634,7 @@ def case_pack(shapes, factors=(2, 4, 8, 16)):
                 add("ssd packed", f"b{b} l{l} h{h} {label}", note=f"failed: {type(error).__name__}: {error}"[:200])
                 continue
             base_ms = base_ms or graphed["ms"]
-            padded = rows * -(-length // 64) * 64
+            padded = rows * -(-length // Q) * Q
             add("ssd packed fwd+bwd, graphed", f"b{b} l{l} h{h} p{p} n{n} {label}", graphed,
                 dict(ms=base_ms), "k1 graphed",
                 f"eager {eager['ms']:.3f} ms; padded tokens {padded / (b * l) - 1:+.1%}",
@@ -653,7 +654,8 @@ def case_pack(shapes, factors=(2, 4, 8, 16)):
             ours, _, _ = block_step_fns(block, None, 64, 197, 768, width, fused=True, graphed=True)
             times[setting] = bench(ours)
         add("block ViT, packing on vs off, graphed", f"D768 b64 l197 width {width}", times["auto"],
-            times["0"], "packing off", f"k{triton_impl.pack_factor(64, 197, 64)}", width=width)
+            times["0"], "packing off", f"k{triton_impl.pack_factor(64, 197, triton_impl._chunk_length())}",
+            width=width)
     os.environ.pop("MATMAMBA_SSD_PACK", None)
     del block
     torch.cuda.empty_cache()

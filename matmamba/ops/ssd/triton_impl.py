@@ -148,8 +148,11 @@ def _best_pack_factor(batch: int, seqlen: int, Q: int) -> int:
     for k in range(2, batch + 1):
         if k * seqlen > _PACK_MAX_TOKENS:
             break
-        if batch % k == 0 and _padded_tokens(batch, seqlen, k, Q) <= best_tokens:
-            best, best_tokens = k, _padded_tokens(batch, seqlen, k, Q)
+        if batch % k:
+            continue
+        tokens = _padded_tokens(batch, seqlen, k, Q)
+        if tokens <= best_tokens:
+            best, best_tokens = k, tokens
     return best if best_tokens <= (1 - _PACK_MIN_SAVING) * unpacked else 1
 
 
@@ -180,6 +183,24 @@ def _packed_segments(rows: int, k: int, seqlen: int, device) -> Tensor:
     if ids is None:
         ids = _PACKED_SEGMENTS[key] = torch.arange(k * seqlen, device=device, dtype=torch.int32) // seqlen
     return ids.expand(rows, k * seqlen)
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the entering states (and the backward's G) are stored in: STATES_IN_INPUT_DTYPE."""
+    return (dtype if STATES_IN_INPUT_DTYPE and dtype in (torch.float16, torch.bfloat16)
+            else torch.float32)
+
+
+def scan_intermediates_fake(batch, seqlen, nheads, headdim, ngroups, dstate, chunk, pack, dtype,
+                            device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Empty tensors shaped like ``_ssd_forward``'s intermediates (dt', Lam, CB, entering
+    states), which are in the scan's packed rows: the custom ops' fake functions return these."""
+    rows, nchunks = batch // pack, max(1, cdiv(seqlen * pack, chunk))
+    f32 = dict(device=device, dtype=torch.float32)
+    return (torch.empty(rows, nheads, nchunks * chunk, **f32),
+            torch.empty(rows, nheads, nchunks * chunk, **f32),
+            torch.empty(rows, nchunks, ngroups, chunk, chunk, **f32),
+            torch.empty(rows, nchunks, nheads, headdim, dstate, device=device, dtype=_state_dtype(dtype)))
 
 
 def _pow2(n: int, minimum: int = 16) -> int:
@@ -1118,8 +1139,7 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
     padded_len = nchunks * Q
     dev = x.device
     dot_dtype, dot_prec = _dot_config(x.dtype)
-    state_dtype = (x.dtype if STATES_IN_INPUT_DTYPE and x.dtype in (torch.float16, torch.bfloat16)
-                   else torch.float32)
+    state_dtype = _state_dtype(x.dtype)
     block_p = _pow2(headdim)
     block_n_full = _pow2(dstate)
     block_n = min(block_n_full, 128)
@@ -1367,18 +1387,11 @@ def _ssd_scan_fwd_fake(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_so
                        dt_hi, chunk, pack):
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
-    rows, length = batch // pack, seqlen * pack  # the intermediates' (packed) rows
-    nchunks = max(1, cdiv(length, chunk))
-    state_dtype = (x.dtype if STATES_IN_INPUT_DTYPE and x.dtype in (torch.float16, torch.bfloat16)
-                   else torch.float32)
     f32 = dict(device=x.device, dtype=torch.float32)
     return (x.new_empty(batch, seqlen, nheads, headdim),
             torch.empty(batch, nheads, headdim, dstate, **f32) if pack == 1 else torch.empty(0, **f32),
-            torch.empty(rows, nheads, nchunks * chunk, **f32),
-            torch.empty(rows, nheads, nchunks * chunk, **f32),
-            torch.empty(rows, nchunks, ngroups, chunk, chunk, **f32),
-            torch.empty(rows, nchunks, nheads, headdim, dstate, device=x.device,
-                        dtype=state_dtype))
+            *scan_intermediates_fake(batch, seqlen, nheads, headdim, ngroups, dstate, chunk, pack,
+                                     x.dtype, x.device))
 
 
 def _ssd_scan_bwd_impl(dy, d_final, x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dtp,

@@ -33,7 +33,8 @@ import torch
 
 from ..conv1d.triton_impl import conv_backward, conv_forward
 from ..rmsnorm.triton_impl import rmsnorm_backward, rmsnorm_forward
-from ..ssd.triton_impl import _chunk_length, _packable, _ssd_backward, _ssd_forward, pack_factor
+from ..ssd.triton_impl import (_chunk_length, _ssd_backward, _ssd_forward, pack_factor,
+                               scan_intermediates_fake)
 from .custom_ops import differentiable_triton_op, segment_ids
 
 Tensor = torch.Tensor
@@ -133,20 +134,13 @@ def _mamba2_mixer_core_fwd_fake(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, n
     batch, seqlen, _ = zxbcdt.shape
     gn = ngroups * dstate
     k = dt_bias.shape[0]
-    rows = batch // pack  # the scan's intermediates are in its packed rows
-    nchunks = max(1, (seqlen * pack + chunk - 1) // chunk)
-    state_dtype = (zxbcdt.dtype if zxbcdt.dtype in (torch.float16, torch.bfloat16)
-                   else torch.float32)
     f32 = dict(device=zxbcdt.device, dtype=torch.float32)
     return (zxbcdt.new_empty(batch, seqlen, k * headdim),
             zxbcdt.new_empty(batch, seqlen, 2 * gn + k * headdim),
             zxbcdt.new_empty(batch, seqlen, k, headdim),
             torch.empty(batch * seqlen, 1, **f32),
-            torch.empty(rows, k, nchunks * chunk, **f32),
-            torch.empty(rows, k, nchunks * chunk, **f32),
-            torch.empty(rows, nchunks, ngroups, chunk, chunk, **f32),
-            torch.empty(rows, nchunks, k, headdim, dstate, device=zxbcdt.device,
-                        dtype=state_dtype))
+            *scan_intermediates_fake(batch, seqlen, k, headdim, ngroups, dstate, chunk, pack,
+                                     zxbcdt.dtype, zxbcdt.device))
 
 
 def _core_bwd_impl(d_out, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments,
@@ -288,8 +282,8 @@ def mamba2_mixer_core_triton(
     dt_lo, dt_hi = (float(v) for v in dt_limit)
     chunk = _chunk_length()
     # the scan reads x, B, C in the conv's (contiguous) output and dt in zxbcdt, whose rows follow
-    # each other (made so above): short rows can be packed (ssd.triton_impl.pack_factor)
-    pack = pack_factor(batch, seqlen, chunk) if segments is None and _packable(zxbcdt) else 1
+    # each other (made so above), so short rows can be packed (ssd.triton_impl.pack_factor)
+    pack = pack_factor(batch, seqlen, chunk) if segments is None else 1
     return _mamba2_mixer_core(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments, ngroups,
                 dstate, headdim, nheads_total, float(eps), bool(norm_before_gate), dt_lo, dt_hi,
                 chunk, pack)[0]
