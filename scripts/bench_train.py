@@ -655,11 +655,12 @@ def measure(run: CaseRun, source, args, gemm: dict, peak: float | None, tag: str
 # of inductor's generated kernels, ATen's generic kernels and copies, NCCL; "other" is the rest.
 # Made for CUDA kernel names; on the CPU (no kernels) the ATen op names classify roughly.
 KERNEL_CATEGORIES: dict[str, tuple[str, ...]] = {
-    # matmamba/ops/ssd/triton_impl.py (_cb_kernel, _chunk_state_fwd_kernel, _state_pass_kernel,
-    # _state_fwd_fused_kernel, _state_bwd_fused_kernel, _chunk_out_fwd_kernel, _chunk_dstate_bwd_kernel,
-    # _chunk_bwd_dx_kernel, _chunk_bwd_dbdc_kernel) and
+    # matmamba/ops/ssd/triton_impl.py (_cb_kernel, _chunk_states_kernel, _state_pass_kernel,
+    # _state_walk_kernel, _chunk_out_fwd_kernel, _chunk_bwd_dx_kernel, _chunk_bwd_dbdc_kernel,
+    # _finalize_grads_kernel) and
     # matmamba/ops/state_update (_state_update_kernel); matmamba::ssd_* custom ops on the CPU.
-    "ssd_scan": (r"(^|_)cb_kernel", r"(^|_)chunk_\w*kernel", r"(^|_)state_\w*kernel", r"ssd_(scan|state)"),
+    "ssd_scan": (r"(^|_)cb_kernel", r"(^|_)chunk_\w*kernel", r"(^|_)state_\w*kernel", r"finalize_grads_kernel",
+                 r"ssd_(scan|state)"),
     # matmamba/ops/conv1d/triton_impl.py: _conv_fwd_kernel, _conv_bwd_du_kernel, _conv_bwd_dx_kernel,
     # _conv_update_kernel; matmamba::causal_conv1d_* on the CPU.
     "conv1d": (r"(^|_)conv_\w*kernel", r"causal_conv1d"),

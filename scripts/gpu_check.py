@@ -954,9 +954,14 @@ def main():
                         help="seed of the unseeded random draws (output cotangents, some inputs); "
                              "default: a fresh one, printed and kept in the JSON, so that a run's "
                              "stage can be repeated exactly with --only STAGE --draw N")
+    parser.add_argument("--ssd-state", choices=["parallel", "sequential"], default=None,
+                        help="the SSD scan's state form for every check (MATMAMBA_SSD_STATE; "
+                             "default: the scan's own choice)")
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="exercise this script on the CPU under TRITON_INTERPRET=1 (fp32/fp16 only)")
     args = parser.parse_args()
+    if args.ssd_state:
+        os.environ["MATMAMBA_SSD_STATE"] = args.ssd_state
     if args.cpu_dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is decorated
     elif not torch.cuda.is_available():
@@ -966,7 +971,7 @@ def main():
     dev = torch.device("cpu" if args.cpu_dry_run else "cuda")
     skip = set(filter(None, args.skip.split(",")))
     if dev.type == "cuda":
-        env = dict(torch=torch.__version__, triton=triton.__version__,
+        env = dict(torch=torch.__version__, triton=triton.__version__, ssd_state=args.ssd_state,
                    device=torch.cuda.get_device_name(),
                    capability=".".join(map(str, torch.cuda.get_device_capability())))
         by_name = {v: k for k, v in DTYPE_NAME.items()}

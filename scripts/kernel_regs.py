@@ -33,7 +33,7 @@ from matmamba.ops.ssd import triton_impl as ti  # noqa: E402
 # Pointer arguments that hold the input dtype (bf16 here); every other pointer is fp32. The
 # stored states (H0, G) take the input dtype, as _ssd_forward allocates them.
 LOW_PRECISION_PTRS = {"x_ptr", "dt_ptr", "B_ptr", "C_ptr", "dy_ptr", "H0_ptr", "G_ptr", "dx_ptr",
-                      "ddt_ptr"}
+                      "ddt_ptr", "V_ptr", "states_ptr"}
 INT32_PTRS = {"seq_ptr"}  # segment ids
 FLOAT_SCALARS = {"dt_lo", "dt_hi"}
 # The integer arguments' values in the D=768 block's layout at b8 l2048 (64 heads of 24, N 128, one
@@ -46,12 +46,12 @@ _L, _CONV, _ZX, _Y = 2048, 1792, 3392, 1536
 BLOCK_CASE_INTS = {
     "seqlen": _L, "nheads": 64, "heads_per_group": 64, "ngroups": 1, "headdim": 24, "dstate": 128,
     "padded_len": _L, "heads_per_split": 22,
-    **{f"s_{t}b": _L * _CONV for t in ("x", "dx", "b", "c")},
-    **{f"s_{t}l": _CONV for t in ("x", "dx", "b", "c")},
-    "s_xh": 24, "s_dxh": 24, "s_bg": 128, "s_cg": 128,
+    **{f"s_{t}b": _L * _CONV for t in ("x", "dx", "b", "c", "v")},
+    **{f"s_{t}l": _CONV for t in ("x", "dx", "b", "c", "v")},
+    "s_xh": 24, "s_dxh": 24, "s_bg": 128, "s_cg": 128, "s_vg": 128,
     "s_dtb": _L * _ZX, "s_dtl": _ZX, "s_ddtb": _L * _ZX, "s_ddtl": _ZX, "s_dth": 1, "s_ddth": 1,
     "s_dyb": _L * _Y, "s_dyl": _Y, "s_dyh": 24, "s_yb": _L * _Y, "s_yl": _Y, "s_yh": 24,
-    **{f"s_{t}": 1 for t in ("xp", "dxp", "dyp", "yp", "bn", "cn")},
+    **{f"s_{t}": 1 for t in ("xp", "dxp", "dyp", "yp", "bn", "cn", "vn")},
     # segment ids (--const HAS_SEQ=1) as the packed scan passes them: one row shared by stride 0
     "s_seqb": 0, "s_seql": 1,
 }
@@ -69,8 +69,14 @@ def kernel_table(Q: int, block_p: int, block_n_full: int):
         "bwd_dbdc": (ti._chunk_bwd_dbdc_kernel, common,
                      ti._bwd_dbdc_options(Q, block_p, ti._bwd_dbdc_block_n(Q, block_n_full), bf16,
                                           several=True)),
-        "chunk_dstate_bwd": (ti._chunk_dstate_bwd_kernel, common,
-                             ti._chunk_dstate_bwd_options(block_p, block_n_full)),
+        # K1 (B1 is the same kernel with TO_END=0) and the sequential form's walk, at the
+        # block's 64 heads of the head dim (BLOCK_M rows of the flat (head, p) index)
+        "chunk_states": (ti._chunk_states_kernel,
+                         dict(common, TO_END=True, HEADS_PACKED=True),
+                         ti._chunk_states_options(64 * block_p, block_n_full)),
+        "state_walk": (ti._state_walk_kernel,
+                       dict(common, REVERSE=False, HAS_START=False, HEADS_PACKED=True),
+                       ti._state_walk_options(64 * block_p, block_n_full)),
         "chunk_out_fwd": (ti._chunk_out_fwd_kernel, dict(common, HAS_D=True, D_PER_CHANNEL=False),
                           ti._chunk_out_fwd_options(Q, block_p, block_n_full, bf16)),
     }
@@ -189,8 +195,9 @@ def main(argv=None):
                         bn = block_n or defaults["BLOCK_N"]
                         reg_cap = defaults.get("maxnreg") if args.maxnreg is None else args.maxnreg or None
                         extra = {k: int(v) for k, v in (c.split("=", 1) for c in args.const)}
-                        compiled = compile_for_hopper(fn, dict(constexprs, BLOCK_N=bn, **extra), nw, ns,
-                                                      maxnreg=reg_cap)
+                        tiles = {k: v for k, v in defaults.items() if k.startswith("BLOCK_") and k != "BLOCK_N"}
+                        compiled = compile_for_hopper(fn, dict(constexprs, **tiles, BLOCK_N=bn, **extra),
+                                                      nw, ns, maxnreg=reg_cap)
                         use = resource_usage(compiled)
                         spill = use.get("local", 0) + use.get("stack", 0)
                         print(f"{name:18s} {headdim:3d} {nw:5d} {ns:6d} {bn:7d} {use['reg']:5d} {spill:7d} "

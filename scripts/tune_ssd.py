@@ -46,6 +46,7 @@ what the block's layout costs. (Inside lm_130m's training step the scan's backwa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -73,6 +74,10 @@ SHAPES = {
     "lm_width96": (8, 2048, 8, 24, 1, 128),  # the D=768 block's narrowest recipe width
     "lm_step": (32, 1024, 64, 24, 1, 128),  # lm_130m's full width in its training micro-batch
     "p64": (8, 2048, 24, 64, 1, 128),       # the same inner width in Mamba2's usual 64-wide heads
+    "lm_width192": (8, 2048, 16, 24, 1, 128),
+    "lm_width384": (8, 2048, 32, 24, 1, 128),
+    "l16k": (4, 16384, 64, 24, 1, 128),      # 64K tokens in long rows (the state forms' trade)
+    "l64k": (1, 65536, 64, 24, 1, 128),
 }
 LAYOUTS = ("contiguous", "block")
 # Check problems ((b, l, h, p, g, n), awkward): awkward adds packed sequences and an initial
@@ -87,13 +92,17 @@ QUEUE_CYCLES = 12_000_000  # ~6 ms at 1.98 GHz: longer than the host needs to qu
 # name -> (kernel attribute in triton_impl, candidate grid). Kernels without an inner loop get no
 # num_stages axis (it changes nothing there).
 _DOT_GRID = dict(num_warps=(4, 8), num_stages=(1, 2, 3), BLOCK_N=(32, 64, 128))
-_FLAT_GRID = dict(num_warps=(2, 4, 8), BLOCK_N=(32, 64, 128))
+_ROWS_GRID = dict(num_warps=(4, 8), BLOCK_M=(32, 64, 128), BLOCK_N=(64, 128))  # K1 / B1's flat rows
+_WALK_GRID = dict(num_warps=(4, 8), BLOCK_M=(32, 64), BLOCK_N=(32, 64, 128))
 KERNELS = {
     "cb": ("_cb_kernel", _DOT_GRID),
-    "chunk_state_fwd": ("_chunk_state_fwd_kernel", _FLAT_GRID),
+    "chunk_state_fwd": ("_chunk_states_kernel", _ROWS_GRID),
     "state_pass_fwd": ("_state_pass_kernel", dict(num_warps=(2, 4, 8), BLOCK=(256, 512, 1024, 2048))),
     "chunk_out_fwd": ("_chunk_out_fwd_kernel", _DOT_GRID),
-    "chunk_dstate_bwd": ("_chunk_dstate_bwd_kernel", _FLAT_GRID),
+    "chunk_dstate_bwd": ("_chunk_states_kernel", _ROWS_GRID),
+    # the sequential form's walks (where _state_form picks it, or under MATMAMBA_SSD_STATE)
+    "state_fwd_fused": ("_state_walk_kernel", _WALK_GRID),
+    "state_bwd_fused": ("_state_walk_kernel", _WALK_GRID),
     "state_pass_bwd": ("_state_pass_kernel", dict(num_warps=(2, 4, 8), BLOCK=(256, 512, 1024, 2048))),
     # The two heavy backward kernels take 255 registers a thread at p = 24 (2 programs an SM at
     # 4 warps) and are latency-bound (ncu, session 6): maxnreg caps the registers (ptxas spills
@@ -105,9 +114,35 @@ KERNELS = {
                                                 maxnreg=(None, 168, 128))),
     "finalize": ("_finalize_grads_kernel", dict(num_warps=(2, 4, 8), BLOCK=(512, 1024, 2048))),
 }
-# The state pass kernel serves both directions; its REVERSE flag tells the launches apart.
-_KERNEL_OF_LAUNCH = {("_state_pass_kernel", False): "state_pass_fwd",
-                     ("_state_pass_kernel", True): "state_pass_bwd"}
+# Kernels that serve both directions: a flag of the launch tells them apart.
+_KERNEL_OF_LAUNCH = {("_state_pass_kernel", "REVERSE", False): "state_pass_fwd",
+                     ("_state_pass_kernel", "REVERSE", True): "state_pass_bwd",
+                     ("_chunk_states_kernel", "TO_END", True): "chunk_state_fwd",
+                     ("_chunk_states_kernel", "TO_END", False): "chunk_dstate_bwd",
+                     ("_state_walk_kernel", "REVERSE", False): "state_fwd_fused",
+                     ("_state_walk_kernel", "REVERSE", True): "state_bwd_fused"}
+
+
+# Kernels that run in one state form only (triton_impl._state_form): their candidates are vetted
+# and timed with that form forced, whatever the shape's own choice.
+FORM_OF = {"chunk_state_fwd": "parallel", "chunk_dstate_bwd": "parallel",
+           "state_pass_fwd": "parallel", "state_pass_bwd": "parallel",
+           "state_fwd_fused": "sequential", "state_bwd_fused": "sequential"}
+
+
+def form_of(kernel):
+    """A context in which ``kernel`` runs: its state form forced (if it has one)."""
+    if kernel in FORM_OF:
+        return _environment("MATMAMBA_SSD_STATE", FORM_OF[kernel])
+    return contextlib.nullcontext()
+
+
+def launch_name(attr: str, kwargs: dict) -> str:
+    """The KERNELS name of one launch of the kernel ``attr`` of triton_impl."""
+    for (kernel, flag, value), name in _KERNEL_OF_LAUNCH.items():
+        if kernel == attr and kwargs.get(flag) == value:
+            return name
+    return next(k for k, (a, _) in KERNELS.items() if a == attr)
 
 
 def parse_args(argv=None):
@@ -122,6 +157,9 @@ def parse_args(argv=None):
     p.add_argument("--other-chunks", default="128",
                    help="chunk lengths (MATMAMBA_SSD_CHUNK) whose all-default forward + backward is "
                         "also timed, for comparison with the default chunk ('' for none)")
+    p.add_argument("--other-forms", default="",
+                   help="state forms (MATMAMBA_SSD_STATE: parallel, sequential) whose all-default "
+                        "forward + backward is also timed, in this process ('' for none)")
     p.add_argument("--layout", default="contiguous", choices=LAYOUTS,
                    help="contiguous inputs, or the views and strided gradient outputs the block's "
                         "fused core passes (the other layout's all-default time is printed too)")
@@ -213,8 +251,7 @@ class TimedKernel:
         launcher = self.real[grid]
 
         def launch(*args, **kwargs):
-            name = _KERNEL_OF_LAUNCH.get((self.attr, kwargs.get("REVERSE")), None) or \
-                next(k for k, (a, _) in KERNELS.items() if a == self.attr)
+            name = launch_name(self.attr, kwargs)
             if not self.timing:
                 return launcher(*args, **kwargs)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -281,6 +318,20 @@ def block_layout_problem(triton_impl, shape, dtype, dev):
     run.inputs = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias)  # for tests
     run.dy = dy
     return run
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    """``name`` set to ``value`` inside, back to this run's own setting after."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def time_config(triton_impl, timers, run, overrides, reps, warmup):
@@ -370,10 +421,11 @@ def vet_worker(job_path: str, out_path: str) -> int:
                 time.sleep(3600)
             overrides = {kernel: options} if kernel else {}
             try:
-                errors = [check_errors(triton_impl, problem, overrides) for problem in checks]
-                triton_impl.LAUNCH_OVERRIDES.update(overrides)
-                for run in timing:
-                    run()
+                with form_of(kernel):
+                    errors = [check_errors(triton_impl, problem, overrides) for problem in checks]
+                    triton_impl.LAUNCH_OVERRIDES.update(overrides)
+                    for run in timing:
+                        run()
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 record = dict(done=index, errors=errors)
@@ -564,21 +616,18 @@ def main(argv=None):
             for kernel in sorted(base_kernels, key=lambda k: -base_kernels[k]):
                 print(f"     {kernel:<17} {args.layout} {base_kernels[kernel]:7.3f} ms   {other} "
                       f"{other_kernels.get(kernel, float('nan')):7.3f} ms", flush=True)
-        entry["other_chunks_total_ms"] = {}
-        for chunk in filter(None, args.other_chunks.split(",")):
-            if dry:
-                break
-            before = os.environ.get("MATMAMBA_SSD_CHUNK")
-            os.environ["MATMAMBA_SSD_CHUNK"] = chunk
-            try:
-                _, total = time_config(triton_impl, timers, run, {}, args.reps, args.warmup)
-            finally:  # back to this run's own chunk (MATMAMBA_SSD_CHUNK may set it)
-                if before is None:
-                    del os.environ["MATMAMBA_SSD_CHUNK"]
-                else:
-                    os.environ["MATMAMBA_SSD_CHUNK"] = before
-            entry["other_chunks_total_ms"][chunk] = total
-            print(f"   chunk {chunk}: {total:.3f} ms", flush=True)
+        for key, variable, values in (("other_chunks", "MATMAMBA_SSD_CHUNK", args.other_chunks),
+                                      ("other_forms", "MATMAMBA_SSD_STATE", args.other_forms)):
+            entry[f"{key}_total_ms"], entry[f"{key}_kernels_ms"] = {}, {}
+            for value in filter(None, values.split(",")):
+                if dry:
+                    break
+                with _environment(variable, value):
+                    kernels_ms, total = time_config(triton_impl, timers, run, {}, args.reps,
+                                                    args.warmup)
+                entry[f"{key}_total_ms"][value] = total
+                entry[f"{key}_kernels_ms"][value] = kernels_ms
+                print(f"   {variable}={value}: {total:.3f} ms", flush=True)
         best_all = {}
         for kernel in kernel_names:
             if time.perf_counter() - t_start > args.time_budget:
@@ -586,16 +635,20 @@ def main(argv=None):
                 print(f"  {kernel}: skipped (time budget)", flush=True)
                 continue
             rows = []
-            for cand in cands[kernel]:
-                row = dict(options=cand, ms=float("nan"), **verdicts[items.index((kernel, cand))])
-                if row["ok"] and not dry:  # only vetted candidates ever run in this process
-                    per_kernel, _ = time_config(triton_impl, timers, run, {kernel: cand},
-                                                args.reps, args.warmup)
-                    row["ms"] = per_kernel.get(kernel, float("nan"))
-                rows.append(row)
+            with form_of(kernel):
+                default_ms = base_kernels.get(kernel, float("nan"))
+                if math.isnan(default_ms) and not dry:  # not in this shape's own state form
+                    default_ms = time_config(triton_impl, timers, run, {}, args.reps,
+                                             args.warmup)[0].get(kernel, float("nan"))
+                for cand in cands[kernel]:
+                    row = dict(options=cand, ms=float("nan"), **verdicts[items.index((kernel, cand))])
+                    if row["ok"] and not dry:  # only vetted candidates ever run in this process
+                        per_kernel, _ = time_config(triton_impl, timers, run, {kernel: cand},
+                                                    args.reps, args.warmup)
+                        row["ms"] = per_kernel.get(kernel, float("nan"))
+                    rows.append(row)
             good = [r for r in rows if r["ok"] and (dry or not math.isnan(r["ms"]))]
             best = min(good, key=lambda r: 0.0 if dry else r["ms"]) if good else None
-            default_ms = base_kernels.get(kernel, float("nan"))
             entry["kernels"][kernel] = dict(default_ms=default_ms, best=best, rows=rows)
             if best:
                 best_all[kernel] = best["options"]

@@ -73,6 +73,8 @@ def _ssd_group(form: str, failures: list) -> None:
     cases = [
         # (b, l, h, p, g, n, chunk, options)
         (2, 37, 3, 24, 1, 16, 16, dict(D="h", bias=True, softplus=True, init=True)),
+        # x and dy with their heads' channels apart in memory (the flat-row kernels' strided path)
+        (2, 37, 3, 24, 1, 16, 16, dict(D="h", bias=True, softplus=True, heads_apart=True)),
         (1, 70, 5, 24, 5, 16, 32, dict(D="hp", bias=True, softplus=True, seq=True, init=True)),
         (2, 33, 4, 8, 2, 32, 16, dict(D=None, bias=False, softplus=False, limit=(0.0, 0.3))),
         (1, 16, 1, 24, 1, 16, 16, dict(D="h", bias=True, softplus=True, seq=True)),  # one chunk
@@ -101,8 +103,20 @@ def _ssd_group(form: str, failures: list) -> None:
             seq[:, l // 3 + 1:] = 5
             seq[:, l - 1:] = 9
             inputs["seq_idx"] = seq
+        triton_fn, naive_fn = ssd_scan_triton, ssd_scan_naive
+        if opt.get("heads_apart"):
+            inputs["x"] = rnd(b, l, p, h).transpose(2, 3).requires_grad_()
+            triton_fn, naive_fn = _heads_apart(ssd_scan_triton), _heads_apart(ssd_scan_naive)
         name = f"ssd[{form}] b{b} l{l} h{h} p{p} g{g} n{n} Q{chunk} {sorted(k for k, v in opt.items() if v)}"
-        _compare(name, ssd_scan_triton, ssd_scan_naive, inputs, failures)
+        _compare(name, triton_fn, naive_fn, inputs, failures)
+
+
+def _heads_apart(scan):
+    """The scan with y returned as (b, l, p, h): its gradient reaches the scan heads apart."""
+    def wrapped(**kw):
+        y, final = scan(**kw)
+        return y.transpose(2, 3), final
+    return wrapped
 
 
 def _ssd_packed_group(failures: list) -> None:
@@ -197,9 +211,11 @@ def _ssd_launch_options_group(failures: list) -> None:
     both state forms, and an override really reaches its launch (a bad one fails)."""
     from matmamba.ops.ssd import triton_impl
 
-    small_tiles = {name: dict(BLOCK_N=16) for name in (
-        "cb", "state_fwd_fused", "chunk_state_fwd", "chunk_out_fwd", "state_bwd_fused",
-        "chunk_dstate_bwd", "bwd_dx", "bwd_dbdc")}
+    small_tiles = {name: dict(BLOCK_N=16) for name in ("chunk_out_fwd", "bwd_dx", "bwd_dbdc")}
+    small_tiles["cb"] = dict(BLOCK_N=16, BLOCK_H=2)  # the group's heads in several tiles
+    # the flat (head, p) rows in blocks of 16: blocks that start and end inside a head
+    small_tiles.update({name: dict(BLOCK_N=16, BLOCK_M=16) for name in (
+        "state_fwd_fused", "chunk_state_fwd", "state_bwd_fused", "chunk_dstate_bwd")})
     small_tiles.update(state_pass_fwd=dict(BLOCK=128), state_pass_bwd=dict(BLOCK=64))
     triton_impl.LAUNCH_OVERRIDES.update(small_tiles)  # n = 32 below: two N blocks everywhere
     try:

@@ -10,17 +10,24 @@ sequence is cut into chunks of Q positions; inside chunk c, t and s are position
     L_ts    = exp(Lam_t - Lam_s)  for s <= t in the same sequence, else 0
     H0      = state entering the chunk (P x N), G = gradient w.r.t. the state leaving it
 
-Forward (four launches; K1 and K2 fused in the "sequential" state form)::
+Forward (four launches, three in the sequential state form, which fuses K1 and K2)::
 
-    K0  CB[t, s]   = C_t . B_s  (0 if t, s in different seqs)   per (b, chunk, group), fp32
-    K1  S_c        = sum_s exp(Lam_end - Lam_s) xt_s B_s^T      per (b, chunk, head), fp32
-                     (also writes dt' and Lam for the other kernels)
+    K0  CB[t, s]   = C_t . B_s  (0 if t, s in different seqs)   per (b, chunk, group), fp32;
+                     also dt', Lam and K1's weights exp(Lam_end - Lam_s) dt'_s of the group's heads
+    K1  S_c        = sum_s exp(Lam_end - Lam_s) xt_s B_s^T      per (b, chunk, group, rows), fp32
     K2  H0_{c+1}   = exp(Lam_end_c) H0_c + S_c                  sequential over chunks, fp32
     K3  y_t        = exp(Lam_t) C_t H0^T + sum_s L_ts CB_ts xt_s + D x_t
+
+K1 and B1 treat a group's heads and head channels as one flat index of rows (head * P + p): one
+(rows x Q) @ (Q x N) product per block of rows, no head dim padded, B or C read once per block.
+The sequential form (``_state_form``: where there are enough (b, group, row block) walks to fill
+the GPU) runs K1+K2 as one walk over the chunks per row block with the state in registers, and
+B1+B2 likewise: no chunk state goes through memory.
 
 Backward (five launches; four in the sequential form, which fuses B1 and B2)::
 
     B1  dS_c       = sum_t exp(Lam_t) dy_t C_t^T                what chunk c's outputs ask of H0
+                     per (b, chunk, group, rows), as K1
     B2  G_{c-1}    = exp(Lam_end_c) G_c + dS_c                  reverse pass;  d initial = G_{-1}
     B3  per head:  dxt_s = sum_t L_ts CB_ts dy_t + exp(Lam_end - Lam_s) G B_s
                    y'_t  = sum_s L_ts CB_ts xt_s + exp(Lam_t) C_t H0^T   (y without D x)
@@ -274,18 +281,22 @@ def _seq_masks(seq_ptr, stride_seq_b, stride_seq_l, b, chunk_start, t_idx, seqle
 
 
 # ----------------------------------------------------------------------------------------------
-# K0: CB[b, c, g, t, s] = C_t . B_s  (fp32), shared by every head of the group
+# K0, per (b, chunk, group): CB[b, c, g, t, s] = C_t . B_s (fp32), shared by every head of the
+# group; and, for the group's heads (one Q x BLOCK_H tile at a time), dt' and Lam, which every
+# later kernel reads, and K1's weights
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _cb_kernel(
-    C_ptr, B_ptr, seq_ptr, CB_ptr,
-    seqlen, ngroups, dstate,
+    C_ptr, B_ptr, seq_ptr, CB_ptr, dt_ptr, A_ptr, dt_bias_ptr, dtp_ptr, lam_ptr, w_end_ptr,
+    seqlen, nheads, heads_per_group, ngroups, dstate, padded_len, dt_lo, dt_hi,
     s_cb, s_cl, s_cg, s_cn,
     s_bb, s_bl, s_bg, s_bn,
+    s_dtb, s_dtl, s_dth,
     s_seqb, s_seql,
-    Q: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr,
+    Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     c = tl.program_id(1)
@@ -307,71 +318,122 @@ def _cb_kernel(
                          mask=valid[None, :] & n_mask[:, None], other=0.0)   # (N, Q): B^T
         acc += tl.dot(c_tile.to(DOT_DTYPE), b_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
     if HAS_SEQ:  # pairs in different sequences: 0 here, once per group, not in every head's K3/B3
-        seq_t = tl.load(seq_ptr + b * s_seqb + tl.minimum(t_idx, seqlen - 1) * s_seql)
+        seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx, seqlen, Q)
         acc = tl.where(seq_t[:, None] == seq_t[None, :], acc, 0.0)
     offs_q = tl.arange(0, Q)
     out = CB_ptr + ((b * nchunks + c) * ngroups + g) * Q * Q
     tl.store(out + offs_q[:, None] * Q + offs_q[None, :], acc)
 
+    # dt', Lam (padding positions too: dt' = 0 there, Lam carries the chunk's last value) and
+    # K1's weights exp(Lam_end - Lam_s) dt'_s [seq_s == seq_end]: computed here once per head, K1
+    # reads one (Q x BLOCK_M) tile of them instead of gathering dt', Lam and Lam_end per row
+    for h0 in range(0, heads_per_group, BLOCK_H):
+        in_group = h0 + tl.arange(0, BLOCK_H)
+        h_ok = in_group < heads_per_group
+        h = tl.minimum(g * heads_per_group + in_group, nheads - 1)
+        dtp, _ = _discretize_dt(dt_ptr + b * s_dtb + t_idx[:, None] * s_dtl + h[None, :] * s_dth,
+                                dt_bias_ptr, h[None, :], valid[:, None] & h_ok[None, :],
+                                HAS_BIAS, SOFTPLUS, dt_lo, dt_hi)
+        A = tl.load(A_ptr + h).to(tl.float32)
+        lam = tl.cumsum(dtp * A[None, :], axis=0)
+        w_end = tl.exp(tl.sum(dtp * A[None, :], axis=0)[None, :] - lam) * dtp
+        if HAS_SEQ:
+            w_end = tl.where((seq_t == seq_end)[:, None], w_end, 0.0)
+        rows = (b * nheads + h)[None, :] * padded_len + t_idx[:, None]
+        tl.store(dtp_ptr + rows, dtp, mask=h_ok[None, :])
+        tl.store(lam_ptr + rows, lam, mask=h_ok[None, :])
+        tl.store(w_end_ptr + rows, w_end, mask=h_ok[None, :])
+
 
 # ----------------------------------------------------------------------------------------------
-# K1: dt', Lam and the chunk's own contribution to the state
-#     S_c[p, n] = sum_s exp(Lam_end - Lam_s) [seq_s == seq_end] dt'_s x_s[p] B_s[n]
+# K1 / B1: each chunk's own contribution to the state (K1) or to the gradient of the state
+# entering it (B1), for all heads of a group at once. The group's heads and head channels are one
+# flat index m = (head in group) * P + p, so a program computes a BLOCK_M x BLOCK_N tile of
+#     K1:  S_c[m, n]  = sum_s exp(Lam_end - Lam_s) [seq_s == seq_end] dt'_s x_s[m] B_s[n]
+#     B1:  dS_c[m, n] = sum_t exp(Lam_t) [seq_t == seq_prev] dy_t[m] C_t[n]
+# (Lam, dt' of row m's head) as one (BLOCK_M x Q) @ (Q x BLOCK_N) product: no head dim padded to a
+# power of two, B or C read once per BLOCK_M rows instead of once per head, and the tile stored
+# into the (b, c, h, p, n) chunk states as one contiguous block of rows.
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _chunk_state_fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, seq_ptr,
-    dtp_ptr, lam_ptr, S_ptr,
-    seqlen, nheads, heads_per_group, headdim, dstate, padded_len, dt_lo, dt_hi,
+def _flat_chunk_product(
+    x_ptr, w_end_ptr, lam_ptr, V_ptr, seq_ptr,
+    b, g, c, offs_m, m_mask, offs_n, n_mask,
+    seqlen, nheads, heads_per_group, headdim, padded_len,
     s_xb, s_xl, s_xh, s_xp,
-    s_dtb, s_dtl, s_dth,
-    s_bb, s_bl, s_bg, s_bn,
+    s_vb, s_vl, s_vg, s_vn,
     s_seqb, s_seql,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    Q: tl.constexpr, TO_END: tl.constexpr, HAS_SEQ: tl.constexpr, HEADS_PACKED: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """sum_t x_t[m] w_t[m] V_t[n] over chunk c (fp32, BLOCK_M x BLOCK_N): with TO_END (K1)
+    w = K0's weights exp(Lam_end - Lam_t) dt'_t [seq_t == seq_end], otherwise (B1) w_t =
+    exp(Lam_t) [seq_t == seq_prev], of row m's head. HEADS_PACKED: the heads' channels follow
+    each other in x (stride(h) = P stride(p)), so row m sits at m * stride(p) (vector loads)."""
+    t_idx = c * Q + tl.arange(0, Q)
+    valid = t_idx < seqlen
+    head_in_group = offs_m // headdim
+    h = g * heads_per_group + head_in_group
+    per_head = ((b * nheads + h) * padded_len)[None, :] + t_idx[:, None]               # (Q, M)
+    if TO_END:
+        w = tl.load(w_end_ptr + per_head, mask=m_mask[None, :], other=0.0)
+    else:
+        w = tl.exp(tl.load(lam_ptr + per_head, mask=m_mask[None, :], other=0.0))
+        if HAS_SEQ:
+            seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
+                                                  seqlen, Q)
+            w = tl.where((seq_t == seq_prev)[:, None], w, 0.0)
+    if HEADS_PACKED:
+        cols = (g * heads_per_group * headdim + offs_m) * s_xp
+    else:
+        cols = h * s_xh + (offs_m - head_in_group * headdim) * s_xp
+    x_tile = tl.load(x_ptr + b * s_xb + t_idx[:, None] * s_xl + cols[None, :],
+                     mask=valid[:, None] & m_mask[None, :], other=0.0).to(tl.float32)  # (Q, M)
+    v_tile = tl.load(V_ptr + b * s_vb + g * s_vg + t_idx[:, None] * s_vl + offs_n[None, :] * s_vn,
+                     mask=valid[:, None] & n_mask[None, :], other=0.0)                  # (Q, N)
+    return tl.dot(tl.trans(x_tile * w).to(DOT_DTYPE), v_tile.to(DOT_DTYPE),
+                  input_precision=DOT_PREC)
+
+
+@triton.jit
+def _flat_tile(bg, pid_mn, ngroups, heads_per_group, headdim, dstate,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A program's (b, g) and its tile of (flat row, n) from its (b, g) and (row block, N block)
+    program ids: -> b, g, offs_m, offs_n, m_mask, n_mask."""
+    n_blocks = tl.cdiv(dstate, BLOCK_N)
+    offs_m = (pid_mn // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid_mn % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return (bg // ngroups, bg % ngroups, offs_m, offs_n, offs_m < heads_per_group * headdim,
+            offs_n < dstate)
+
+
+@triton.jit
+def _chunk_states_kernel(
+    x_ptr, w_end_ptr, lam_ptr, V_ptr, seq_ptr, S_ptr,
+    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len,
+    s_xb, s_xl, s_xh, s_xp,
+    s_vb, s_vl, s_vg, s_vn,
+    s_seqb, s_seql,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TO_END: tl.constexpr,
+    HAS_SEQ: tl.constexpr, HEADS_PACKED: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     c = tl.program_id(1)
-    bh = tl.program_id(0)
-    pid_n = tl.program_id(2)
     nchunks = tl.num_programs(1)
-    b = bh // nheads
-    h = bh % nheads
-    g = h // heads_per_group
-    t_idx = c * Q + tl.arange(0, Q)
-    valid = t_idx < seqlen
-
-    dtp, _ = _discretize_dt(dt_ptr + b * s_dtb + h * s_dth + t_idx * s_dtl, dt_bias_ptr, h,
-                            valid, HAS_BIAS, SOFTPLUS, dt_lo, dt_hi)
-    A = tl.load(A_ptr + h).to(tl.float32)
-    lam = tl.cumsum(dtp * A, axis=0)
-    if pid_n == 0:
-        row = (b * nheads + h) * padded_len + t_idx
-        tl.store(dtp_ptr + row, dtp)
-        tl.store(lam_ptr + row, lam)
-    lam_end = tl.sum(dtp * A, axis=0)  # = Lam at the last position (padding adds nothing)
-    weight = tl.exp(lam_end - lam) * dtp
-    if HAS_SEQ:
-        seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
-                                              seqlen, Q)
-        weight = tl.where(seq_t == seq_end, weight, 0.0)
-
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_mask = offs_p < headdim
-    n_mask = offs_n < dstate
-    # (P, Q): x^T scaled per position
-    x_t = tl.load(x_ptr + b * s_xb + h * s_xh + t_idx[None, :] * s_xl + offs_p[:, None] * s_xp,
-                  mask=valid[None, :] & p_mask[:, None], other=0.0).to(tl.float32)
-    x_t = x_t * weight[None, :]
-    b_tile = tl.load(B_ptr + b * s_bb + g * s_bg + t_idx[:, None] * s_bl + offs_n[None, :] * s_bn,
-                     mask=valid[:, None] & n_mask[None, :], other=0.0)
-    state = tl.dot(x_t.to(DOT_DTYPE), b_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
-    out = S_ptr + ((b * nchunks + c) * nheads + h) * headdim * dstate
-    tl.store(out + offs_p[:, None] * dstate + offs_n[None, :], state,
-             mask=p_mask[:, None] & n_mask[None, :])
+    b, g, offs_m, offs_n, m_mask, n_mask = _flat_tile(
+        tl.program_id(0), tl.program_id(2), ngroups, heads_per_group, headdim, dstate,
+        BLOCK_M, BLOCK_N)
+    tile = _flat_chunk_product(
+        x_ptr, w_end_ptr, lam_ptr, V_ptr, seq_ptr, b, g, c, offs_m, m_mask, offs_n, n_mask,
+        seqlen, nheads, heads_per_group, headdim, padded_len,
+        s_xb, s_xl, s_xh, s_xp, s_vb, s_vl, s_vg, s_vn, s_seqb, s_seql,
+        Q, TO_END, HAS_SEQ, HEADS_PACKED, DOT_DTYPE, DOT_PREC)
+    # rows of (b, c, h, p) in the chunk states, the group's first (h, 0) at row 0 of the tile
+    row = ((b * nchunks + c) * nheads + g * heads_per_group).to(tl.int64) * headdim + offs_m
+    tl.store(S_ptr + row[:, None] * dstate + offs_n[None, :], tile,
+             mask=m_mask[:, None] & n_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,138 +482,63 @@ def _state_pass_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# K1+K2 fused ("sequential" state form): one program per (b, h, block of N) walks the chunks in
-# order, computing each chunk's own state S_c on the fly (a (P x Q) @ (Q x BN) product whose
-# loads do not depend on the carried state, so they pipeline) and carrying H in registers:
-#     H0_0 = initial;  store H0_c;  H0_{c+1} = keep_c exp(Lam_end_c) H0_c + S_c;  final = H0_nc
-# No chunk state goes through memory. Program n-block 0 also writes dt' and Lam.
+# K1+K2 and B1+B2 fused (the "sequential" state form): one program per (b, group, BLOCK_M rows of
+# the flat (head, p) index, BLOCK_N of N) walks the chunks in order (backward: in reverse),
+# computing each chunk's own term with K1's / B1's product (its loads do not depend on the carried
+# state, so they can run ahead) and carrying the state in registers; no chunk state goes through
+# memory:
+#   forward:  H0_0 = initial;  store H0_c;  H0_{c+1} = keep_c exp(Lam_end_c) H0_c + S_c
+#   backward: G_last = d final;  store G_c;  G_{c-1} = keep_c exp(Lam_end_c) G_c + dS_c
+# and the carry after the last chunk is the final state (backward: the initial state's gradient).
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _state_fwd_fused_kernel(
-    x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, seq_ptr, init_ptr,
-    dtp_ptr, lam_ptr, H0_ptr, final_ptr,
-    seqlen, nheads, heads_per_group, headdim, dstate, padded_len, nchunks, dt_lo, dt_hi,
+def _state_walk_kernel(
+    x_ptr, w_end_ptr, lam_ptr, V_ptr, seq_ptr, start_ptr, states_ptr, end_ptr,
+    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, nchunks,
     s_xb, s_xl, s_xh, s_xp,
-    s_dtb, s_dtl, s_dth,
-    s_bb, s_bl, s_bg, s_bn,
+    s_vb, s_vl, s_vg, s_vn,
     s_seqb, s_seql,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
-    HAS_INIT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    pid_n = tl.program_id(1)
-    bh = tl.program_id(0)
-    b = bh // nheads
-    h = bh % nheads
-    g = h // heads_per_group
-    offs_q = tl.arange(0, Q)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_mask = offs_p < headdim
-    n_mask = offs_n < dstate
-    pn_mask = p_mask[:, None] & n_mask[None, :]
-    state_offs = offs_p[:, None] * dstate + offs_n[None, :]
-    A = tl.load(A_ptr + h).to(tl.float32)
-    if HAS_INIT:
-        carry = tl.load(init_ptr + bh * headdim * dstate + state_offs, mask=pn_mask,
-                        other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for c in range(nchunks):
-        t_idx = c * Q + offs_q
-        valid = t_idx < seqlen
-        chunk_slot = ((b * nchunks + c) * nheads + h) * headdim * dstate
-        tl.store(H0_ptr + chunk_slot + state_offs, carry.to(H0_ptr.dtype.element_ty),
-                 mask=pn_mask)
-        dtp, _ = _discretize_dt(dt_ptr + b * s_dtb + h * s_dth + t_idx * s_dtl, dt_bias_ptr, h,
-                                valid, HAS_BIAS, SOFTPLUS, dt_lo, dt_hi)
-        lam = tl.cumsum(dtp * A, axis=0)
-        if pid_n == 0:
-            row = bh * padded_len + t_idx
-            tl.store(dtp_ptr + row, dtp)
-            tl.store(lam_ptr + row, lam)
-        lam_end = tl.sum(dtp * A, axis=0)
-        weight = tl.exp(lam_end - lam) * dtp
-        scale = tl.exp(lam_end)
-        if HAS_SEQ:
-            seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
-                                                  seqlen, Q)
-            weight = tl.where(seq_t == seq_end, weight, 0.0)
-            scale = tl.where(seq_end == seq_prev, scale, 0.0)
-        x_t = tl.load(x_ptr + b * s_xb + h * s_xh + t_idx[None, :] * s_xl
-                      + offs_p[:, None] * s_xp,
-                      mask=valid[None, :] & p_mask[:, None], other=0.0).to(tl.float32)
-        b_tile = tl.load(B_ptr + b * s_bb + g * s_bg + t_idx[:, None] * s_bl
-                         + offs_n[None, :] * s_bn,
-                         mask=valid[:, None] & n_mask[None, :], other=0.0)
-        local = tl.dot((x_t * weight[None, :]).to(DOT_DTYPE), b_tile.to(DOT_DTYPE),
-                       input_precision=DOT_PREC)
-        carry = scale * carry + local
-    tl.store(final_ptr + bh * headdim * dstate + state_offs, carry, mask=pn_mask)
-
-
-# ----------------------------------------------------------------------------------------------
-# B1+B2 fused: the reverse walk, computing each chunk's dS_c on the fly:
-#     G_last = d final;  store G_c;  G_{c-1} = keep_c exp(Lam_end_c) G_c + dS_c;  d initial = G_{-1}
-#     dS_c[p, n] = sum_t exp(Lam_t) [seq_t == seq_prev] dy_t[p] C_t[n]
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _state_bwd_fused_kernel(
-    dy_ptr, C_ptr, lam_ptr, seq_ptr, dfinal_ptr, G_ptr, dinit_ptr,
-    seqlen, nheads, heads_per_group, headdim, dstate, padded_len, nchunks,
-    s_dyb, s_dyl, s_dyh, s_dyp,
-    s_cb, s_cl, s_cg, s_cn,
-    s_seqb, s_seql,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_SEQ: tl.constexpr, HEADS_PACKED: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(1)
-    bh = tl.program_id(0)
-    b = bh // nheads
-    h = bh % nheads
-    g = h // heads_per_group
-    offs_q = tl.arange(0, Q)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_mask = offs_p < headdim
-    n_mask = offs_n < dstate
-    pn_mask = p_mask[:, None] & n_mask[None, :]
-    state_offs = offs_p[:, None] * dstate + offs_n[None, :]
-    if HAS_DFINAL:
-        carry = tl.load(dfinal_ptr + bh * headdim * dstate + state_offs, mask=pn_mask,
+    b, g, offs_m, offs_n, m_mask, n_mask = _flat_tile(
+        tl.program_id(0), tl.program_id(1), ngroups, heads_per_group, headdim, dstate,
+        BLOCK_M, BLOCK_N)
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    h = g * heads_per_group + offs_m // headdim
+    # the tile's place in one (h, p, n) state: the group's first (h, 0) at row 0
+    state_offs = ((g * heads_per_group * headdim + offs_m) * dstate)[:, None] + offs_n[None, :]
+    state_size = nheads * headdim * dstate
+    if HAS_START:
+        carry = tl.load(start_ptr + b * state_size + state_offs, mask=mn_mask,
                         other=0.0).to(tl.float32)
     else:
-        carry = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        carry = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(nchunks):
-        c = nchunks - 1 - i
-        t_idx = c * Q + offs_q
-        valid = t_idx < seqlen
-        chunk_slot = ((b * nchunks + c) * nheads + h) * headdim * dstate
-        tl.store(G_ptr + chunk_slot + state_offs, carry.to(G_ptr.dtype.element_ty),
-                 mask=pn_mask)
-        lam = tl.load(lam_ptr + bh * padded_len + t_idx)
-        from_start = tl.exp(lam)
-        scale = tl.exp(tl.load(lam_ptr + bh * padded_len + c * Q + Q - 1))
+        if REVERSE:
+            c = nchunks - 1 - i
+        else:
+            c = i
+        slot = (b * nchunks + c).to(tl.int64) * state_size
+        tl.store(states_ptr + slot + state_offs, carry.to(states_ptr.dtype.element_ty),
+                 mask=mn_mask)
+        local = _flat_chunk_product(
+            x_ptr, w_end_ptr, lam_ptr, V_ptr, seq_ptr, b, g, c, offs_m, m_mask, offs_n, n_mask,
+            seqlen, nheads, heads_per_group, headdim, padded_len,
+            s_xb, s_xl, s_xh, s_xp, s_vb, s_vl, s_vg, s_vn, s_seqb, s_seql,
+            Q, not REVERSE, HAS_SEQ, HEADS_PACKED, DOT_DTYPE, DOT_PREC)
+        scale = tl.exp(tl.load(lam_ptr + (b * nheads + h) * padded_len + c * Q + Q - 1,
+                               mask=m_mask, other=0.0))
         if HAS_SEQ:
-            seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
-                                                  seqlen, Q)
-            from_start = tl.where(seq_t == seq_prev, from_start, 0.0)
+            seq_base = seq_ptr + b * s_seqb
+            seq_end = tl.load(seq_base + tl.minimum(c * Q + Q - 1, seqlen - 1) * s_seql)
+            seq_prev = tl.load(seq_base + tl.maximum(c * Q - 1, 0) * s_seql)
             scale = tl.where(seq_end == seq_prev, scale, 0.0)
-        dy_t = tl.load(dy_ptr + b * s_dyb + h * s_dyh + t_idx[None, :] * s_dyl
-                       + offs_p[:, None] * s_dyp,
-                       mask=valid[None, :] & p_mask[:, None], other=0.0).to(tl.float32)
-        c_tile = tl.load(C_ptr + b * s_cb + g * s_cg + t_idx[:, None] * s_cl
-                         + offs_n[None, :] * s_cn,
-                         mask=valid[:, None] & n_mask[None, :], other=0.0)
-        local = tl.dot((dy_t * from_start[None, :]).to(DOT_DTYPE), c_tile.to(DOT_DTYPE),
-                       input_precision=DOT_PREC)
-        carry = scale * carry + local
-    tl.store(dinit_ptr + bh * headdim * dstate + state_offs, carry, mask=pn_mask)
+        carry = scale[:, None] * carry + local
+    tl.store(end_ptr + b * state_size + state_offs, carry, mask=mn_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,52 +617,6 @@ def _chunk_out_fwd_kernel(
             acc += x_tile * tl.load(D_ptr + h).to(tl.float32)
     tl.store(y_ptr + b * s_yb + h * s_yh + t_idx[:, None] * s_yl + offs_p[None, :] * s_yp,
              acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & p_mask[None, :])
-
-
-# ----------------------------------------------------------------------------------------------
-# B1: dS_c[p, n] = sum_t exp(Lam_t) [seq_t == seq_prev] dy_t[p] C_t[n]
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _chunk_dstate_bwd_kernel(
-    dy_ptr, C_ptr, lam_ptr, seq_ptr, dS_ptr,
-    seqlen, nheads, heads_per_group, headdim, dstate, padded_len,
-    s_dyb, s_dyl, s_dyh, s_dyp,
-    s_cb, s_cl, s_cg, s_cn,
-    s_seqb, s_seql,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    c = tl.program_id(1)
-    bh = tl.program_id(0)
-    pid_n = tl.program_id(2)
-    nchunks = tl.num_programs(1)
-    b = bh // nheads
-    h = bh % nheads
-    g = h // heads_per_group
-    t_idx = c * Q + tl.arange(0, Q)
-    valid = t_idx < seqlen
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_mask = offs_p < headdim
-    n_mask = offs_n < dstate
-
-    from_start = tl.exp(tl.load(lam_ptr + bh * padded_len + t_idx))
-    if HAS_SEQ:
-        seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
-                                              seqlen, Q)
-        from_start = tl.where(seq_t == seq_prev, from_start, 0.0)
-    dy_t = tl.load(dy_ptr + b * s_dyb + h * s_dyh + t_idx[None, :] * s_dyl
-                   + offs_p[:, None] * s_dyp,
-                   mask=valid[None, :] & p_mask[:, None], other=0.0).to(tl.float32)  # (P, Q)
-    dy_t = dy_t * from_start[None, :]
-    c_tile = tl.load(C_ptr + b * s_cb + g * s_cg + t_idx[:, None] * s_cl + offs_n[None, :] * s_cn,
-                     mask=valid[:, None] & n_mask[None, :], other=0.0)
-    dS = tl.dot(dy_t.to(DOT_DTYPE), c_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
-    out = dS_ptr + ((b * nchunks + c) * nheads + h) * headdim * dstate
-    tl.store(out + offs_p[:, None] * dstate + offs_n[None, :], dS,
-             mask=p_mask[:, None] & n_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1050,8 +991,17 @@ def _chunk_out_fwd_options(Q: int, block_p: int, block_n_full: int, dot_dtype) -
                 maxnreg=96 if _register_caps_apply(Q, block_p, dot_dtype) else None)
 
 
-def _chunk_dstate_bwd_options(block_p: int, block_n_full: int) -> dict:
-    return dict(BLOCK_N=min(block_n_full, 128), num_warps=2 if block_p <= 32 else 4)  # 1.15x - 1.4x
+def _chunk_states_options(rows: int, block_n_full: int) -> dict:
+    """K1 / B1 (``_chunk_states_kernel``): BLOCK_M rows of a group's flat (head, p) index."""
+    return dict(BLOCK_M=min(64, _pow2(rows)), BLOCK_N=min(block_n_full, 128), num_warps=4)
+
+
+def _state_walk_options(rows: int, dstate: int) -> dict:
+    """The sequential form's walk (``_state_walk_kernel``): whole 128-wide state rows and 8 warps
+    (H100, session 14: 1.08 - 1.33x over 4 warps with 64-wide N blocks, at the block, ViT and
+    4 x 16384 shapes; 32-wide N blocks, for more walks, were 1.5 - 2x slower: each reloads the
+    x tile and its weights)."""
+    return dict(BLOCK_M=min(64, _pow2(rows)), BLOCK_N=min(_pow2(dstate), 128), num_warps=8)
 
 
 def _bwd_dx_options(Q: int, block_p: int, block_n_full: int, dot_dtype) -> dict:
@@ -1085,26 +1035,33 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _state_form(batch_heads: int, dstate: int, device) -> str:
-    """How states cross chunks: "parallel" (chunk states written by a chunk-parallel kernel,
-    then a light elementwise pass; the default) or "sequential" (one program per (b, h, N block)
-    walks the chunks and chunk states never touch memory). On an H200 with bf16 inputs the
-    parallel form was faster at every shape tried (b8 l2048 h64 p24 n128 fwd+bwd: 2.11 vs
-    2.20 ms; b1 l65536 h8: 2.22 vs 4.34 ms). MATMAMBA_SSD_STATE overrides."""
+# The sequential form is chosen where its walks (one per batch row, group and 64 rows of the flat
+# (head, p) index) number at least this many per SM. Measured on an H100, bf16, the block's layout,
+# fwd+bwd of the scan, parallel vs sequential form (session 14, visit 2; the walks at 4 warps then):
+#   walks/SM  shape (b, l, h)           parallel   sequential
+#     1.45    8 x 2048, 64 heads         1.490 ms   1.272
+#     0.73    4 x 16384, 64 heads        5.659      5.187
+#     0.73    8 x 2048, 32 heads         0.818      0.775
+#     0.36    8 x 2048, 16 heads         0.493      0.498
+#     0.18    8 x 2048, 8 heads          0.326      0.390
+#     0.18    1 x 65536, 64 heads        6.215      7.156
+# (and ViT b64 l197, 4 packed rows of 3152 tokens: 1.473 vs 1.224; b32 l1024: 2.902 vs 2.369).
+_WALKS_PER_SM = 0.5
+
+
+def _state_form(batch_groups: int, rows: int, dstate: int, device) -> str:
+    """How states cross chunks: "sequential" (K1+K2 / B1+B2 fused: each program walks the
+    chunks with its tile of the state in registers; no chunk state goes through memory) where
+    there are walks enough to fill the GPU (_WALKS_PER_SM), otherwise "parallel" (chunk states
+    written by a chunk-parallel kernel, then a light pass over them, bandwidth-bound). ``rows``:
+    a group's heads x head dim. MATMAMBA_SSD_STATE overrides."""
     forced = os.environ.get("MATMAMBA_SSD_STATE", "").strip()
     if forced:
         if forced not in ("sequential", "parallel"):
             raise ValueError(f"MATMAMBA_SSD_STATE must be 'sequential' or 'parallel'; got {forced!r}")
         return forced
-    return "parallel"
-
-
-def _sequential_block_n(batch_heads: int, dstate: int, device) -> int:
-    """N block of the sequential state kernels: 64 when that still gives >= 4 programs per SM."""
-    block_n = min(_pow2(dstate), 64)
-    while block_n > 16 and batch_heads * cdiv(dstate, block_n) < 4 * _sm_count(device):
-        block_n //= 2
-    return block_n
+    walks = batch_groups * cdiv(rows, 64) * cdiv(dstate, 128)
+    return "sequential" if walks >= _WALKS_PER_SM * _sm_count(device) else "parallel"
 
 
 # CUDA caps grid axes 1 and 2 at 65535 programs (axis 0 at 2^31 - 1). The kernels put the
@@ -1118,6 +1075,56 @@ def _check_chunks(nchunks: int, Q: int) -> None:
         raise ValueError(f"ssd_scan (triton): a sequence of {nchunks} chunks of {Q} tokens exceeds the "
                          f"{_MAX_GRID_YZ} chunks one launch can cover (at most {_MAX_GRID_YZ * Q} tokens); "
                          f"pass it in pieces, carrying the final state as the next initial_state")
+
+
+def _pass_states(x, lam, w_end, V, seq_idx, start, states, end) -> None:
+    """K1 + K2 (``w_end``: K0's weights; x, V = B; ``states`` the states entering each chunk,
+    ``end`` the final state) or, with ``w_end`` None, B1 + B2 (x = dy, V = C; ``states`` the
+    gradients of the states leaving each chunk, ``end`` the initial state's gradient), in the
+    state form ``_state_form`` picks. ``start``: the initial state (backward: the final state's
+    gradient) or None for zeros."""
+    forward = w_end is not None
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = V.shape[2], V.shape[3]
+    heads_per_group = nheads // ngroups
+    nchunks = states.shape[1]
+    padded_len = lam.shape[-1]
+    Q = padded_len // nchunks
+    rows = heads_per_group * headdim
+    dot_dtype, dot_prec = _dot_config(x.dtype)
+    seq_arg = seq_idx if seq_idx is not None else x
+    s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
+    heads_packed = x.stride(2) == headdim * x.stride(3)
+    direction = "fwd" if forward else "bwd"
+    if _state_form(batch * ngroups, rows, dstate, x.device) == "sequential":
+        opts = _launch(f"state_{direction}_fused", **_state_walk_options(rows, dstate))
+        grid = (batch * ngroups, cdiv(rows, opts["BLOCK_M"]) * cdiv(dstate, opts["BLOCK_N"]))
+        launch(_state_walk_kernel, grid,
+            x, w_end if forward else lam, lam, V, seq_arg,
+            start if start is not None else lam, states, end,
+            seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, nchunks,
+            *x.stride(), *V.stride(), *s_seq,
+            Q=Q, REVERSE=not forward, HAS_START=start is not None, HAS_SEQ=seq_idx is not None,
+            HEADS_PACKED=heads_packed, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
+        return
+    local = torch.empty(states.shape, device=x.device, dtype=torch.float32)
+    opts = _launch("chunk_state_fwd" if forward else "chunk_dstate_bwd",
+                   **_chunk_states_options(rows, _pow2(dstate)))
+    grid = (batch * ngroups, nchunks, cdiv(rows, opts["BLOCK_M"]) * cdiv(dstate, opts["BLOCK_N"]))
+    launch(_chunk_states_kernel, grid,
+        x, w_end if forward else lam, lam, V, seq_arg, local,
+        seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len,
+        *x.stride(), *V.stride(), *s_seq,
+        Q=Q, TO_END=forward, HAS_SEQ=seq_idx is not None, HEADS_PACKED=heads_packed,
+        DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
+    state_size = headdim * dstate
+    opts = _launch(f"state_pass_{direction}", BLOCK=min(1024, next_power_of_2(state_size)),
+                   num_warps=4)
+    launch(_state_pass_kernel, (batch * nheads, cdiv(state_size, opts["BLOCK"])),
+        local, states, start if start is not None else local, end, lam, seq_arg,
+        seqlen, nheads, state_size, padded_len, nchunks, *s_seq,
+        Q=Q, HAS_START=start is not None, HAS_SEQ=seq_idx is not None, REVERSE=not forward,
+        **opts)
 
 
 def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus, dt_lo, dt_hi,
@@ -1155,46 +1162,15 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
     final_state = torch.empty(batch, nheads, headdim, dstate, device=dev, dtype=torch.float32)
     y = torch.empty(batch, seqlen, nheads, headdim, device=dev, dtype=x.dtype)
 
+    w_end = torch.empty_like(dtp)  # K1's weights (module docstring), K0 -> K1 only
     launch(_cb_kernel, (batch * ngroups, nchunks),
-        C, B, seq_arg, CB, seqlen, ngroups, dstate, *C.stride(), *B.stride(), *s_seq,
-        Q=Q, HAS_SEQ=seq_idx is not None, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
-        **_launch("cb", BLOCK_N=block_n, num_warps=warps))
-    state_size = headdim * dstate
-    if _state_form(batch * nheads, dstate, dev) == "sequential":
-        opts = _launch("state_fwd_fused", BLOCK_N=_sequential_block_n(batch * nheads, dstate, dev),
-                       num_warps=4)
-        launch(_state_fwd_fused_kernel, (batch * nheads, cdiv(dstate, opts["BLOCK_N"])),
-            x, dt, A, dt_bias if dt_bias is not None else A, B, seq_arg,
-            initial_state if initial_state is not None else A,
-            dtp, lam, entering, final_state,
-            seqlen, nheads, heads_per_group, headdim, dstate, padded_len, nchunks, dt_lo, dt_hi,
-            *x.stride(), *dt.stride(), *B.stride(), *s_seq,
-            Q=Q, BLOCK_P=block_p, HAS_BIAS=dt_bias is not None,
-            SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None,
-            HAS_INIT=initial_state is not None, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
-    else:
-        chunk_states = torch.empty(batch, nchunks, nheads, headdim, dstate, device=dev,
-                                   dtype=torch.float32)
-        # the whole N in one program: 1.2x (p=64) to 1.7x (p=24, with 2 warps) over 64-wide blocks
-        opts = _launch("chunk_state_fwd", BLOCK_N=min(block_n_full, 128),
-                       num_warps=2 if block_p <= 32 else 4)
-        grid = (batch * nheads, nchunks, cdiv(dstate, opts["BLOCK_N"]))
-        launch(_chunk_state_fwd_kernel, grid,
-            x, dt, A, dt_bias if dt_bias is not None else A, B, seq_arg,
-            dtp, lam, chunk_states,
-            seqlen, nheads, heads_per_group, headdim, dstate, padded_len, dt_lo, dt_hi,
-            *x.stride(), *dt.stride(), *B.stride(), *s_seq,
-            Q=Q, BLOCK_P=block_p, HAS_BIAS=dt_bias is not None,
-            SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None,
-            DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
-        opts = _launch("state_pass_fwd", BLOCK=min(1024, next_power_of_2(state_size)),
-                       num_warps=4)
-        launch(_state_pass_kernel, (batch * nheads, cdiv(state_size, opts["BLOCK"])),
-            chunk_states, entering, initial_state if initial_state is not None else chunk_states,
-            final_state, lam, seq_arg,
-            seqlen, nheads, state_size, padded_len, nchunks, *s_seq,
-            Q=Q, HAS_START=initial_state is not None,
-            HAS_SEQ=seq_idx is not None, REVERSE=False, **opts)
+        C, B, seq_arg, CB, dt, A, dt_bias if dt_bias is not None else A, dtp, lam, w_end,
+        seqlen, nheads, heads_per_group, ngroups, dstate, padded_len, dt_lo, dt_hi,
+        *C.stride(), *B.stride(), *dt.stride(), *s_seq,
+        Q=Q, HAS_SEQ=seq_idx is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
+        **_launch("cb", BLOCK_N=block_n, BLOCK_H=min(64, _pow2(heads_per_group)), num_warps=warps))
+    _pass_states(x, lam, w_end, B, seq_idx, initial_state, entering, final_state)
     launch(_chunk_out_fwd_kernel, (batch * nheads, nchunks),
         x, C, CB, entering, dtp, lam, D if D is not None else A, seq_arg, y,
         seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len,
@@ -1251,34 +1227,7 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     # G[c] = gradient of the state leaving chunk c
     leaving_grad = torch.empty_like(entering)
     d_initial = torch.empty(batch, nheads, headdim, dstate, device=dev, dtype=torch.float32)
-    state_size = headdim * dstate
-    if _state_form(batch * nheads, dstate, dev) == "sequential":
-        opts = _launch("state_bwd_fused", BLOCK_N=_sequential_block_n(batch * nheads, dstate, dev),
-                       num_warps=4)
-        launch(_state_bwd_fused_kernel, (batch * nheads, cdiv(dstate, opts["BLOCK_N"])),
-            dy, C, lam, seq_arg, d_final if d_final is not None else lam, leaving_grad, d_initial,
-            seqlen, nheads, heads_per_group, headdim, dstate, padded_len, nchunks,
-            *dy.stride(), *C.stride(), *s_seq,
-            Q=Q, BLOCK_P=block_p, HAS_SEQ=seq_idx is not None,
-            HAS_DFINAL=d_final is not None, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
-    else:
-        d_local = torch.empty(batch, nchunks, nheads, headdim, dstate, device=dev,
-                              dtype=torch.float32)
-        opts = _launch("chunk_dstate_bwd", **_chunk_dstate_bwd_options(block_p, block_n_full))
-        grid = (batch * nheads, nchunks, cdiv(dstate, opts["BLOCK_N"]))
-        launch(_chunk_dstate_bwd_kernel, grid,
-            dy, C, lam, seq_arg, d_local,
-            seqlen, nheads, heads_per_group, headdim, dstate, padded_len,
-            *dy.stride(), *C.stride(), *s_seq,
-            Q=Q, BLOCK_P=block_p, HAS_SEQ=seq_idx is not None,
-            DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
-        opts = _launch("state_pass_bwd", BLOCK=min(1024, next_power_of_2(state_size)),
-                       num_warps=4)
-        launch(_state_pass_kernel, (batch * nheads, cdiv(state_size, opts["BLOCK"])),
-            d_local, leaving_grad, d_final if d_final is not None else d_local, d_initial, lam,
-            seq_arg, seqlen, nheads, state_size, padded_len, nchunks, *s_seq,
-            Q=Q, HAS_START=d_final is not None,
-            HAS_SEQ=seq_idx is not None, REVERSE=True, **opts)
+    _pass_states(dy, lam, None, C, seq_idx, d_final, leaving_grad, d_initial)
 
     # B3: per head. B3 and B4 (below) stay two launches although both reload each head's x, dy
     # and states: one kernel doing both per (group, chunk, split of the heads) was measured
