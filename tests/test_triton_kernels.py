@@ -63,7 +63,8 @@ def _compare(name, triton_fn, naive_fn, inputs: dict, failures: list, tol=TOL):
         failures.append(name)
 
 
-def _ssd_group(form: str, failures: list) -> None:
+def _ssd_group(form: str, failures: list, only=None) -> None:
+    """The scan in state form ``form`` at the cases below (``only``: their indices)."""
     import torch
 
     from matmamba.ops.ssd.naive import ssd_scan_naive
@@ -79,7 +80,7 @@ def _ssd_group(form: str, failures: list) -> None:
         (2, 33, 4, 8, 2, 32, 16, dict(D=None, bias=False, softplus=False, limit=(0.0, 0.3))),
         (1, 16, 1, 24, 1, 16, 16, dict(D="h", bias=True, softplus=True, seq=True)),  # one chunk
     ]
-    for b, l, h, p, g, n, chunk, opt in cases:
+    for b, l, h, p, g, n, chunk, opt in (cases if only is None else [cases[i] for i in only]):
         os.environ["MATMAMBA_SSD_CHUNK"] = str(chunk)
         gen = torch.Generator().manual_seed(b * 1000 + l)
         rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
@@ -220,7 +221,8 @@ def _ssd_launch_options_group(failures: list) -> None:
     triton_impl.LAUNCH_OVERRIDES.update(small_tiles)  # n = 32 below: two N blocks everywhere
     try:
         for form in ("parallel", "sequential"):
-            _ssd_group(form, failures)
+            # an initial state; several groups with packed sequences; two N blocks, no D or bias
+            _ssd_group(form, failures, only=(0, 2, 3))
         os.environ["MATMAMBA_SSD_STATE"] = "parallel"
         triton_impl.LAUNCH_OVERRIDES["state_pass_bwd"] = dict(BLOCK=3)  # not a power of 2
         import torch
