@@ -185,6 +185,7 @@ def test_cpu_resume_vision_and_large_lm(tmp_path, tokens):
     assert report["failures"] == []
 
 
+@pytest.mark.slow  # ~15 s, two gloo processes: benchmark plumbing (DDP's sums: test_train_ddp.py)
 def test_allreduce_case_measures_the_link_on_cpu(tmp_path):
     """The allreduce case launches scripts/allreduce_probe.py on 2 ranks (gloo here, NCCL on GPUs),
     checks the sums, reports bandwidth per size and what lm_130m's gradient all-reduce costs."""
