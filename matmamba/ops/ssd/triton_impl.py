@@ -1060,7 +1060,8 @@ def _state_form(batch_groups: int, rows: int, dstate: int, device) -> str:
         if forced not in ("sequential", "parallel"):
             raise ValueError(f"MATMAMBA_SSD_STATE must be 'sequential' or 'parallel'; got {forced!r}")
         return forced
-    walks = batch_groups * cdiv(rows, 64) * cdiv(dstate, 128)
+    tile = _state_walk_options(rows, dstate)  # the defaults: overrides tune, they do not choose
+    walks = batch_groups * cdiv(rows, tile["BLOCK_M"]) * cdiv(dstate, tile["BLOCK_N"])
     return "sequential" if walks >= _WALKS_PER_SM * _sm_count(device) else "parallel"
 
 
