@@ -196,7 +196,7 @@ def main(argv=None):
                         reg_cap = defaults.get("maxnreg") if args.maxnreg is None else args.maxnreg or None
                         extra = {k: int(v) for k, v in (c.split("=", 1) for c in args.const)}
                         tiles = {k: v for k, v in defaults.items() if k.startswith("BLOCK_") and k != "BLOCK_N"}
-                        compiled = compile_for_hopper(fn, dict(constexprs, **tiles, BLOCK_N=bn, **extra),
+                        compiled = compile_for_hopper(fn, {**constexprs, **tiles, "BLOCK_N": bn, **extra},
                                                       nw, ns, maxnreg=reg_cap)
                         use = resource_usage(compiled)
                         spill = use.get("local", 0) + use.get("stack", 0)

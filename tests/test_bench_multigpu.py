@@ -140,6 +140,11 @@ def tokens(tmp_path):
     return make_token_shards(tmp_path / "tokens", val_tokens=2048, max_tokens=20000, shard_tokens=10000)
 
 
+# ~80 s on 2 cores (four whole training runs, each its own processes), which took the default suite
+# past 10 minutes: run on purpose with -m slow. The default suite keeps DDP through train.py on 2 CPU
+# ranks (test_train_ddp.py: weights equal across ranks, each rank its own data, the bf16 gradient
+# all-reduce) and this script's plumbing (dry run, loss-curve keys, the weights check under gloo).
+@pytest.mark.slow
 def test_cpu_ddp_scaling_loss_and_weights(tmp_path, tokens):
     report, stdout = run_bench(tmp_path, ["--cases", "lm_ddp,weights", "--steps", "4", "--tokens-root", str(tokens)])
     runs, case = report["runs"], report["cases"]["lm_ddp"]
