@@ -170,7 +170,7 @@ def main(argv=None):
     p.add_argument("--maxnreg", type=int, default=None,
                    help="cap on registers a thread (ptxas spills beyond); 0: no cap (ptxas's choice)")
     p.add_argument("--const", action="append", default=[], metavar="NAME=VALUE",
-                   help="a constexpr of the kernel set (an int), e.g. DLAM_Z=1; repeatable")
+                   help="a constexpr of the kernel set (an int), e.g. DLAM_Z=1, or a default tile, e.g. BLOCK_M=32; repeatable")
     p.add_argument("--sass", action="store_true",
                    help="also count the SASS instructions by family (static counts)")
     args = p.parse_args(argv)
