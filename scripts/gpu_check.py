@@ -957,11 +957,16 @@ def main():
     parser.add_argument("--ssd-state", choices=["parallel", "sequential"], default=None,
                         help="the SSD scan's state form for every check (MATMAMBA_SSD_STATE; "
                              "default: the scan's own choice)")
+    parser.add_argument("--ssd-segments", type=int, default=None,
+                        help="with the sequential form, cut each walk into this many segments "
+                             "(MATMAMBA_SSD_SEGMENTS; default: the scan's own choice)")
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="exercise this script on the CPU under TRITON_INTERPRET=1 (fp32/fp16 only)")
     args = parser.parse_args()
     if args.ssd_state:
         os.environ["MATMAMBA_SSD_STATE"] = args.ssd_state
+    if args.ssd_segments:
+        os.environ["MATMAMBA_SSD_SEGMENTS"] = str(args.ssd_segments)
     if args.cpu_dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is decorated
     elif not torch.cuda.is_available():
@@ -972,6 +977,7 @@ def main():
     skip = set(filter(None, args.skip.split(",")))
     if dev.type == "cuda":
         env = dict(torch=torch.__version__, triton=triton.__version__, ssd_state=args.ssd_state,
+                   ssd_segments=args.ssd_segments,
                    device=torch.cuda.get_device_name(),
                    capability=".".join(map(str, torch.cuda.get_device_capability())))
         by_name = {v: k for k, v in DTYPE_NAME.items()}

@@ -34,6 +34,8 @@
 set -u
 OUT=${OUT:-/tmp/gpu_visit_train}
 mkdir -p "$OUT"
+# a warm machine keeps /tmp between calls: no gpu_check parts from an earlier call in this summary
+rm -rf /tmp/check_parts
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
 mkdir -p "$TRITON_CACHE_DIR"
@@ -87,7 +89,7 @@ for stage in $STAGES; do
         ) &
         pids+=($!)
         ;;
-    train)   # on GPU 0: optionally the block benchmark first (BLOCK_ARGS), then bench_train
+    train)   # on GPU 0: optionally the block benchmark first (BLOCK_ARGS, one line), then bench_train
         (
             if [ -n "${BLOCK_ARGS:-}" ]; then
                 CUDA_VISIBLE_DEVICES=0 timeout ${BLOCK_TIMEOUT:-200} python3 scripts/bench_block.py $BLOCK_ARGS \
@@ -189,9 +191,22 @@ for stage in $STAGES; do
             done
         done
         ;;
-    block)   # scripts/bench_block.py BLOCK_ARGS alone on GPU 0 (the kernels against mamba_ssm, same run)
-        CUDA_VISIBLE_DEVICES=0 timeout ${BLOCK_TIMEOUT:-330} python3 scripts/bench_block.py ${BLOCK_ARGS:-} \
-            --json "$OUT/bench_block.json" > "$OUT/bench_block.log" 2>&1
+    block)   # scripts/bench_block.py alone on GPU 0 (the kernels against mamba_ssm, same run): one
+             # run per line of BLOCK_ARGS, a line's leading NAME=value words its environment (e.g.
+             # BLOCK_ARGS=$'--cases lengths\nMATMAMBA_SSD_STATE=parallel --cases lengths')
+        i=0
+        while IFS= read -r line; do
+            i=$((i + 1))
+            [ $i -gt 1 ] && [ -z "$line" ] && continue
+            envs=(); args=()
+            for word in $line; do
+                if [ ${#args[@]} = 0 ] && [[ $word =~ ^[A-Z_][A-Z0-9_]*= ]]; then envs+=("$word"); else args+=("$word"); fi
+            done
+            tag=$([ $i = 1 ] && echo bench_block || echo bench_block_$i)
+            echo "${envs[*]} ${args[*]}" > "$OUT/$tag.cmd"
+            CUDA_VISIBLE_DEVICES=0 env "${envs[@]}" timeout ${BLOCK_TIMEOUT:-330} python3 scripts/bench_block.py \
+                "${args[@]}" --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
+        done <<< "${BLOCK_ARGS:-}"
         ;;
     conv)    # the conv1d's launch variants (scripts/bench_conv.py CONV_ARGS) on GPU 0
         CUDA_VISIBLE_DEVICES=0 timeout ${CONV_TIMEOUT:-200} python3 scripts/bench_conv.py ${CONV_ARGS:-} \
@@ -238,7 +253,11 @@ for path in "$OUT"/tune_ssd*.log; do
     [ -f "$path" ] || continue
     echo "=== $(basename "$path" .log): $(cat "${path%.log}.cmd" 2>/dev/null)"; grep -vE "^\s*$" "$path" | tail -45
 done
-[ -f "$OUT/bench_block.log" ] && { echo "=== bench_block"; sed -n '/^=====/,$p' "$OUT/bench_block.log"; }
+for path in "$OUT"/bench_block*.log; do
+    [ -f "$path" ] || continue
+    echo "=== $(basename "$path" .log): $(cat "${path%.log}.cmd" 2>/dev/null)"; sed -n '/^=====/,$p' "$path"
+    grep -E "Traceback|Error" "$path" | head -5
+done
 for path in "$OUT"/bench_train*.log "$OUT"/bench_multigpu.log; do
     [ -f "$path" ] || continue
     log=$(basename "$path" .log)

@@ -75,7 +75,7 @@ def kernel_table(Q: int, block_p: int, block_n_full: int):
                          dict(common, TO_END=True, HEADS_PACKED=True),
                          ti._chunk_states_options(64 * block_p, block_n_full)),
         "state_walk": (ti._state_walk_kernel,
-                       dict(common, REVERSE=False, HAS_START=False, HEADS_PACKED=True),
+                       dict(common, REVERSE=False, HAS_START=False, HEADS_PACKED=True, SUMMARY=False),
                        ti._state_walk_options(64 * block_p, block_n_full)),
         "chunk_out_fwd": (ti._chunk_out_fwd_kernel, dict(common, HAS_D=True, D_PER_CHANNEL=False),
                           ti._chunk_out_fwd_options(Q, block_p, block_n_full, bf16)),

@@ -30,6 +30,37 @@ def test_triton_kernels_under_interpreter(group):
     run_group(__file__, group)
 
 
+def test_state_form_rule(monkeypatch):
+    """Which state form (and how many segments a walk) the scan picks, on a 132-SM GPU, at the
+    shapes the rule was measured at (rows: a group's heads x head dim, 64 heads of 24 = 1536)."""
+    import torch
+
+    from matmamba.ops.ssd import triton_impl as ti
+
+    monkeypatch.setattr(ti, "_sm_count", lambda device: 132)
+    monkeypatch.delenv("MATMAMBA_SSD_STATE", raising=False)
+    monkeypatch.delenv("MATMAMBA_SSD_SEGMENTS", raising=False)
+    gpu = torch.device("cuda")
+    form = lambda batch, heads, nchunks: ti._state_form(batch, heads * 24, 128, nchunks, gpu)  # noqa: E731
+    assert form(8, 64, 32) == ("sequential", 1)      # the D=768 block at b8 l2048: 192 walks
+    assert form(4, 64, 256) == ("sequential", 1)     # 4 x 16K: 96 walks
+    assert form(8, 8, 32) == ("parallel", 1)         # width 96: 24 walks of 32 chunks
+    assert form(1, 64, 1024) == ("sequential", 9)    # 1 x 64K: 24 walks, cut for ~1.5 an SM
+    assert form(1, 64, 256) == ("sequential", 4)     # 1 x 16K: segments of at least 64 chunks
+    assert form(1, 8, 1024) == ("sequential", 16)    # width 96 at 1 x 64K: 3 walks
+    monkeypatch.setenv("MATMAMBA_SSD_SEGMENTS", "3")
+    assert form(8, 64, 32) == ("sequential", 3)
+    assert form(8, 8, 32) == ("parallel", 1)         # segments cut only sequential walks
+    monkeypatch.setenv("MATMAMBA_SSD_STATE", "sequential")
+    assert form(8, 8, 32) == ("sequential", 3) and form(1, 64, 2) == ("sequential", 2)
+    monkeypatch.setenv("MATMAMBA_SSD_STATE", "parallel")
+    assert form(1, 64, 1024) == ("parallel", 1)
+    monkeypatch.setenv("MATMAMBA_SSD_SEGMENTS", "0")
+    monkeypatch.setenv("MATMAMBA_SSD_STATE", "sequential")
+    with pytest.raises(ValueError, match="MATMAMBA_SSD_SEGMENTS"):
+        form(1, 64, 1024)
+
+
 # ---------------------------------------------------------------------------------------------
 # The checks (run in the subprocess)
 # ---------------------------------------------------------------------------------------------
@@ -108,8 +139,22 @@ def _ssd_group(form: str, failures: list, only=None) -> None:
         if opt.get("heads_apart"):
             inputs["x"] = rnd(b, l, p, h).transpose(2, 3).requires_grad_()
             triton_fn, naive_fn = _heads_apart(ssd_scan_triton), _heads_apart(ssd_scan_naive)
-        name = f"ssd[{form}] b{b} l{l} h{h} p{p} g{g} n{n} Q{chunk} {sorted(k for k, v in opt.items() if v)}"
+        segments = os.environ.get("MATMAMBA_SSD_SEGMENTS")
+        form_name = f"{form}, {segments} segments" if segments else form
+        name = f"ssd[{form_name}] b{b} l{l} h{h} p{p} g{g} n{n} Q{chunk} {sorted(k for k, v in opt.items() if v)}"
         _compare(name, triton_fn, naive_fn, inputs, failures)
+
+
+def _ssd_sequential_group(failures: list) -> None:
+    """The sequential form, then with each walk cut into segments (a summary launch, then walks
+    that start from the earlier segments' ends): an initial state; several groups with packed
+    sequences (a segment boundary inside a sequence and between sequences)."""
+    _ssd_group("sequential", failures)
+    os.environ["MATMAMBA_SSD_SEGMENTS"] = "2"
+    try:
+        _ssd_group("sequential", failures, only=(0, 2))
+    finally:
+        del os.environ["MATMAMBA_SSD_SEGMENTS"]
 
 
 def _heads_apart(scan):
@@ -485,7 +530,7 @@ def test_ssd_launch_limits_are_explicit():
 def _main(group: str) -> int:
     return group_main({
         "ssd_parallel": lambda failures: _ssd_group("parallel", failures),
-        "ssd_sequential": lambda failures: _ssd_group("sequential", failures),
+        "ssd_sequential": _ssd_sequential_group,
         "ssd_launch_options": _ssd_launch_options_group,
         "ssd_fp16": _ssd_fp16_group,
         "ssd_packed": _ssd_packed_group,

@@ -490,41 +490,62 @@ def _state_pass_kernel(
 #   forward:  H0_0 = initial;  store H0_c;  H0_{c+1} = keep_c exp(Lam_end_c) H0_c + S_c
 #   backward: G_last = d final;  store G_c;  G_{c-1} = keep_c exp(Lam_end_c) G_c + dS_c
 # and the carry after the last chunk is the final state (backward: the initial state's gradient).
+#
+# Long rows with few walks (1 x 64K tokens: 24 walks of 1024 chunks on 132 SMs) cut the walk into
+# segments of consecutive chunks (in walk order), one program each (grid axis 2), in two launches:
+#   SUMMARY:  segment s (all but the last) walks from a zero state and stores only where it ends,
+#             E_s, and its decay d_s = prod_c keep_c exp(Lam_end_c) (per row; the carry is linear)
+#   then:     segment s starts from  carry = d_{s-1} (... (d_0 initial + E_0) ...) + E_{s-1}
+#             (s short steps over the summaries) and walks its chunks as above.
+# One segment is the plain walk (the loop over earlier segments is empty).
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _state_walk_kernel(
     x_ptr, w_end_ptr, lam_ptr, V_ptr, seq_ptr, start_ptr, states_ptr, end_ptr,
-    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, nchunks,
+    seg_end_ptr, seg_decay_ptr,
+    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, nchunks, seg_chunks,
     s_xb, s_xl, s_xh, s_xp,
     s_vb, s_vl, s_vg, s_vn,
     s_seqb, s_seql,
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REVERSE: tl.constexpr,
     HAS_START: tl.constexpr, HAS_SEQ: tl.constexpr, HEADS_PACKED: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    SUMMARY: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     b, g, offs_m, offs_n, m_mask, n_mask = _flat_tile(
         tl.program_id(0), tl.program_id(1), ngroups, heads_per_group, headdim, dstate,
         BLOCK_M, BLOCK_N)
+    segment = tl.program_id(2)
+    nsegments = tl.cdiv(nchunks, seg_chunks)
     mn_mask = m_mask[:, None] & n_mask[None, :]
     h = g * heads_per_group + offs_m // headdim
     # the tile's place in one (h, p, n) state: the group's first (h, 0) at row 0
-    state_offs = ((g * heads_per_group * headdim + offs_m) * dstate)[:, None] + offs_n[None, :]
+    flat_row = g * heads_per_group * headdim + offs_m
+    state_offs = (flat_row * dstate)[:, None] + offs_n[None, :]
     state_size = nheads * headdim * dstate
-    if HAS_START:
-        carry = tl.load(start_ptr + b * state_size + state_offs, mask=mn_mask,
-                        other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(nchunks):
+    carry = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if not SUMMARY:
+        if HAS_START:
+            carry = tl.load(start_ptr + b * state_size + state_offs, mask=mn_mask,
+                            other=0.0).to(tl.float32)
+        for earlier in range(0, segment):  # the earlier segments' summaries
+            summary = (b * nsegments + earlier).to(tl.int64)
+            decay = tl.load(seg_decay_ptr + summary * nheads * headdim + flat_row, mask=m_mask,
+                            other=0.0)
+            carry = decay[:, None] * carry + tl.load(seg_end_ptr + summary * state_size
+                                                     + state_offs, mask=mn_mask, other=0.0)
+    decay = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    first = segment * seg_chunks
+    for i in range(first, tl.minimum(first + seg_chunks, nchunks)):
         if REVERSE:
             c = nchunks - 1 - i
         else:
             c = i
-        slot = (b * nchunks + c).to(tl.int64) * state_size
-        tl.store(states_ptr + slot + state_offs, carry.to(states_ptr.dtype.element_ty),
-                 mask=mn_mask)
+        if not SUMMARY:
+            slot = (b * nchunks + c).to(tl.int64) * state_size
+            tl.store(states_ptr + slot + state_offs, carry.to(states_ptr.dtype.element_ty),
+                     mask=mn_mask)
         local = _flat_chunk_product(
             x_ptr, w_end_ptr, lam_ptr, V_ptr, seq_ptr, b, g, c, offs_m, m_mask, offs_n, n_mask,
             seqlen, nheads, heads_per_group, headdim, padded_len,
@@ -538,7 +559,14 @@ def _state_walk_kernel(
             seq_prev = tl.load(seq_base + tl.maximum(c * Q - 1, 0) * s_seql)
             scale = tl.where(seq_end == seq_prev, scale, 0.0)
         carry = scale[:, None] * carry + local
-    tl.store(end_ptr + b * state_size + state_offs, carry, mask=mn_mask)
+        if SUMMARY:
+            decay = decay * scale
+    if SUMMARY:
+        summary = (b * nsegments + segment).to(tl.int64)
+        tl.store(seg_end_ptr + summary * state_size + state_offs, carry, mask=mn_mask)
+        tl.store(seg_decay_ptr + summary * nheads * headdim + flat_row, decay, mask=m_mask)
+    elif segment == nsegments - 1:
+        tl.store(end_ptr + b * state_size + state_offs, carry, mask=mn_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1048,21 +1076,49 @@ def _sm_count(device) -> int:
 # (and ViT b64 l197, 4 packed rows of 3152 tokens: 1.473 vs 1.224; b32 l1024: 2.902 vs 2.369).
 _WALKS_PER_SM = 0.5
 
+# Rows of at least _SEGMENT_MIN_CHUNKS chunks with fewer walks than that take the sequential form
+# with each walk cut into segments (``_state_walk_kernel``), for about _SEGMENT_WALKS_PER_SM walks
+# an SM, each segment at least _SEGMENT_MIN_LENGTH chunks long. There, the parallel form moves
+# every chunk's fp32 state through memory (1 x 65536 tokens, 64 heads of 24, N 128: 805 MB each
+# way) and the plain walks are too few: 1 x 64K cost 6.2 ms of scan (parallel) or 7.2
+# (sequential) where 4 x 16K cost 5.2 (H100, session 14), and the block's time per token at
+# l = 64K was 1.16x that at l = 1K (session 15, visit 2; issue 3 asks for at most 1.15x).
+# Segmented, the block at 1 x 64K took 10.39 ms against 9.77 at 64 x 1K (1.06x), where the
+# parallel form took 11.72 (H100, session 16). Segments forced at 1 x 64K: 2 / 4 / 6 / 9 (this
+# rule) / 12 / 16 -> 13.35 / 11.23 / 10.83 / 10.42 / 10.63 / 10.52 ms; 4 x 16K (96 walks, not
+# cut) took 10.35 ms as it is and 10.42 / 10.57 in 2 / 4 segments.
+_SEGMENT_MIN_CHUNKS = 256
+_SEGMENT_WALKS_PER_SM = 1.5
+_SEGMENT_MIN_LENGTH = 64
 
-def _state_form(batch_groups: int, rows: int, dstate: int, device) -> str:
-    """How states cross chunks: "sequential" (K1+K2 / B1+B2 fused: each program walks the
-    chunks with its tile of the state in registers; no chunk state goes through memory) where
-    there are walks enough to fill the GPU (_WALKS_PER_SM), otherwise "parallel" (chunk states
+
+def _state_form(batch_groups: int, rows: int, dstate: int, nchunks: int, device) -> tuple[str, int]:
+    """How states cross chunks -> (form, segments). "sequential" (K1+K2 / B1+B2 fused: each
+    program walks the chunks with its tile of the state in registers; no chunk state goes through
+    memory) where there are walks enough to fill the GPU (_WALKS_PER_SM), or where rows are long
+    enough to cut each walk into ``segments`` (_SEGMENT_*); otherwise "parallel" (chunk states
     written by a chunk-parallel kernel, then a light pass over them, bandwidth-bound). ``rows``:
-    a group's heads x head dim. MATMAMBA_SSD_STATE overrides."""
+    a group's heads x head dim. MATMAMBA_SSD_STATE and MATMAMBA_SSD_SEGMENTS override."""
     forced = os.environ.get("MATMAMBA_SSD_STATE", "").strip()
-    if forced:
-        if forced not in ("sequential", "parallel"):
-            raise ValueError(f"MATMAMBA_SSD_STATE must be 'sequential' or 'parallel'; got {forced!r}")
-        return forced
+    if forced and forced not in ("sequential", "parallel"):
+        raise ValueError(f"MATMAMBA_SSD_STATE must be 'sequential' or 'parallel'; got {forced!r}")
+    forced_segments = os.environ.get("MATMAMBA_SSD_SEGMENTS", "").strip()
+    if forced_segments and not (forced_segments.isdigit() and int(forced_segments) >= 1):
+        raise ValueError("MATMAMBA_SSD_SEGMENTS must be a number of segments >= 1 (the sequential "
+                         f"form's walks cut into that many); got {forced_segments!r}")
     tile = _state_walk_options(rows, dstate)  # the defaults: overrides tune, they do not choose
     walks = batch_groups * cdiv(rows, tile["BLOCK_M"]) * cdiv(dstate, tile["BLOCK_N"])
-    return "sequential" if walks >= _WALKS_PER_SM * _sm_count(device) else "parallel"
+    sms = _sm_count(device)
+    few_walks = walks < _WALKS_PER_SM * sms
+    form = forced or ("parallel" if few_walks and nchunks < _SEGMENT_MIN_CHUNKS else "sequential")
+    if form == "parallel":
+        return form, 1
+    if forced_segments:
+        return form, min(int(forced_segments), nchunks)
+    if few_walks and nchunks >= _SEGMENT_MIN_CHUNKS:
+        wanted = cdiv(math.ceil(_SEGMENT_WALKS_PER_SM * sms), walks)
+        return form, max(1, min(wanted, nchunks // _SEGMENT_MIN_LENGTH))
+    return form, 1
 
 
 # CUDA caps grid axes 1 and 2 at 65535 programs (axis 0 at 2^31 - 1). The kernels put the
@@ -1097,16 +1153,30 @@ def _pass_states(x, lam, w_end, V, seq_idx, start, states, end) -> None:
     s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
     heads_packed = x.stride(2) == headdim * x.stride(3)
     direction = "fwd" if forward else "bwd"
-    if _state_form(batch * ngroups, rows, dstate, x.device) == "sequential":
+    form, segments = _state_form(batch * ngroups, rows, dstate, nchunks, x.device)
+    if form == "sequential":
         opts = _launch(f"state_{direction}_fused", **_state_walk_options(rows, dstate))
-        grid = (batch * ngroups, cdiv(rows, opts["BLOCK_M"]) * cdiv(dstate, opts["BLOCK_N"]))
-        launch(_state_walk_kernel, grid,
-            x, w_end if forward else lam, lam, V, seq_arg,
-            start if start is not None else lam, states, end,
-            seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, nchunks,
-            *x.stride(), *V.stride(), *s_seq,
-            Q=Q, REVERSE=not forward, HAS_START=start is not None, HAS_SEQ=seq_idx is not None,
-            HEADS_PACKED=heads_packed, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
+        tiles = cdiv(rows, opts["BLOCK_M"]) * cdiv(dstate, opts["BLOCK_N"])
+        seg_chunks = cdiv(nchunks, segments)
+        segments = cdiv(nchunks, seg_chunks)
+        seg_end = seg_decay = lam  # (unused with one segment)
+        if segments > 1:  # where each segment but the last ends, and its decay
+            seg_end = torch.empty(batch, segments, nheads, headdim, dstate, device=x.device,
+                                  dtype=torch.float32)
+            seg_decay = torch.empty(batch, segments, nheads * headdim, device=x.device,
+                                    dtype=torch.float32)
+        args = (x, w_end if forward else lam, lam, V, seq_arg,
+                start if start is not None else lam, states, end, seg_end, seg_decay,
+                seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, nchunks,
+                seg_chunks, *x.stride(), *V.stride(), *s_seq)
+        constants = dict(Q=Q, REVERSE=not forward, HAS_START=start is not None,
+                         HAS_SEQ=seq_idx is not None, HEADS_PACKED=heads_packed,
+                         DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
+        if segments > 1:
+            launch(_state_walk_kernel, (batch * ngroups, tiles, segments - 1), *args,
+                   SUMMARY=True, **constants)
+        launch(_state_walk_kernel, (batch * ngroups, tiles, segments), *args, SUMMARY=False,
+               **constants)
         return
     local = torch.empty(states.shape, device=x.device, dtype=torch.float32)
     opts = _launch("chunk_state_fwd" if forward else "chunk_dstate_bwd",
