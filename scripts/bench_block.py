@@ -722,7 +722,70 @@ def print_table():
         print(f"{r['case']:<34} {r.get('shape', ''):<38} {fmt(r.get('ours_ms')):>9} {fmt(r.get('base_ms')):>9} "
               f"{fmt(r.get('speedup'), 2):>8} {fmt(r.get('peak_mb'), 0):>8}  {r.get('note', '')[:60]}")
     print("-" * 132)
-    print("meta:", json.dumps({k: v for k, v in META.items() if not isinstance(v, dict)}, default=str))
+    print("meta:", json.dumps({k: v for k, v in META.items() if not isinstance(v, (dict, list))}, default=str))
+
+
+# Issue 3's targets, read off this run's rows: (what, the rows' case, shape prefix, how to measure).
+def _row(results, case, shape):
+    return next((r for r in results if r.get("case") == case and r.get("shape", "").startswith(shape)
+                 and r.get("ours_ms") is not None), None)
+
+
+def targets(results) -> list[dict]:
+    """Each of issue 3's targets that this run's rows can speak to: the target, what was measured,
+    and "met" / "missed" / "not run" (its case absent, or no baseline in the run). Speed-ups are
+    the baseline's time over ours, eager and CUDA-graphed where both ran."""
+    out = []
+
+    def speedup(what, floor, rows):
+        got = [(label, r["speedup"]) for label, r in rows if r is not None and r.get("speedup")]
+        if not got:
+            out.append(dict(target=what, measured="-", status="not run"))
+            return
+        out.append(dict(target=what, measured=" / ".join(f"{v:.2f}x {label}" for label, v in got),
+                        status="met" if all(v >= floor for _, v in got) else "missed"))
+
+    ssd = "b8 l2048 h64 p24 n128"
+    speedup("SSD fwd+bwd >= 4x mamba_ssm (b8 l2048 h64 p24 n128)", 4.0,
+            [("eager", _row(results, "ssd fwd+bwd", ssd)),
+             ("graphed", _row(results, "ssd fwd+bwd, CUDA graph", ssd))])
+    speedup("SSD fwd faster than fla chunk_simple_gla", 1.0,
+            [("faster", _row(results, "fla chunk_simple_gla fwd", ssd))])
+    block = "D768 b8 l2048 width 768"
+    speedup("block fwd+bwd >= 4x (D768 b8 l2048)", 4.0,
+            [("eager", _row(results, "block D768 b8 l2048 [fused]", block)),
+             ("graphed", _row(results, "block D768 b8 l2048 [graph]", block))])
+    shares = []
+    for variant in ("fused", "graph"):
+        full = _row(results, f"block D768 b8 l2048 [{variant}]", "D768 b8 l2048 width 768")
+        eighth = _row(results, f"block D768 b8 l2048 [{variant}]", "D768 b8 l2048 width 96")
+        if full and eighth:
+            shares.append((variant, eighth["ours_ms"] / full["ours_ms"]))
+    # eagerly the narrow widths measure the host, so the GPU work (graphed) decides where it ran
+    decisive = dict(shares).get("graph", dict(shares).get("fused"))
+    out.append(dict(target="D/8 costs <= 35% of full width (D768 b8 l2048)",
+                    measured=" / ".join(f"{v:.0%} {'graphed' if k == 'graph' else 'eager'}"
+                                        for k, v in shares) or "-",
+                    status="not run" if decisive is None else "met" if decisive <= 0.35 else "missed"))
+    vit = "D768 b64 l197 width 768"
+    speedup("ViT tokens >= 3x (D768 b64 l197)", 3.0,
+            [("eager", _row(results, "block ViT tokens [fused]", vit)),
+             ("graphed", _row(results, "block ViT tokens [graph]", vit))])
+    lengths = next((r for r in results if r.get("worst_ratio") is not None), None)
+    out.append(dict(target="time per token within 15% from l=1K to 64K",
+                    measured=f"worst {lengths['worst_ratio']:.3f}x" if lengths else "-",
+                    status="not run" if lengths is None
+                    else "met" if lengths["worst_ratio"] <= 1.15 else "missed"))
+    cold = next((r for r in results if r.get("case") == "cold start" and r.get("first_s")), None)
+    out.append(dict(target="cold start < 20 s", measured=f"{cold['first_s']:.1f} s" if cold else "-",
+                    status="not run" if cold is None else "met" if cold["first_s"] < 20 else "missed"))
+    return out
+
+
+def print_targets(rows):
+    print(f"\n{'issue 3 target':<56} {'measured':<34} status")
+    for t in rows:
+        print(f"{t['target']:<56} {t['measured']:<34} {t['status']}")
 
 
 def main():
@@ -774,8 +837,10 @@ def main():
         META.setdefault("case_seconds", {})[name] = round(time.time() - start, 1)
         save(args.json)
     META["total_s"] = round(time.time() - t0, 1)
+    META["targets"] = targets(RESULTS)
     save(args.json)
     print_table()
+    print_targets(META["targets"])
 
 
 if __name__ == "__main__":
