@@ -19,6 +19,9 @@
 #   STAGES="tune ncu" ...                                  # tune_ssd on GPU 0 beside Nsight Compute on GPU 1:
 #       NCU_CMDS (one command per line) run under ncu, counters of the kernels matching NCU_KERNELS
 #       (launches NCU_SKIP.. NCU_SKIP+NCU_COUNT-1), summarised by scripts/ncu_summary.py
+#   STAGES="ncu" NCU_GPU=0 NCU_CMDS="python3 scripts/profile_block.py --widths 768 --plain-run 4" \
+#       NCU_KERNELS="_conv_bwd_du_kernel|_conv_bwd_dx_kernel|_rmsnorm_bwd_kernel" NCU_SKIP=6 NCU_COUNT=6 ...
+#       # the block's conv and norm backwards: their time, occupancy and bytes against their floors
 #   STAGES="profile ab" AB_TREE=.ab_old bash scripts/gpu_visit_train.sh   # GPU vs host time of the block
 #       (scripts/profile_block.py), then the block timed from an older tree and from this one,
 #       alternately, in one call (same machine): prepare the old tree here with
@@ -153,27 +156,35 @@ for stage in $STAGES; do
     ncu)     # Nsight Compute on NCU_GPU (default 1), in the foreground: each line of NCU_CMDS
              # under ncu with the clocks and caches left as they are (what the program sees), the
              # SpeedOfLight, Occupancy, memory, scheduler and warp-state sections of the kernels
-             # matching NCU_KERNELS, and the per-reason stall counters (why no warp could issue);
-             # one CSV per command, then one table (scripts/ncu_summary.py)
+             # matching NCU_KERNELS, the per-reason stall counters (why no warp could issue) and the
+             # bytes moved (DRAM, L2 sectors); one CSV per command, then one table
+             # (scripts/ncu_summary.py)
         ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
         i=0
         while IFS= read -r cmd; do
             [ -z "$cmd" ] && continue
             i=$((i + 1))
             echo "$cmd" > "$OUT/ncu_$i.cmd"
-            # with the stall counters first; if this ncu does not know them, again without them
-            stall_metrics=(--metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio")
-            for attempt in 1 2; do
+            # the stall counters and the bytes each kernel moves (DRAM read / written, L2 sectors
+            # read / written from L1: against the bytes the kernel needs, what partial sectors and
+            # re-reads cost); if this ncu refuses them, again with the byte counters only, then
+            # with the sections alone
+            refused=0
+            bytes_metrics="dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sectors_srcunit_tex_op_write.sum"
+            for metrics in "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,$bytes_metrics" \
+                    "$bytes_metrics" ""; do
+                extra=()
+                [ -n "$metrics" ] && extra=(--metrics "$metrics")
                 CUDA_VISIBLE_DEVICES=${NCU_GPU:-$GPU1} timeout ${NCU_TIMEOUT:-240} "${ncu_bin:-ncu}" \
                     --clock-control none --cache-control none \
                     --kernel-name "regex:${NCU_KERNELS:-_chunk_bwd_dx_kernel|_chunk_bwd_dbdc_kernel}" \
                     --launch-skip ${NCU_SKIP:-3} --launch-count ${NCU_COUNT:-4} \
                     --section SpeedOfLight --section Occupancy --section LaunchStats \
                     --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
-                    "${stall_metrics[@]}" --csv --page details $cmd > "$OUT/ncu_$i.csv" 2> "$OUT/ncu_$i.log"
+                    "${extra[@]}" --csv --page details $cmd > "$OUT/ncu_$i.csv" 2> "$OUT/ncu_$i.log"
                 grep -q '"Duration"' "$OUT/ncu_$i.csv" && break
-                cp "$OUT/ncu_$i.log" "$OUT/ncu_${i}_with_stalls.log"
-                stall_metrics=()
+                refused=$((refused + 1))
+                cp "$OUT/ncu_$i.log" "$OUT/ncu_${i}_refused_$refused.log"   # why this try gave no rows
             done
         done <<< "${NCU_CMDS:-python3 scripts/tune_ssd.py --profile-run 10 --shapes lm_step --layout block}"
         echo "=== ncu"

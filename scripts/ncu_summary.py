@@ -38,7 +38,19 @@ METRICS = {
     "Issue Slots Busy": "issue %",
     "No Eligible": "no eligible %",
     "Warp Cycles Per Issued Instruction": "cycles/issue",
+    # what the kernel moves (ncu --metrics; gpu_visit_train.sh asks for them): DRAM bytes, and the
+    # 32-byte L2 sectors L1 reads and writes (against the bytes the kernel needs, what partial
+    # sectors and re-reads cost)
+    "dram__bytes_read.sum": "DRAM rd",
+    "dram__bytes_write.sum": "DRAM wr",
+    "lts__t_sectors_srcunit_tex_op_read.sum": "L2 sectors rd",
+    "lts__t_sectors_srcunit_tex_op_write.sum": "L2 sectors wr",
 }
+# ncu scales units per value (one launch in Kbyte, the next in Mbyte): byte counts are read as MB
+# and sector counts as millions, so that launches compare and average.
+UNIT_SCALE = {"byte": (1e-6, "MB"), "Kbyte": (1e-3, "MB"), "Mbyte": (1.0, "MB"), "Gbyte": (1e3, "MB"),
+              "sector": (1e-6, "Msector"), "Ksector": (1e-3, "Msector"),
+              "Msector": (1.0, "Msector"), "Gsector": (1e3, "Msector")}
 # Per-reason stall counters (ncu --metrics "regex:smsp__average_warps_issue_stalled_.*"): the
 # average number of warps held back by each reason per issued instruction. They add up to about
 # "cycles/issue" and say which latency a latency-bound kernel waits on (long_scoreboard: global
@@ -73,8 +85,10 @@ def launches(rows: list[dict[str, str]]) -> list[dict]:
             id=int(row["ID"]), kernel=row.get("Kernel Name", "?").split("(")[0],
             grid=row.get("Grid Size", ""), block=row.get("Block Size", ""), metrics={}))
         value = row.get("Metric Value", "").replace(",", "")
+        unit = row.get("Metric Unit", "")
+        scale, unit = UNIT_SCALE.get(unit, (1.0, unit))
         try:
-            launch["metrics"][name] = (float(value), row.get("Metric Unit", ""))
+            launch["metrics"][name] = (float(value) * scale, unit)
         except ValueError:
             continue
     return sorted(by_id.values(), key=lambda launch: launch["id"])

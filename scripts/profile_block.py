@@ -4,6 +4,7 @@ kernel time, host (CPU) time, and the CUDA runtime calls that can serialise host
 
     python scripts/profile_block.py --json /tmp/profile.json                  # this checkout
     python scripts/profile_block.py --repo .ab_old --json /tmp/profile_old.json   # another tree
+    ncu ... python scripts/profile_block.py --widths 768 --plain-run 4            # for ncu / nsys
 
 For each width: the median wall time of a forward + backward (CUDA events, after warm-up), then
 one profiled stretch of ``--reps`` calls under ``torch.profiler`` giving, per call,
@@ -51,6 +52,9 @@ def parse_args():
                         "bench_rmsnorm.py; the default is 2x4x8); conv_du16: the conv's "
                         "backward stores du in 16 bits (conv1d.triton_impl.DU_IN_INPUT_DTYPE); "
                         "no_launch_cache: every Triton launch through Triton's own path")
+    p.add_argument("--plain-run", type=int, default=0, metavar="N",
+                   help="only run N forward + backward calls at each width and exit: for an outside "
+                        "profiler (ncu, nsys), which torch.profiler's own CUPTI use would disturb")
     p.add_argument("--json", default=None)
     return p.parse_args()
 
@@ -96,6 +100,13 @@ def main():
 
     results = {"package": os.path.dirname(matmamba.__file__), "torch": torch.__version__,
                "device": torch.cuda.get_device_name(), "variant": args.variant, "shape": [args.batch, args.seqlen, D], "widths": {}}
+    if args.plain_run:
+        for width in widths:
+            for _ in range(args.plain_run):
+                step(width)
+            torch.cuda.synchronize()
+            print(f"width {width}: ran {args.plain_run} forward + backward calls", flush=True)
+        return
     for width in widths:
         for _ in range(5):
             step(width)

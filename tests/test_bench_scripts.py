@@ -332,7 +332,10 @@ def test_ncu_summary_reads_the_details_csv(tmp_path, capsys):
         row(0, "Achieved Occupancy", "%", "20.5"), row(0, "Registers Per Thread", "register/thread", "168"),
         row(0, "Unrelated Metric", "", "3"),
         row(0, "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio", "", "4.5"),
+        row(0, "dram__bytes_read.sum", "Mbyte", "12.5"),
+        row(0, "lts__t_sectors_srcunit_tex_op_write.sum", "sector", "1,000,000"),
         row(1, "Duration", "msecond", "1.40"), row(1, "SM Frequency", "Ghz", "1.65"),
+        row(1, "dram__bytes_read.sum", "Kbyte", "9,500"),
         row(2, "Duration", "usecond", "1,250", kernel="_chunk_bwd_dbdc_kernel"),
         "==PROF== Disconnected from process 7"]))
     summary = ncu_summary.summarize([str(path)])[str(path)]
@@ -345,6 +348,9 @@ def test_ncu_summary_reads_the_details_csv(tmp_path, capsys):
     means = summary["mean_by_kernel"]
     assert means["_chunk_bwd_dx_kernel"]["Duration"][0] == pytest.approx(1.35)
     assert means["_chunk_bwd_dbdc_kernel"]["Duration"] == (1250.0, "usecond")
+    # byte counts in whatever unit ncu chose per launch, read as MB; sectors as millions
+    assert first["metrics"]["lts__t_sectors_srcunit_tex_op_write.sum"] == (1.0, "Msector")
+    assert means["_chunk_bwd_dx_kernel"]["dram__bytes_read.sum"] == (pytest.approx(11.0), "MB")
     assert ncu_summary.main([str(path), "--json", str(tmp_path / "s.json")]) == 0
     assert "long_scoreboard 4.50" in capsys.readouterr().out
     empty = tmp_path / "empty.csv"
