@@ -62,6 +62,25 @@ fi
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
+# run_each_line SCRIPT TAG TIMEOUT LINES: SCRIPT on GPU 0 once per line of LINES (the first line
+# even when empty: the script's defaults), a line's leading NAME=value words its environment;
+# run i writes $OUT/TAG[_i].{cmd,json,log}.
+run_each_line() {
+    local script=$1 tag=$2 limit=$3 i=0 line word run_tag envs args
+    while IFS= read -r line; do
+        i=$((i + 1))
+        [ $i -gt 1 ] && [ -z "$line" ] && continue
+        envs=(); args=()
+        for word in $line; do
+            if [ ${#args[@]} = 0 ] && [[ $word =~ ^[A-Z_][A-Z0-9_]*= ]]; then envs+=("$word"); else args+=("$word"); fi
+        done
+        run_tag=$([ $i = 1 ] && echo "$tag" || echo "${tag}_$i")
+        echo "${envs[*]} ${args[*]}" > "$OUT/$run_tag.cmd"
+        CUDA_VISIBLE_DEVICES=0 env "${envs[@]}" timeout "$limit" python3 "$script" \
+            "${args[@]}" --json "$OUT/$run_tag.json" > "$OUT/$run_tag.log" 2>&1
+    done <<< "$4"
+}
+
 # With two GPUs the stages marked "beside" run side by side (GPU 0 and GPU 1); with one GPU every
 # stage runs on GPU 0, one after another, so no timing shares the chip with another stage.
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
@@ -136,21 +155,7 @@ for stage in $STAGES; do
     tune)    # launch options of the SSD kernels (scripts/tune_ssd.py) on GPU 0, beside the stages on
              # GPU 1: one run per line of TUNE_ARGS; a line's leading NAME=value words are that
              # run's environment (e.g. MATMAMBA_SSD_CHUNK=32 --shapes block)
-        (
-            i=0
-            while IFS= read -r line; do
-                i=$((i + 1))
-                [ $i -gt 1 ] && [ -z "$line" ] && continue
-                envs=(); args=()
-                for word in $line; do
-                    if [ ${#args[@]} = 0 ] && [[ $word =~ ^[A-Z_][A-Z0-9_]*= ]]; then envs+=("$word"); else args+=("$word"); fi
-                done
-                tag=$([ $i = 1 ] && echo tune_ssd || echo tune_ssd_$i)
-                echo "${envs[*]} ${args[*]}" > "$OUT/$tag.cmd"
-                CUDA_VISIBLE_DEVICES=0 env "${envs[@]}" timeout ${TUNE_TIMEOUT:-560} python3 scripts/tune_ssd.py \
-                    "${args[@]}" --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
-            done <<< "${TUNE_ARGS:-}"
-        ) &
+        run_each_line scripts/tune_ssd.py tune_ssd "${TUNE_TIMEOUT:-560}" "${TUNE_ARGS:-}" &
         pids+=($!)
         ;;
     ncu)     # Nsight Compute on NCU_GPU (default 1), in the foreground: each line of NCU_CMDS
@@ -205,19 +210,7 @@ for stage in $STAGES; do
     block)   # scripts/bench_block.py alone on GPU 0 (the kernels against mamba_ssm, same run): one
              # run per line of BLOCK_ARGS, a line's leading NAME=value words its environment (e.g.
              # BLOCK_ARGS=$'--cases lengths\nMATMAMBA_SSD_STATE=parallel --cases lengths')
-        i=0
-        while IFS= read -r line; do
-            i=$((i + 1))
-            [ $i -gt 1 ] && [ -z "$line" ] && continue
-            envs=(); args=()
-            for word in $line; do
-                if [ ${#args[@]} = 0 ] && [[ $word =~ ^[A-Z_][A-Z0-9_]*= ]]; then envs+=("$word"); else args+=("$word"); fi
-            done
-            tag=$([ $i = 1 ] && echo bench_block || echo bench_block_$i)
-            echo "${envs[*]} ${args[*]}" > "$OUT/$tag.cmd"
-            CUDA_VISIBLE_DEVICES=0 env "${envs[@]}" timeout ${BLOCK_TIMEOUT:-330} python3 scripts/bench_block.py \
-                "${args[@]}" --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
-        done <<< "${BLOCK_ARGS:-}"
+        run_each_line scripts/bench_block.py bench_block "${BLOCK_TIMEOUT:-330}" "${BLOCK_ARGS:-}"
         ;;
     conv)    # the conv1d's launch variants (scripts/bench_conv.py CONV_ARGS) on GPU 0
         CUDA_VISIBLE_DEVICES=0 timeout ${CONV_TIMEOUT:-200} python3 scripts/bench_conv.py ${CONV_ARGS:-} \

@@ -531,11 +531,11 @@ def _state_walk_kernel(
                             other=0.0).to(tl.float32)
         for earlier in range(0, segment):  # the earlier segments' summaries
             summary = (b * nsegments + earlier).to(tl.int64)
-            decay = tl.load(seg_decay_ptr + summary * nheads * headdim + flat_row, mask=m_mask,
-                            other=0.0)
-            carry = decay[:, None] * carry + tl.load(seg_end_ptr + summary * state_size
-                                                     + state_offs, mask=mn_mask, other=0.0)
-    decay = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+            earlier_decay = tl.load(seg_decay_ptr + summary * nheads * headdim + flat_row,
+                                    mask=m_mask, other=0.0)
+            carry = earlier_decay[:, None] * carry + tl.load(
+                seg_end_ptr + summary * state_size + state_offs, mask=mn_mask, other=0.0)
+    decay = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)  # this segment's (SUMMARY)
     first = segment * seg_chunks
     for i in range(first, tl.minimum(first + seg_chunks, nchunks)):
         if REVERSE:
@@ -1158,7 +1158,7 @@ def _pass_states(x, lam, w_end, V, seq_idx, start, states, end) -> None:
         opts = _launch(f"state_{direction}_fused", **_state_walk_options(rows, dstate))
         tiles = cdiv(rows, opts["BLOCK_M"]) * cdiv(dstate, opts["BLOCK_N"])
         seg_chunks = cdiv(nchunks, segments)
-        segments = cdiv(nchunks, seg_chunks)
+        segments = cdiv(nchunks, seg_chunks)  # none left empty (e.g. 10 chunks in 4 -> 3 x 3 + 1)
         seg_end = seg_decay = lam  # (unused with one segment)
         if segments > 1:  # where each segment but the last ends, and its decay
             seg_end = torch.empty(batch, segments, nheads, headdim, dstate, device=x.device,
