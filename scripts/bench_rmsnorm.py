@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The gated RMSNorm's forward and backward on the GPU as the block calls them (z read out of the
 in_proj output through its column map; D768 b8 l2048: 16384 rows of 1536), under launch variants
-ROWSxnum_warpsxprograms_per_sm, each checked against the default's outputs on NaN-poisoned
+ROWSxnum_warpsxprograms_per_sm (a trailing "r": the backward's two-phase body, RECOMPUTE=1), each checked against the default's outputs on NaN-poisoned
 buffers, then timed without the poisoning (GPU time: rounds queued behind torch.cuda._sleep,
 medians).
 
@@ -80,10 +80,11 @@ def main():
         ref_grads = checked_bwd(ref_rstd)
         rows_out = []
         for variant in args.variants.split(","):
-            r, warps, pps = (int(v) for v in variant.split("x"))
+            recompute = variant.endswith("r")
+            r, warps, pps = (int(v) for v in variant.rstrip("r").split("x"))
             ri.LAUNCH_OVERRIDES.clear()
             tile = dict(ROWS=r, num_warps=warps, programs_per_sm=pps)
-            ri.LAUNCH_OVERRIDES.update(fwd=tile, bwd=tile)
+            ri.LAUNCH_OVERRIDES.update(fwd=tile, bwd=dict(tile, RECOMPUTE=int(recompute)))
             out, rstd = fwd()
             grads = checked_bwd(rstd)
             errs = [((a.double() - c.double()).norm() / c.double().norm()).item()

@@ -54,6 +54,19 @@ DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 RESULTS: list[dict] = []
 
 
+def parse_dtypes(text: str) -> list[torch.dtype]:
+    """--dtypes: a comma list of fp32 / fp16 / bf16 (torch's names float32, float16, bfloat16
+    too), or an error that names the valid ones."""
+    by_name = {v: k for k, v in DTYPE_NAME.items()}
+    by_name.update({str(k).removeprefix("torch."): k for k in DTYPE_NAME})
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    unknown = [d for d in names if d not in by_name]
+    if unknown or not names:
+        raise SystemExit(f"--dtypes: unknown dtype(s) {unknown or [text]}; valid: "
+                         + ", ".join(sorted(by_name)))
+    return [by_name[d] for d in names]
+
+
 def rel_err(out, ref) -> float:
     if out is None or ref is None:
         return float("nan") if (out is None) != (ref is None) else 0.0
@@ -980,8 +993,7 @@ def main():
                    ssd_segments=args.ssd_segments,
                    device=torch.cuda.get_device_name(),
                    capability=".".join(map(str, torch.cuda.get_device_capability())))
-        by_name = {v: k for k, v in DTYPE_NAME.items()}
-        dtypes = [by_name[d] for d in args.dtypes.split(",")]
+        dtypes = parse_dtypes(args.dtypes)
         autocasts = (None, torch.bfloat16)
     else:
         env = dict(torch=torch.__version__, triton=triton.__version__, device="cpu (interpreter)")

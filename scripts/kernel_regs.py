@@ -7,6 +7,7 @@ at 168 for 3, at 128 for 4.
 
     python scripts/kernel_regs.py                                  # the backward kernels, p = 24 and 64
     python scripts/kernel_regs.py --kernels bwd_dx --headdims 24 --warps 4,8
+    python scripts/kernel_regs.py --kernels rmsnorm_bwd,conv_bwd_du --const ROWS=2   # the conv / norm
     PYTHONPATH=/tmp/triton36 python scripts/kernel_regs.py         # another Triton, e.g. the GPU machine's
 
 The compiled options are the scan's own defaults (``triton_impl._bwd_dx_options`` and its
@@ -33,8 +34,10 @@ from matmamba.ops.ssd import triton_impl as ti  # noqa: E402
 # Pointer arguments that hold the input dtype (bf16 here); every other pointer is fp32. The
 # stored states (H0, G) take the input dtype, as _ssd_forward allocates them.
 LOW_PRECISION_PTRS = {"x_ptr", "dt_ptr", "B_ptr", "C_ptr", "dy_ptr", "H0_ptr", "G_ptr", "dx_ptr",
-                      "ddt_ptr", "V_ptr", "states_ptr"}
-INT32_PTRS = {"seq_ptr"}  # segment ids
+                      "ddt_ptr", "V_ptr", "states_ptr",
+                      # the conv's and the gated norm's activations and their gradients
+                      "z_ptr", "dout_ptr", "dz_ptr", "out_ptr", "y_ptr", "du_ptr"}
+INT32_PTRS = {"seq_ptr", "colmap_ptr", "zmap_ptr", "seg_ptr"}  # segment ids, column maps
 FLOAT_SCALARS = {"dt_lo", "dt_hi"}
 # The integer arguments' values in the D=768 block's layout at b8 l2048 (64 heads of 24, N 128, one
 # group; x, B, C are column views of the conv output (1792 columns), dt of the in_proj output
@@ -54,7 +57,36 @@ BLOCK_CASE_INTS = {
     **{f"s_{t}": 1 for t in ("xp", "dxp", "dyp", "yp", "bn", "cn", "vn")},
     # segment ids (--const HAS_SEQ=1) as the packed scan passes them: one row shared by stride 0
     "s_seqb": 0, "s_seql": 1,
+    # the conv (channels by stride 1, weight (d, w)) and the norm (rows of 1536, z in rows of 3392)
+    "s_xd": 1, "s_dyd": 1, "s_yd": 1, "s_dxd": 1, "s_wk": 1, "s_wd": 4,
+    "s_xr": _Y, "s_dor": _Y, "s_dxr": _Y, "s_or": _Y, "s_zr": _ZX, "s_dzr": _ZX,
 }
+
+
+def row_kernel_table():
+    """name -> (kernel, constexprs, launch options) for the conv's and the gated norm's kernels as
+    the block launches them at D768 (1792 conv channels and 1536 norm channels read through the
+    column maps, 16-byte runs): their tiles are independent of the head dim."""
+    from matmamba.ops.conv1d import triton_impl as conv
+    from matmamba.ops.rmsnorm import triton_impl as norm
+
+    conv_flags = dict(WIDTH=4, HAS_BIAS=True, HAS_INIT=False, HAS_SEQ=False, SILU=True,
+                      HAS_COLMAP=True, VEC=8)
+    table = {}
+    for kind, fn in (("fwd", conv._conv_fwd_kernel), ("bwd_du", conv._conv_bwd_du_kernel),
+                     ("bwd_dx", conv._conv_bwd_dx_kernel)):
+        opts = conv._options(kind, 1792)
+        flags = {k: v for k, v in conv_flags.items() if k in {p.name for p in fn.params}}
+        table[f"conv_{kind}"] = (fn, dict(flags, BLOCK_L=opts["BLOCK_L"], BLOCK_D=opts["BLOCK_D"]),
+                                 dict(num_warps=opts["num_warps"]))
+    for kind, fn in (("fwd", norm._rmsnorm_fwd_kernel), ("bwd", norm._rmsnorm_bwd_kernel)):
+        opts = norm._tile(2048, kind)
+        flags = dict(BLOCK=2048, HAS_Z=True, NORM_BEFORE_GATE=False, HAS_ZMAP=True, VEC=8,
+                     ROWS=opts["ROWS"])
+        if kind == "bwd":
+            flags["RECOMPUTE"] = bool(opts["RECOMPUTE"])
+        table[f"rmsnorm_{kind}"] = (fn, flags, dict(num_warps=opts["num_warps"]))
+    return table
 
 
 def kernel_table(Q: int, block_p: int, block_n_full: int):
@@ -181,11 +213,26 @@ def main(argv=None):
     print(f"Triton {triton.__version__}, sm_90a; bf16 operands; chunk {args.chunk}, N = {args.dstate}")
     print(f"{'kernel':18s} {'p':>3s} {'warps':>5s} {'stages':>6s} {'BLOCK_N':>7s} "
           f"{'regs':>5s} {'spill B':>7s} {'shared':>7s} {'progs/SM':>8s}")
-    for headdim in (int(v) for v in args.headdims.split(",")):
+    rows = row_kernel_table()
+    names = args.kernels.split(",")
+    for name in (n for n in names if n in rows):  # conv / norm: no head dim, N or stages
+        fn, constexprs, defaults = rows[name]
+        extra = {k: int(v) for k, v in (c.split("=", 1) for c in args.const)}
+        for warps in opt_list(args.warps):
+            nw = warps or defaults["num_warps"]
+            compiled = compile_for_hopper(fn, {**constexprs, **extra}, nw, 1)
+            use = resource_usage(compiled)
+            spill = use.get("local", 0) + use.get("stack", 0)
+            print(f"{name:18s} {'-':>3s} {nw:5d} {1:6d} {'-':>7s} {use['reg']:5d} {spill:7d} "
+                  f"{use['shared']:7d} {programs_per_sm(use['reg'], nw, use['shared']):8d}")
+            if args.sass:
+                print("    SASS: " + ", ".join(f"{k} {v}" for k, v in sass_counts(compiled).items()))
+    names = [n for n in names if n not in rows]
+    for headdim in (int(v) for v in args.headdims.split(",")) if names else ():
         table = kernel_table(args.chunk, ti._pow2(headdim), ti._pow2(args.dstate))
-        for name in args.kernels.split(","):
+        for name in names:
             if name not in table:
-                sys.exit(f"--kernels: unknown {name!r}; valid: {', '.join(table)}")
+                sys.exit(f"--kernels: unknown {name!r}; valid: {', '.join([*table, *rows])}")
             fn, constexprs, defaults = table[name]
             for warps in opt_list(args.warps):
                 for stages in opt_list(args.stages):

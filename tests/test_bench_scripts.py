@@ -375,6 +375,28 @@ def test_tune_ssd_grid_replaces_only_the_named_options():
         tune_ssd.parse_grid(["bwd_dx:num_warps=four"])
 
 
+def test_kernel_regs_compiles_the_gated_norms_backward_at_four_programs_an_sm():
+    """kernel_regs.py also compiles the conv's and the gated norm's kernels as the block launches
+    them. The norm's backward at its default (one row, 8 warps, the two-phase body) fits 4
+    programs an SM; the session-11 launch (2 rows, 4 warps, one phase) needs ~255 registers a
+    thread and fits only 2, the occupancy ncu measured."""
+    import subprocess
+
+    def regs(*extra):
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_regs.py"),
+                               "--kernels", "rmsnorm_bwd", *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        row = [line.split() for line in proc.stdout.splitlines() if line.startswith("rmsnorm_bwd")]
+        assert len(row) == 1, proc.stdout
+        return int(row[0][5]), int(row[0][-1])
+
+    default_regs, default_programs = regs()
+    assert default_regs <= 96 and default_programs >= 4
+    old_regs, old_programs = regs("--const", "RECOMPUTE=0", "--const", "ROWS=2", "--warps", "4")
+    assert old_regs > 200 and old_programs <= 2
+
+
 def test_kernel_regs_compiles_the_backward_for_hopper_with_its_register_cap():
     """scripts/kernel_regs.py compiles B3 and B4 for sm_90a on the CPU (Triton's bundled ptxas) as
     _ssd_backward launches them at p = 24, and the default register cap reaches ptxas: 128
@@ -477,3 +499,15 @@ def test_bench_conv_reads_its_variants_and_names_a_bad_one():
         assert triton_impl._tile("fwd", 40) == (32, 64, 4)  # BLOCK_D no wider than the channels
     finally:
         triton_impl.LAUNCH_OVERRIDES.clear()
+
+
+def test_gpu_check_names_the_valid_dtypes():
+    """gpu_check --dtypes takes our short names and torch's long ones; anything else is an error
+    that lists what is valid (it was a bare KeyError)."""
+    import gpu_check
+    import torch
+
+    assert gpu_check.parse_dtypes("bf16,float32") == [torch.bfloat16, torch.float32]
+    assert gpu_check.parse_dtypes("bfloat16") == [torch.bfloat16]
+    with pytest.raises(SystemExit, match="unknown dtype.*'fp64'.*valid: bf16, bfloat16"):
+        gpu_check.parse_dtypes("fp16,fp64")

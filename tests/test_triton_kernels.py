@@ -294,7 +294,8 @@ def _conv_group(failures: list) -> None:
                             (1, 70, 130, 4, dict(bias=True, act="silu")),
                             (2, 3, 9, 4, dict(init=True, act=None)),
                             (1, 20, 16, 2, dict(seq=True, bias=True, act="silu")),
-                            (2, 61, 20, 3, dict(seq=True, init=True, bias=True, act="silu"))]:
+                            (2, 61, 20, 3, dict(seq=True, init=True, bias=True, act="silu")),
+                            (1, 50, 19, 5, dict(seq=True, init=True, bias=True, act="silu"))]:
         gen = torch.Generator().manual_seed(l)
         inputs = dict(
             x=torch.randn(b, l, d, generator=gen, dtype=torch.float64).requires_grad_(),
@@ -387,6 +388,14 @@ def _rmsnorm_group(failures: list) -> None:
             _compare(f"gated_rmsnorm {shape} fwd 2 rows, bwd 4 rows a program", gated_rmsnorm_triton,
                      gated_rmsnorm_naive, inputs, failures)
             triton_impl.LAUNCH_OVERRIDES.clear()
+        if has_z and not nbg:  # both backward bodies: one phase, and two around the row sum
+            from matmamba.ops.rmsnorm import triton_impl
+            for recompute, rows in [(0, 1), (1, 1), (1, 2)]:
+                triton_impl.LAUNCH_OVERRIDES.update(bwd=dict(RECOMPUTE=recompute, ROWS=rows))
+                _compare(f"gated_rmsnorm {shape} group={group} bwd RECOMPUTE={recompute} "
+                         f"{rows} rows a program", gated_rmsnorm_triton, gated_rmsnorm_naive,
+                         inputs, failures)
+                triton_impl.LAUNCH_OVERRIDES.clear()
 
 
 def _decode_group(failures: list) -> None:

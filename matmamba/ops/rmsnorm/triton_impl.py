@@ -70,12 +70,61 @@ def _rmsnorm_fwd_kernel(
 
 
 @triton.jit
+def _rmsnorm_bwd_gated_rows(x_ptr, z_ptr, w, rstd_ptr, dout_ptr, dx_ptr, dz_ptr, dw_part_ptr,
+                            pid, grp, cols, z_cols, col_mask,
+                            n_rows, rows_per_program, group_size, n_groups, dim,
+                            s_xr, s_zr, s_dor, s_dxr, s_dzr, ROWS: tl.constexpr):
+    """The backward for Mamba2's order (gate, then norm) in two phases around the row sum: phase 1
+    reads x, z, dout and forms the sum and dw; phase 2 reads the same tile again (L1 / L2 hits) for
+    dz and dx. Nothing but the row's scalars lives across the reduction: the one-phase body keeps
+    the fp32 x, z, dout, gate, gate', n and g_n of every element, 168-255 registers a thread at 1-2
+    rows of 2048 (Triton 3.6, sm_90a), this one 64 at one row and 8 warps. The two reads carry
+    different eviction hints (keep for phase 2, then drop), which also keeps the compiler from
+    merging them into one load."""
+    dw_acc = tl.zeros(w.shape, dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for row0 in range(row_start, row_end, ROWS):
+        rows = row0 + tl.arange(0, ROWS)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_mask[None, :]
+        x_ptrs = x_ptr + rows[:, None] * s_xr + cols[None, :]
+        dout_ptrs = dout_ptr + rows[:, None] * s_dor + cols[None, :]
+        z_ptrs = z_ptr + rows[:, None] * s_zr + z_cols[None, :]
+        rstd = tl.load(rstd_ptr + rows * n_groups + grp, mask=row_ok, other=0.0)
+        # phase 1: v = x silu(z), n = v r, g_n = dout w; dw += dout n and the row's
+        # mean(g_n n) = r^2 sum(dout w v) / G, kept as coef = r^2 S / G
+        x = tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        dout = tl.load(dout_ptrs, mask=mask, other=0.0,
+                       eviction_policy="evict_last").to(tl.float32)
+        z = tl.load(z_ptrs, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        dout_v = dout * x * (z * tl.sigmoid(z))
+        coef = tl.sum(dout_v * w[None, :], axis=1) * rstd * rstd / group_size
+        dw_acc += tl.sum(dout_v * rstd[:, None], axis=0)
+        # phase 2, on the same tile read again (from L1 / L2): dv = r (g_n - n mean(g_n n))
+        # = r (dout w - v coef), dz = dv x silu'(z), dx = dv silu(z)
+        x = tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        dout = tl.load(dout_ptrs, mask=mask, other=0.0,
+                       eviction_policy="evict_first").to(tl.float32)
+        z = tl.load(z_ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        sig = tl.sigmoid(z)
+        gate = z * sig
+        dv = rstd[:, None] * (dout * w[None, :] - x * gate * coef[:, None])
+        tl.store(dz_ptr + rows[:, None] * s_dzr + z_cols[None, :],
+                 (dv * x * (sig * (1.0 + z * (1.0 - sig)))).to(dz_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.store(dx_ptr + rows[:, None] * s_dxr + cols[None, :],
+                 (dv * gate).to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_part_ptr + pid * dim + cols, dw_acc, mask=col_mask)
+
+
+@triton.jit
 def _rmsnorm_bwd_kernel(
     x_ptr, z_ptr, zmap_ptr, w_ptr, rstd_ptr, dout_ptr, dx_ptr, dz_ptr, dw_part_ptr,
     n_rows, rows_per_program, group_size, n_groups, dim,
     s_xr, s_zr, s_dor, s_dxr, s_dzr,
     BLOCK: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    HAS_ZMAP: tl.constexpr, VEC: tl.constexpr, ROWS: tl.constexpr,
+    HAS_ZMAP: tl.constexpr, VEC: tl.constexpr, ROWS: tl.constexpr, RECOMPUTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grp = tl.program_id(1)
@@ -83,6 +132,13 @@ def _rmsnorm_bwd_kernel(
     col_mask = tl.arange(0, BLOCK) < group_size
     z_cols = mapped_columns(zmap_ptr, cols, col_mask, HAS_ZMAP, VEC)
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if RECOMPUTE:
+        if HAS_Z and not NORM_BEFORE_GATE:
+            _rmsnorm_bwd_gated_rows(x_ptr, z_ptr, w, rstd_ptr, dout_ptr, dx_ptr, dz_ptr,
+                                    dw_part_ptr, pid, grp, cols, z_cols, col_mask,
+                                    n_rows, rows_per_program, group_size, n_groups, dim,
+                                    s_xr, s_zr, s_dor, s_dxr, s_dzr, ROWS)
+            return
     dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
@@ -152,16 +208,22 @@ def _warps(block: int) -> int:
 # loads. The forward at 4 rows and 8 warps: 0.088-0.090 -> 0.056 ms (1.6x; 0.069 -> 0.046 at
 # 12608 rows; session 10). The backward at 2 rows, 4 warps and 8 programs an SM: 0.223 -> 0.183
 # ms (0.174 -> 0.144), and inside the block's profile 0.202 -> 0.169 ms with the block's GPU time
-# 2.696 -> 2.652 ms, both in one visit (session 11). Rows narrower than 1024 keep one row (not
+# 2.696 -> 2.652 ms, both in one visit (session 11). That launch asked for 8 programs an SM but
+# compiled to 255 registers a thread, so only 2 fitted (ncu on an H100, session 17: 12.5%
+# occupancy, 57% of DRAM bandwidth). Now (session 17, H100) the backward takes one row, 8 warps
+# and the two-phase body (RECOMPUTE: x, z, dout read again after the row sum instead of kept):
+# 64 registers, 4 programs an SM; 0.209 -> 0.179 ms (0.164 -> 0.142 at 12608 rows; the one-phase
+# body at the same launch 0.183 / 0.145), inside the block's profile 0.194 -> 0.163 ms with its
+# GPU time 2.575 -> 2.553 ms. Rows narrower than 1024 keep one row and the one-phase body (not
 # measured). LAUNCH_OVERRIDES["fwd"] / ["bwd"] replace any of them for that kernel.
 LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
 
 
 def _tile(block: int, kind: str) -> dict:
-    opts = dict(ROWS=1, num_warps=_warps(block), programs_per_sm=4)
+    opts = dict(ROWS=1, num_warps=_warps(block), programs_per_sm=4, RECOMPUTE=0)
     if block >= 1024:
         opts.update(dict(ROWS=4, num_warps=8) if kind == "fwd"
-                    else dict(ROWS=2, num_warps=4, programs_per_sm=8))
+                    else dict(ROWS=1, num_warps=8, programs_per_sm=4, RECOMPUTE=1))
     opts.update(LAUNCH_OVERRIDES.get(kind, {}))
     return opts
 
@@ -213,7 +275,7 @@ def rmsnorm_backward(dout2, x2, z2, weight, rstd, norm_before_gate, group_size, 
             dz.stride(0) if has_z else 0,
             BLOCK=block, HAS_Z=has_z, NORM_BEFORE_GATE=norm_before_gate,
             HAS_ZMAP=zmap is not None, VEC=zmap_vec, ROWS=tile["ROWS"],
-            num_warps=tile["num_warps"])
+            RECOMPUTE=bool(tile["RECOMPUTE"]), num_warps=tile["num_warps"])
     return dx, dz, dw_part.sum(0).to(weight.dtype)
 
 
