@@ -375,6 +375,7 @@ def test_tune_ssd_grid_replaces_only_the_named_options():
         tune_ssd.parse_grid(["bwd_dx:num_warps=four"])
 
 
+@pytest.mark.slow  # ~25 s of offline compiles on 2 cores: run with -m slow
 def test_kernel_regs_compiles_the_gated_norms_backward_at_four_programs_an_sm():
     """kernel_regs.py also compiles the conv's and the gated norm's kernels as the block launches
     them. The norm's backward at its default (one row, 8 warps, the two-phase body) fits 4
