@@ -213,20 +213,24 @@ def main(argv=None):
     print(f"Triton {triton.__version__}, sm_90a; bf16 operands; chunk {args.chunk}, N = {args.dstate}")
     print(f"{'kernel':18s} {'p':>3s} {'warps':>5s} {'stages':>6s} {'BLOCK_N':>7s} "
           f"{'regs':>5s} {'spill B':>7s} {'shared':>7s} {'progs/SM':>8s}")
+    extra = {k: int(v) for k, v in (c.split("=", 1) for c in args.const)}
+
+    def report(name, p, nw, ns, bn, compiled):
+        use = resource_usage(compiled)
+        spill = use.get("local", 0) + use.get("stack", 0)
+        print(f"{name:18s} {p:>3} {nw:5d} {ns:6d} {bn:>7} {use['reg']:5d} {spill:7d} "
+              f"{use['shared']:7d} {programs_per_sm(use['reg'], nw, use['shared']):8d}")
+        if args.sass:
+            print("    SASS: " + ", ".join(f"{k} {v}" for k, v in sass_counts(compiled).items()))
+
     rows = row_kernel_table()
     names = args.kernels.split(",")
     for name in (n for n in names if n in rows):  # conv / norm: no head dim, N or stages
         fn, constexprs, defaults = rows[name]
-        extra = {k: int(v) for k, v in (c.split("=", 1) for c in args.const)}
         for warps in opt_list(args.warps):
             nw = warps or defaults["num_warps"]
-            compiled = compile_for_hopper(fn, {**constexprs, **extra}, nw, 1)
-            use = resource_usage(compiled)
-            spill = use.get("local", 0) + use.get("stack", 0)
-            print(f"{name:18s} {'-':>3s} {nw:5d} {1:6d} {'-':>7s} {use['reg']:5d} {spill:7d} "
-                  f"{use['shared']:7d} {programs_per_sm(use['reg'], nw, use['shared']):8d}")
-            if args.sass:
-                print("    SASS: " + ", ".join(f"{k} {v}" for k, v in sass_counts(compiled).items()))
+            report(name, "-", nw, 1, "-", compile_for_hopper(fn, {**constexprs, **extra}, nw, 1,
+                                                             maxnreg=args.maxnreg or None))
     names = [n for n in names if n not in rows]
     for headdim in (int(v) for v in args.headdims.split(",")) if names else ():
         table = kernel_table(args.chunk, ti._pow2(headdim), ti._pow2(args.dstate))
@@ -234,6 +238,7 @@ def main(argv=None):
             if name not in table:
                 sys.exit(f"--kernels: unknown {name!r}; valid: {', '.join([*table, *rows])}")
             fn, constexprs, defaults = table[name]
+            tiles = {k: v for k, v in defaults.items() if k.startswith("BLOCK_") and k != "BLOCK_N"}
             for warps in opt_list(args.warps):
                 for stages in opt_list(args.stages):
                     for block_n in opt_list(args.block_n):
@@ -241,17 +246,9 @@ def main(argv=None):
                         ns = stages or defaults.get("num_stages", 3)  # 3: Triton's default
                         bn = block_n or defaults["BLOCK_N"]
                         reg_cap = defaults.get("maxnreg") if args.maxnreg is None else args.maxnreg or None
-                        extra = {k: int(v) for k, v in (c.split("=", 1) for c in args.const)}
-                        tiles = {k: v for k, v in defaults.items() if k.startswith("BLOCK_") and k != "BLOCK_N"}
-                        compiled = compile_for_hopper(fn, {**constexprs, **tiles, "BLOCK_N": bn, **extra},
-                                                      nw, ns, maxnreg=reg_cap)
-                        use = resource_usage(compiled)
-                        spill = use.get("local", 0) + use.get("stack", 0)
-                        print(f"{name:18s} {headdim:3d} {nw:5d} {ns:6d} {bn:7d} {use['reg']:5d} {spill:7d} "
-                              f"{use['shared']:7d} {programs_per_sm(use['reg'], nw, use['shared']):8d}")
-                        if args.sass:
-                            print("    SASS: " + ", ".join(f"{k} {v}" for k, v in sass_counts(compiled).items()))
-
+                        report(name, headdim, nw, ns, bn,
+                               compile_for_hopper(fn, {**constexprs, **tiles, "BLOCK_N": bn, **extra},
+                                                  nw, ns, maxnreg=reg_cap))
 
 if __name__ == "__main__":
     main()
