@@ -10,6 +10,7 @@ medians; the other launches of the backward at their defaults, so a pass's row i
 backward with that pass varied; the "default" row is the backward at the defaults).
 
     python scripts/bench_conv.py --variants 64x128x4,64x128x8,32x128x4 --json /tmp/conv.json
+    python scripts/bench_conv.py --variants 32x128x4x2,32x128x4x4     # pass 2 walking 2 / 4 tiles
     python scripts/bench_conv.py --variants "" --du-dtype both     # du in fp32 vs 16 bits, defaults
 """
 from __future__ import annotations
@@ -30,8 +31,11 @@ from matmamba.ops.triton_common import mixer  # noqa: E402
 KINDS = ("fwd", "bwd_du", "bwd_dx", "wgrad")
 
 
-def launch_options(kind: str, tile: dict) -> dict:
-    """A variant's options for one launch kind ("wgrad" names its row step BLOCK_R)."""
+def launch_options(kind: str, tile: dict) -> dict | None:
+    """A variant's options for one launch kind ("wgrad" names its row step BLOCK_R); None where
+    the variant does not apply (STEPS, tiles a program, is pass 2's alone)."""
+    if "STEPS" in tile and kind != "bwd_dx":
+        return None
     if kind != "wgrad":
         return tile
     return dict(BLOCK_R=tile["BLOCK_L"], BLOCK_D=tile["BLOCK_D"], num_warps=tile["num_warps"])
@@ -39,11 +43,16 @@ def launch_options(kind: str, tile: dict) -> dict:
 
 def parse_variant(text: str) -> dict:
     try:
-        block_l, block_d, warps = (int(v) for v in text.split("x"))
+        values = [int(v) for v in text.split("x")]
+        if len(values) not in (3, 4):
+            raise ValueError
     except ValueError:
-        raise SystemExit("--variants: expected BLOCK_LxBLOCK_Dxnum_warps like 64x128x8, "
-                         f"got {text!r}")
-    return dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=warps)
+        raise SystemExit("--variants: expected BLOCK_LxBLOCK_Dxnum_warps like 64x128x8, or with "
+                         f"pass 2's STEPS (tiles a program) appended like 32x128x4x2, got {text!r}")
+    tile = dict(BLOCK_L=values[0], BLOCK_D=values[1], num_warps=values[2])
+    if len(values) == 4:
+        tile["STEPS"] = values[3]
+    return tile
 
 
 def main():
@@ -97,7 +106,8 @@ def main():
             suffix = "/du16" if du16 else ""
             # the defaults first (with du16: what storing du in 16 bits alone changes)
             for name, kind, tile in ([("default", "bwd", None)]
-                                     + [(n, k, t) for n, t in variants for k in KINDS]):
+                                     + [(n, k, t) for n, t in variants for k in KINDS
+                                        if launch_options(k, t) is not None]):
                 ci.LAUNCH_OVERRIDES.clear()
                 if tile is not None:
                     ci.LAUNCH_OVERRIDES[kind] = launch_options(kind, tile)

@@ -59,6 +59,7 @@ BLOCK_CASE_INTS = {
     "s_seqb": 0, "s_seql": 1,
     # the conv (channels by stride 1, weight (d, w)) and the norm (rows of 1536, z in rows of 3392)
     "s_xd": 1, "s_dyd": 1, "s_yd": 1, "s_dxd": 1, "s_wk": 1, "s_wd": 4,
+    "s_dub": _L * _CONV, "s_dul": _CONV, "s_dud": 1,  # the conv's du (pass 1 -> pass 2)
     "s_xr": _Y, "s_dor": _Y, "s_dxr": _Y, "s_or": _Y, "s_zr": _ZX, "s_dzr": _ZX,
 }
 
@@ -75,10 +76,10 @@ def row_kernel_table():
     table = {}
     for kind, fn in (("fwd", conv._conv_fwd_kernel), ("bwd_du", conv._conv_bwd_du_kernel),
                      ("bwd_dx", conv._conv_bwd_dx_kernel)):
-        opts = conv._options(kind, 1792)
+        opts = dict(conv._options(kind, 1792))
+        warps = opts.pop("num_warps")  # the rest are the tile's constexprs (BLOCK_L, BLOCK_D, ...)
         flags = {k: v for k, v in conv_flags.items() if k in {p.name for p in fn.params}}
-        table[f"conv_{kind}"] = (fn, dict(flags, BLOCK_L=opts["BLOCK_L"], BLOCK_D=opts["BLOCK_D"]),
-                                 dict(num_warps=opts["num_warps"]))
+        table[f"conv_{kind}"] = (fn, dict(flags, **opts), dict(num_warps=warps))
     for kind, fn in (("fwd", norm._rmsnorm_fwd_kernel), ("bwd", norm._rmsnorm_bwd_kernel)):
         opts = norm._tile(2048, kind)
         flags = dict(BLOCK=2048, HAS_Z=True, NORM_BEFORE_GATE=False, HAS_ZMAP=True, VEC=8,

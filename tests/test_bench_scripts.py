@@ -490,13 +490,19 @@ def test_bench_conv_reads_its_variants_and_names_a_bad_one():
     from matmamba.ops.conv1d import triton_impl
 
     assert bench_conv.parse_variant("32x128x4") == dict(BLOCK_L=32, BLOCK_D=128, num_warps=4)
-    with pytest.raises(SystemExit, match="BLOCK_LxBLOCK_Dxnum_warps"):
-        bench_conv.parse_variant("32x128")
+    stepped = bench_conv.parse_variant("32x128x4x2")
+    assert stepped == dict(BLOCK_L=32, BLOCK_D=128, num_warps=4, STEPS=2)
+    assert bench_conv.launch_options("bwd_dx", stepped) == stepped
+    assert bench_conv.launch_options("bwd_du", stepped) is None  # STEPS is pass 2's alone
+    for bad in ("32x128", "32x128x4x2x1", "32xbig"):
+        with pytest.raises(SystemExit, match="BLOCK_LxBLOCK_Dxnum_warps"):
+            bench_conv.parse_variant(bad)
     assert set(bench_conv.KINDS) == set(triton_impl.LAUNCH_DEFAULTS)
     triton_impl.LAUNCH_OVERRIDES["bwd_dx"] = dict(BLOCK_L=16)
     try:
         assert triton_impl._tile("bwd_dx", 1792) == (16, 128, 4)
-        assert triton_impl._tile("bwd_du", 1792) == (64, 128, 4)
+        du = triton_impl.LAUNCH_DEFAULTS["bwd_du"]  # untouched by bwd_dx's override
+        assert triton_impl._tile("bwd_du", 1792) == (du["BLOCK_L"], du["BLOCK_D"], du["num_warps"])
         assert triton_impl._tile("fwd", 40) == (32, 64, 4)  # BLOCK_D no wider than the channels
     finally:
         triton_impl.LAUNCH_OVERRIDES.clear()

@@ -14,13 +14,15 @@ belongs to the first). Backward, with du = dy * silu'(u), silu'(u) = sig(u) (1 +
     dbias[c]     = sum_t du[t, c]
     d initial    = dx at the negative times -(w-1) .. -1
 
-The backward is two passes over tiles of positions: the first recomputes u, writes du (in the
-inputs' 16-bit dtype, or fp32: ``DU_IN_INPUT_DTYPE``) and reduces this tile's dweight / dbias
-(from the fp32 du) into small partial buffers; the second reads du at the w shifted positions
-(cache hits) for dx. A third, small launch sums the partials over the tiles (in a fixed order)
-into dweight and dbias in their dtypes. (A single pass that recomputed
-du at every shift, reading x w^2 times, took 1.1 ms for the D=768 block's conv at b8 l2048 on
-an H200.)
+The backward is two passes over tiles of positions. The first recomputes u and writes du (in
+the inputs' 16-bit dtype, or fp32: ``DU_IN_INPUT_DTYPE``); without the activation du is dy and
+the pass is skipped. The second reads du at the w shifted positions (cache hits) for dx and, with
+one more read of the input at its own positions, reduces this tile's dweight / dbias into small
+partial buffers. A third, small launch sums the partials over the tiles (in a fixed order) into
+dweight and dbias in their dtypes. (A single pass that recomputed du at every shift, reading x
+w^2 times, took 1.1 ms for the D=768 block's conv at b8 l2048 on an H200. The weight-gradient
+sums in the first pass, from the fp32 du in registers, kept the tile's inputs at all w shifts
+live beside u and du: 255 registers a thread and spills at its 64 x 128 tile, 2 programs an SM.)
 ``final_state`` (the last w-1 inputs) is sliced with torch ops outside the kernels, so autograd
 handles its gradient.
 """
@@ -39,19 +41,25 @@ from .naive import check_conv1d_inputs, check_conv1d_update_inputs
 Tensor = torch.Tensor
 
 # Tile (positions x channels) and warps of each launch: "fwd", "bwd_du" (pass 1 of the backward),
-# "bwd_dx" (pass 2); "wgrad" (the sums of pass 1's partials) has its own tile.
+# "bwd_dx" (pass 2); "wgrad" (the sums of pass 2's partials) has its own tile.
 # LAUNCH_OVERRIDES[kind] replaces any of them (scripts/bench_conv.py times alternatives on the
-# GPU); results do not depend on them beyond rounding. On an H200 (bf16, the
-# D=768 block's 1792 channels read through the column map; session 11, 8 variants each): the
-# forward and pass 2 are fastest at 32 x 128 (fwd 0.059 -> 0.056 ms at b8 l2048 and 0.066 ->
-# 0.045 at b64 l197, where 197 positions fill 64-row tiles badly; the backward 0.335 -> 0.322 and
-# 0.307 -> 0.289 ms), pass 1 at 64 x 128. 8 warps were slower at every tile for all three (e.g.
-# pass 1 at 64 x 128: 0.334 -> 0.502 ms), although they compile without the 4-warp tile's spills.
+# GPU); results do not depend on them beyond rounding. On an H200 (bf16, the D=768 block's 1792
+# channels read through the column map; session 11, 8 variants each): the forward is fastest at
+# 32 x 128 (0.059 -> 0.056 ms at b8 l2048 and 0.066 -> 0.045 at b64 l197, where 197 positions
+# fill 64-row tiles badly); 8 warps were slower at every tile. Session 18 (H100, the two passes
+# as now: pass 1 elementwise, pass 2 with the weight-gradient sums), the whole backward at
+# b8 l2048 / b64 l197: pass 1 at 16 or 32 x 128 0.366 / 0.307 ms, at 64 x 128 0.373 / 0.321;
+# pass 2 at 64 x 128 0.274 / 0.250 (32 x 128: 0.366 / 0.307, 16 x 128: 0.541 / 0.436; 32 x 128
+# walking 2 or 4 tiles a program: 0.336 or 0.323 / 0.307 or 0.290), against 0.317 / 0.280 for
+# session 17's backward (weight-gradient sums in pass 1) in the same run. Pass 2 at 64 x 128
+# compiles to 255 registers with 96 B of spills (2 programs an SM) and is still the fastest.
 LAUNCH_DEFAULTS: dict[str, dict[str, int]] = {
     "fwd": dict(BLOCK_L=32, BLOCK_D=128, num_warps=4),
-    "bwd_du": dict(BLOCK_L=64, BLOCK_D=128, num_warps=4),
-    "bwd_dx": dict(BLOCK_L=32, BLOCK_D=128, num_warps=4),
-    # the sums of pass 1's dweight / dbias partials: (rows of partials, channels) a step. Session
+    "bwd_du": dict(BLOCK_L=32, BLOCK_D=128, num_warps=4),
+    # STEPS: tiles of positions a pass-2 program walks (its taps loaded, its partials stored
+    # once); 64 x 128 with more than one step is not measured yet
+    "bwd_dx": dict(BLOCK_L=64, BLOCK_D=128, num_warps=4, STEPS=1),
+    # the sums of pass 2's dweight / dbias partials: (rows of partials, channels) a step. Session
     # 12, b8 l2048: the backward 0.319 ms at 32 x 32, 0.320 at 64 x 32, 0.330 - 0.362 at the other
     # tiles tried (16 x 32, 32 x 64, 64 x 128, 32 x 128)
     "wgrad": dict(BLOCK_R=32, BLOCK_D=32, num_warps=4),
@@ -59,11 +67,11 @@ LAUNCH_DEFAULTS: dict[str, dict[str, int]] = {
 LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
 
 # Whether pass 1 stores du in the inputs' 16-bit dtype (halving its write and pass 2's read)
-# instead of fp32. dweight and dbias use the fp32 du either way (in registers); only dx reads the
-# stored copy, and dx is rounded to that dtype anyway. fp32 inputs always keep fp32. On an H200
-# (bf16, the D=768 block's conv, session 12): the backward 0.319 -> 0.296 ms at b8 l2048 and
-# 0.284 -> 0.264 at b64 l197; dx moved by 2.7e-3 relative to the fp32-du result (bf16's own
-# rounding is 2^-9), dweight and dbias not at all (scripts/bench_conv.py --du-dtype both).
+# instead of fp32. fp32 inputs always keep fp32. Pass 2 forms dx, dweight and dbias from the
+# stored copy, so each gets du's rounding once (2^-9 relative in bf16), summed in fp32. On an H200
+# (bf16, the D=768 block's conv, session 12, when dweight and dbias still came from pass 1's fp32
+# du): the backward 0.319 -> 0.296 ms at b8 l2048 and 0.284 -> 0.264 at b64 l197; dx moved by
+# 2.7e-3 relative to the fp32-du result (scripts/bench_conv.py --du-dtype both).
 DU_IN_INPUT_DTYPE = True
 
 
@@ -157,17 +165,17 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _conv_bwd_du_kernel(
-    x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, colmap_ptr, dy_ptr, du_ptr, dw_part_ptr,
-    db_part_ptr,
-    seqlen, dim, n_tiles,
+    x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, colmap_ptr, dy_ptr, du_ptr,
+    seqlen, dim,
     s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl, s_dyb, s_dyl, s_dyd,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, WIDTH: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_COLMAP: tl.constexpr, VEC: tl.constexpr,
 ):
-    """Pass 1 of the backward, per tile of outputs t: du = dy * silu'(u) (u recomputed) into an
-    fp32 buffer, and this tile's partial sums of dweight[:, k] = sum_t du * in(t-(w-1)+k) and
-    dbias = sum_t du."""
+    """Pass 1 of the backward (with SiLU; without it du = dy and this pass is skipped), per tile
+    of outputs t: du = dy * silu'(u), u recomputed, stored (b, l, d) contiguous. Elementwise: the
+    weight-gradient sums are pass 2's, which reads du at every shift anyway (here they held the
+    tile's inputs at all w shifts live beside u and du: 255 registers and spills at 64 x 128)."""
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2)
@@ -178,70 +186,86 @@ def _conv_bwd_du_kernel(
     t_ok = t < seqlen
     dy = tl.load(dy_ptr + b * s_dyb + t[:, None] * s_dyl + offs_c[None, :] * s_dyd,
                  mask=t_ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-    if SILU:
-        u = _preactivation(x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, b, t, offs_c, x_cols, c_mask,
+    u = _preactivation(x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, b, t, offs_c, x_cols, c_mask,
                        seqlen,
-                           s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl,
-                           BLOCK_L, BLOCK_D, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ)
-        sig = tl.sigmoid(u)
-        du = dy * sig * (1.0 + u * (1.0 - sig))
-    else:
-        du = dy
+                       s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl,
+                       BLOCK_L, BLOCK_D, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ)
+    sig = tl.sigmoid(u)
+    du = dy * sig * (1.0 + u * (1.0 - sig))
     tl.store(du_ptr + (b * seqlen + t[:, None]) * dim + offs_c[None, :],
              du.to(du_ptr.dtype.element_ty), mask=t_ok[:, None] & c_mask[None, :])
-    part = b * n_tiles + pid_l
-    if HAS_SEQ:
-        seg_t = _segment_at(seg_ptr, b, t, seqlen, s_sb, s_sl)
-    for k in tl.static_range(WIDTH):
-        src = t - (WIDTH - 1) + k
-        val = _input_at(x_ptr, init_ptr, b, src, offs_c, x_cols, c_mask, seqlen,
-                        s_xb, s_xl, s_xd, s_ib, s_id, s_ij, WIDTH, HAS_INIT)
-        if HAS_SEQ:
-            same = _segment_at(seg_ptr, b, src, seqlen, s_sb, s_sl) == seg_t
-            val = tl.where(same[:, None], val, 0.0)
-        tl.store(dw_part_ptr + (part * WIDTH + k) * dim + offs_c, tl.sum(du * val, axis=0),
-                 mask=c_mask)
-    tl.store(db_part_ptr + part * dim + offs_c, tl.sum(du, axis=0), mask=c_mask)
 
 
 @triton.jit
 def _conv_bwd_dx_kernel(
-    du_ptr, w_ptr, seg_ptr, colmap_ptr, dx_ptr,
-    seqlen, dim, first_pos, out_first_pos,
-    s_wd, s_wk, s_sb, s_sl, s_dxb, s_dxl, s_dxd,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, WIDTH: tl.constexpr, HAS_SEQ: tl.constexpr,
-    HAS_COLMAP: tl.constexpr, VEC: tl.constexpr,
+    du_ptr, x_ptr, init_ptr, w_ptr, seg_ptr, colmap_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
+    seqlen, dim, first_pos, out_first_pos, first_part, n_parts_l,
+    s_dub, s_dul, s_dud, s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl,
+    s_dxb, s_dxl, s_dxd,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, STEPS: tl.constexpr, WIDTH: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_COLMAP: tl.constexpr, VEC: tl.constexpr,
 ):
-    """Pass 2: dx[s] = sum_k weight[:, k] du[s + (w-1) - k] same(s, that output), for positions
-    s = first_pos + tile, stored at row s - out_first_pos of dx. With first_pos = out_first_pos
-    = -(w-1) (one tile) this is the gradient of the initial state, rows 0..w-2 of (b, w-1, d)."""
+    """Pass 2, per STEPS tiles of input positions s = first_pos + tile (stored at row
+    s - out_first_pos of dx; with first_pos = out_first_pos = -(w-1), one tile, the gradient of
+    the initial state, rows 0..w-2 of (b, w-1, d)). With t = s + shift, the output that reads s
+    through tap k = w-1-shift, and du masked to same(s, t):
+
+        dx[s]         = sum_k weight[:, k] du[t]
+        dw_part[k]    = sum_s in(s) du[t]        (dweight[:, k] = sum over the programs' partials)
+        db_part       = sum_s du[s]              (shift 0)
+
+    Each position s of [-(w-1), seqlen) belongs to exactly one tile of the two launches (``keep``),
+    so every (t, k) pair of dweight is counted once. The taps are loaded and the partial sums
+    stored once per program: both change layout through shared memory (a 1-D load or reduction
+    is not laid out like the tile's columns), so STEPS tiles a program pay that once."""
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2)
-    s = first_pos + pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     c_mask = offs_c < dim
-    if HAS_SEQ:
-        seg_s = _segment_at(seg_ptr, b, s, seqlen, s_sb, s_sl)
-    dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    cols = mapped_columns(colmap_ptr, offs_c, c_mask, HAS_COLMAP, VEC)
+    taps = ()        # taps[shift] = weight[:, w-1-shift]
+    dw_sums = ()     # dw_sums[shift]: this program's partial of dweight[:, w-1-shift]
     for shift in tl.static_range(WIDTH):
-        t = s + shift                                # the output reading s through tap k
-        t_ok = (t >= 0) & (t < seqlen)
-        du = tl.load(du_ptr + (b * seqlen + t[:, None]) * dim + offs_c[None, :],
-                     mask=t_ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        taps = taps + (tl.load(w_ptr + offs_c * s_wd + (WIDTH - 1 - shift) * s_wk, mask=c_mask,
+                               other=0.0).to(tl.float32),)
+        dw_sums = dw_sums + (tl.zeros((BLOCK_D,), dtype=tl.float32),)
+    db_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for step in range(STEPS):
+        s = first_pos + (pid_l * STEPS + step) * BLOCK_L + tl.arange(0, BLOCK_L)
+        if first_pos < 0:
+            keep = s < 0
+        else:
+            keep = s < seqlen
+        # in(s) on this launch's positions only (a position outside both x and the initial
+        # state reads 0)
+        x_s = _input_at(x_ptr, init_ptr, b, tl.where(keep, s, -WIDTH), offs_c, cols, c_mask,
+                        seqlen, s_xb, s_xl, s_xd, s_ib, s_id, s_ij, WIDTH, HAS_INIT)
         if HAS_SEQ:
-            same = _segment_at(seg_ptr, b, t, seqlen, s_sb, s_sl) == seg_s
-            du = tl.where(same[:, None], du, 0.0)
-        w_k = tl.load(w_ptr + offs_c * s_wd + (WIDTH - 1 - shift) * s_wk, mask=c_mask,
-                      other=0.0).to(tl.float32)
-        dx += du * w_k[None, :]
-    if first_pos < 0:
-        out_mask = s < 0
-    else:
-        out_mask = s < seqlen
-    out_cols = mapped_columns(colmap_ptr, offs_c, c_mask, HAS_COLMAP, VEC)
-    tl.store(dx_ptr + b * s_dxb + (s - out_first_pos)[:, None] * s_dxl + out_cols[None, :] * s_dxd,
-             dx.to(dx_ptr.dtype.element_ty), mask=out_mask[:, None] & c_mask[None, :])
+            seg_s = _segment_at(seg_ptr, b, s, seqlen, s_sb, s_sl)
+        dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+        new_sums = ()
+        for shift in tl.static_range(WIDTH):
+            t = s + shift
+            t_ok = (t >= 0) & (t < seqlen)
+            du = tl.load(du_ptr + b * s_dub + t[:, None] * s_dul + offs_c[None, :] * s_dud,
+                         mask=t_ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+            if HAS_SEQ:
+                same = _segment_at(seg_ptr, b, t, seqlen, s_sb, s_sl) == seg_s
+                du = tl.where(same[:, None], du, 0.0)
+            dx += du * taps[shift][None, :]
+            new_sums = new_sums + (dw_sums[shift] + tl.sum(x_s * du, axis=0),)
+            if shift == 0:
+                db_sum += tl.sum(tl.where(keep[:, None], du, 0.0), axis=0)
+        dw_sums = new_sums
+        tl.store(dx_ptr + b * s_dxb + (s - out_first_pos)[:, None] * s_dxl
+                 + cols[None, :] * s_dxd, dx.to(dx_ptr.dtype.element_ty),
+                 mask=keep[:, None] & c_mask[None, :])
+    part = first_part + b * n_parts_l + pid_l
+    for shift in tl.static_range(WIDTH):
+        tl.store(dw_part_ptr + (part * WIDTH + WIDTH - 1 - shift) * dim + offs_c, dw_sums[shift],
+                 mask=c_mask)
+    tl.store(db_part_ptr + part * dim + offs_c, db_sum, mask=c_mask)
 
 
 @triton.jit
@@ -300,50 +324,63 @@ def conv_backward(dy, x, weight, bias, initial_state, segments, silu, colmap=Non
     input gradient is written into it (at the columns colmap gives) instead of a new tensor."""
     batch, seqlen = x.shape[:2]
     dim, width = weight.shape
-    block_l, block_d, warps = _tile("bwd_du", dim)
-    n_tiles = cdiv(seqlen, block_l)
-    du_dtype = (x.dtype if DU_IN_INPUT_DTYPE and x.dtype in (torch.float16, torch.bfloat16)
-                else torch.float32)
-    du = torch.empty(batch, seqlen, dim, device=x.device, dtype=du_dtype)
-    dw_part = torch.empty(batch, n_tiles, width, dim, device=x.device, dtype=torch.float32)
-    db_part = torch.empty(batch, n_tiles, dim, device=x.device, dtype=torch.float32)
+    dev = x.device
     init = initial_state if initial_state is not None else x
     s_init = initial_state.stride() if initial_state is not None else (0, 0, 0)
     seg = segments if segments is not None else x
     s_seg = segments.stride() if segments is not None else (0, 0)
     cols = colmap if colmap is not None else weight
-    launch(_conv_bwd_du_kernel, (n_tiles, cdiv(dim, block_d), batch),
-        x, init, weight, bias if bias is not None else weight, seg, cols, dy, du, dw_part,
-        db_part, seqlen, dim, n_tiles,
-        *x.stride(), *s_init, *weight.stride(), *s_seg, *dy.stride(),
-        BLOCK_L=block_l, BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None,
-        HAS_INIT=initial_state is not None, HAS_SEQ=segments is not None, SILU=silu,
-        HAS_COLMAP=colmap is not None, VEC=colmap_vec, num_warps=warps)
-    dx = dx_out if dx_out is not None else torch.empty(batch, seqlen, dim, device=x.device,
+    if silu:  # pass 1: du = dy * silu'(u)
+        du_dtype = (x.dtype if DU_IN_INPUT_DTYPE and x.dtype in (torch.float16, torch.bfloat16)
+                    else torch.float32)
+        du = torch.empty(batch, seqlen, dim, device=dev, dtype=du_dtype)
+        block_l, block_d, warps = _tile("bwd_du", dim)
+        launch(_conv_bwd_du_kernel, (cdiv(seqlen, block_l), cdiv(dim, block_d), batch),
+            x, init, weight, bias if bias is not None else weight, seg, cols, dy, du, seqlen, dim,
+            *x.stride(), *s_init, *weight.stride(), *s_seg, *dy.stride(),
+            BLOCK_L=block_l, BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None,
+            HAS_INIT=initial_state is not None, HAS_SEQ=segments is not None,
+            HAS_COLMAP=colmap is not None, VEC=colmap_vec, num_warps=warps)
+    else:  # without the activation du is dy itself, read through its strides
+        du = dy
+
+    # pass 2: dx and the weight-gradient partials, over [0, seqlen) and, with an initial state,
+    # its w-1 positions in one more tile per row (which also gives the state's gradient)
+    dx = dx_out if dx_out is not None else torch.empty(batch, seqlen, dim, device=dev,
                                                        dtype=x.dtype)
     block_l, block_d, warps = _tile("bwd_dx", dim)
+    steps = _options("bwd_dx", dim).get("STEPS", 1)
     n_d = cdiv(dim, block_d)
-    launch(_conv_bwd_dx_kernel, (cdiv(seqlen, block_l), n_d, batch),
-        du, weight, seg, cols, dx, seqlen, dim, 0, 0, *weight.stride(), *s_seg, *dx.stride(),
-        BLOCK_L=block_l, BLOCK_D=block_d, WIDTH=width, HAS_SEQ=segments is not None,
+    n_tiles = cdiv(seqlen, block_l * steps)  # programs along the positions, one partial each
+    with_init = initial_state is not None and width > 1
+    n_parts = batch * (n_tiles + with_init)
+    dw_part = torch.empty(n_parts, width, dim, device=dev, dtype=torch.float32)
+    db_part = torch.empty(n_parts, dim, device=dev, dtype=torch.float32)
+    common = (*du.stride(), *x.stride(), *s_init, *weight.stride(), *s_seg)
+    launch(_conv_bwd_dx_kernel, (n_tiles, n_d, batch),
+        du, x, init, weight, seg, cols, dx, dw_part, db_part, seqlen, dim, 0, 0, 0, n_tiles,
+        *common, *dx.stride(),
+        BLOCK_L=block_l, BLOCK_D=block_d, STEPS=steps, WIDTH=width,
+        HAS_INIT=initial_state is not None, HAS_SEQ=segments is not None,
         HAS_COLMAP=colmap is not None, VEC=colmap_vec, num_warps=warps)
     d_init = None
-    if initial_state is not None and need_init_grad:
-        if width == 1:
-            d_init = initial_state.new_zeros(initial_state.shape)
-        else:
-            d_init_rows = torch.empty(batch, width - 1, dim, device=x.device, dtype=torch.float32)
-            launch(_conv_bwd_dx_kernel, (1, n_d, batch),
-                du, weight, seg, weight, d_init_rows, seqlen, dim, -(width - 1), -(width - 1),
-                *weight.stride(), *s_seg, *d_init_rows.stride(),
-                BLOCK_L=max(16, next_power_of_2(width - 1)), BLOCK_D=block_d,
-                WIDTH=width, HAS_SEQ=segments is not None, HAS_COLMAP=False, VEC=1, num_warps=4)
+    if with_init:
+        d_init_rows = torch.empty(batch, width - 1, dim, device=dev, dtype=torch.float32)
+        launch(_conv_bwd_dx_kernel, (1, n_d, batch),
+            du, x, init, weight, seg, weight, d_init_rows, dw_part, db_part,
+            seqlen, dim, -(width - 1), -(width - 1), batch * n_tiles, 1,
+            *common, *d_init_rows.stride(),
+            BLOCK_L=max(16, next_power_of_2(width - 1)), BLOCK_D=block_d, STEPS=1, WIDTH=width,
+            HAS_INIT=True, HAS_SEQ=segments is not None, HAS_COLMAP=False, VEC=1, num_warps=4)
+        if need_init_grad:
             d_init = d_init_rows.transpose(1, 2).to(initial_state.dtype).contiguous()
-    dw = torch.empty(dim, width, device=x.device, dtype=weight.dtype)
-    db = torch.empty(dim, device=x.device, dtype=bias.dtype) if bias is not None else None
+    elif initial_state is not None and need_init_grad:  # width 1: the state is never read
+        d_init = initial_state.new_zeros(initial_state.shape)
+    dw = torch.empty(dim, width, device=dev, dtype=weight.dtype)
+    db = torch.empty(dim, device=dev, dtype=bias.dtype) if bias is not None else None
     opts = _options("wgrad", dim)
     launch(_conv_wgrad_sum_kernel, (cdiv(dim, opts["BLOCK_D"]),),
-           dw_part, db_part, dw, db if db is not None else dw, batch * n_tiles, dim, *dw.stride(),
+           dw_part, db_part, dw, db if db is not None else dw, n_parts, dim, *dw.stride(),
            WIDTH=width, HAS_BIAS=bias is not None, **opts)
     return dx, dw, db, d_init
 
