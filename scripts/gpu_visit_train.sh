@@ -222,9 +222,10 @@ for stage in $STAGES; do
             --json "$OUT/host_profile.json" > "$OUT/host_profile.log" 2>&1
         echo "=== host_profile"; grep -vE "^\s*$" "$OUT/host_profile.log" | head -60
         ;;
-    pytest)  # CPU-only tests on this machine's versions (PYTEST_ARGS), beside the GPU stages
-        ( CUDA_VISIBLE_DEVICES= timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider $PYTEST_ARGS \
-            > "$OUT/pytest.log" 2>&1 ) &
+    pytest)  # CPU-only tests on this machine's versions (PYTEST_ARGS), beside the GPU stages; in
+             # one process (the image has no pytest-xdist, so pyproject's "-n auto" is replaced)
+        ( CUDA_VISIBLE_DEVICES= timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
+            -o addopts="-ra -m 'not slow and not gpu'" $PYTEST_ARGS > "$OUT/pytest.log" 2>&1 ) &
         cpu_pids+=($!)
         ;;
     *) echo "unknown stage $stage"; exit 2 ;;
