@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """The gated RMSNorm's forward and backward on the GPU as the block calls them (z read out of the
 in_proj output through its column map; D768 b8 l2048: 16384 rows of 1536), under launch variants
-ROWSxnum_warpsxprograms_per_sm (a trailing "r": the backward's two-phase body, RECOMPUTE=1), each checked against the default's outputs on NaN-poisoned
-buffers, then timed without the poisoning (GPU time: rounds queued behind torch.cuda._sleep,
-medians).
+ROWSxnum_warpsxprograms_per_sm (a trailing "r": the backward's two-phase body, RECOMPUTE=1),
+each checked against the default's outputs on NaN-poisoned buffers, then timed without the
+poisoning (GPU time: rounds queued behind torch.cuda._sleep, medians).
 
     python scripts/bench_rmsnorm.py --variants 1x4x4,2x4x4,2x8x4,4x8x4,1x4x8 --json /tmp/rms.json
 """

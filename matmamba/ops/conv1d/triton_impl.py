@@ -188,8 +188,7 @@ def _conv_bwd_du_kernel(
     dy = tl.load(dy_ptr + b * s_dyb + t[:, None] * s_dyl + offs_c[None, :] * s_dyd,
                  mask=t_ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
     u = _preactivation(x_ptr, init_ptr, w_ptr, bias_ptr, seg_ptr, b, t, offs_c, x_cols, c_mask,
-                       seqlen,
-                       s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl,
+                       seqlen, s_xb, s_xl, s_xd, s_ib, s_id, s_ij, s_wd, s_wk, s_sb, s_sl,
                        BLOCK_L, BLOCK_D, WIDTH, HAS_BIAS, HAS_INIT, HAS_SEQ)
     sig = tl.sigmoid(u)
     du = dy * sig * (1.0 + u * (1.0 - sig))
@@ -350,7 +349,7 @@ def conv_backward(dy, x, weight, bias, initial_state, segments, silu, colmap=Non
     dx = dx_out if dx_out is not None else torch.empty(batch, seqlen, dim, device=dev,
                                                        dtype=x.dtype)
     block_l, block_d, warps = _tile("bwd_dx", dim)
-    steps = _options("bwd_dx", dim).get("STEPS", 1)
+    steps = _options("bwd_dx", dim)["STEPS"]
     n_d = cdiv(dim, block_d)
     n_tiles = cdiv(seqlen, block_l * steps)  # programs along the positions, one partial each
     with_init = initial_state is not None and width > 1
