@@ -583,42 +583,48 @@ def check_state_update(dtypes, dev, quick):
 
 
 def check_long_bf16(dev):
-    """16K tokens in bf16: the scan against the torch chunked form in fp32, and the block."""
+    """Long rows in bf16: the scan against the torch chunked form in fp32, and the block at 16K.
+    The scan's shapes cover the sequential form's walk tiles (``_state_walk_options``): 1 x 16K
+    (24 walks cut into 4 segments, 64 rows a walk), 4 x 8K (96 walks of 128 chunks: 16 rows) and
+    8 x 2K (192 walks: 32 rows)."""
     from matmamba.ops.ssd.chunked import ssd_scan_chunked
     from matmamba.ops.ssd.triton_impl import ssd_scan_triton
 
-    try:
-        b, l, h, p, n = 1, 16384, 64, 24, 128
-        gen = torch.Generator(device=dev).manual_seed(7)
-        x = torch.randn(b, l, h, p, device=dev, generator=gen)
-        dt = torch.randn(b, l, h, device=dev, generator=gen) * 0.5
-        A = -torch.rand(h, device=dev, generator=gen) * 15 - 1
-        B = torch.randn(b, l, 1, n, device=dev, generator=gen)
-        C = torch.randn(b, l, 1, n, device=dev, generator=gen)
-        D = torch.randn(h, device=dev, generator=gen)
-        bias = dt_bias_init(h, dev).float()
-        low = [t.to(torch.bfloat16).requires_grad_() for t in (x, dt, B, C)]
-        params = [t.clone().requires_grad_() for t in (A, D, bias)]
-        with poisoned_allocations():
-            y, fs = ssd_scan_triton(low[0], low[1], params[0], low[2], low[3], D=params[1],
-                                    dt_bias=params[2], dt_softplus=True, return_final_state=True)
-            dy = torch.randn_like(y)
-            grads = torch.autograd.grad((y.float() * dy.float()).sum() + fs.sum(), low + params)
-        finite = bool(torch.isfinite(y).all()) and bool(torch.isfinite(fs).all()) and all(
-            bool(torch.isfinite(g_).all()) for g_ in grads)
-        ref_in = [t.detach().float().requires_grad_() for t in low]
-        ref_params = [t.detach().clone().requires_grad_() for t in params]
-        y_r, fs_r = ssd_scan_chunked(ref_in[0], ref_in[1], ref_params[0], ref_in[2], ref_in[3],
-                                     D=ref_params[1], dt_bias=ref_params[2], dt_softplus=True,
-                                     return_final_state=True, chunk_size=256)
-        grads_r = torch.autograd.grad((y_r * dy.float()).sum() + fs_r.sum(), ref_in + ref_params)
-        names = ["dx", "ddt", "dB", "dC", "dA", "dD", "ddt_bias"]
-        errors = {"out": rel_err(y, y_r), "final": rel_err(fs, fs_r)}
-        errors.update({nm: rel_err(g_, r_) for nm, g_, r_ in zip(names, grads, grads_r)})
-        record("ssd_scan 16K", "bf16", f"b{b} l{l} h{h} p{p} n{n} vs torch fp32 (finite={finite})",
-               errors, 1e-2 if finite else -1.0)
-    except Exception as error:  # noqa: BLE001
-        record_failure("ssd_scan 16K", "bf16", error)
+    h, p, n = 64, 24, 128
+    for b, l in ((1, 16384), (4, 8192), (8, 2048)):
+        try:
+            gen = torch.Generator(device=dev).manual_seed(7)
+            x = torch.randn(b, l, h, p, device=dev, generator=gen)
+            dt = torch.randn(b, l, h, device=dev, generator=gen) * 0.5
+            A = -torch.rand(h, device=dev, generator=gen) * 15 - 1
+            B = torch.randn(b, l, 1, n, device=dev, generator=gen)
+            C = torch.randn(b, l, 1, n, device=dev, generator=gen)
+            D = torch.randn(h, device=dev, generator=gen)
+            bias = dt_bias_init(h, dev).float()
+            low = [t.to(torch.bfloat16).requires_grad_() for t in (x, dt, B, C)]
+            params = [t.clone().requires_grad_() for t in (A, D, bias)]
+            with poisoned_allocations():
+                y, fs = ssd_scan_triton(low[0], low[1], params[0], low[2], low[3], D=params[1],
+                                        dt_bias=params[2], dt_softplus=True, return_final_state=True)
+                dy = torch.randn_like(y)
+                grads = torch.autograd.grad((y.float() * dy.float()).sum() + fs.sum(), low + params)
+            finite = bool(torch.isfinite(y).all()) and bool(torch.isfinite(fs).all()) and all(
+                bool(torch.isfinite(g_).all()) for g_ in grads)
+            ref_in = [t.detach().float().requires_grad_() for t in low]
+            ref_params = [t.detach().clone().requires_grad_() for t in params]
+            y_r, fs_r = ssd_scan_chunked(ref_in[0], ref_in[1], ref_params[0], ref_in[2], ref_in[3],
+                                         D=ref_params[1], dt_bias=ref_params[2], dt_softplus=True,
+                                         return_final_state=True, chunk_size=256)
+            grads_r = torch.autograd.grad((y_r * dy.float()).sum() + fs_r.sum(), ref_in + ref_params)
+            names = ["dx", "ddt", "dB", "dC", "dA", "dD", "ddt_bias"]
+            errors = {"out": rel_err(y, y_r), "final": rel_err(fs, fs_r)}
+            errors.update({nm: rel_err(g_, r_) for nm, g_, r_ in zip(names, grads, grads_r)})
+            record(f"ssd_scan {b * l // 1024}K", "bf16",
+                   f"b{b} l{l} h{h} p{p} n{n} vs torch fp32 (finite={finite})",
+                   errors, 1e-2 if finite else -1.0)
+            del x, dt, B, C, low, grads, ref_in, y_r, fs_r, grads_r
+        except Exception as error:  # noqa: BLE001
+            record_failure(f"ssd_scan b{b} l{l}", "bf16", error)
 
     try:
         from matmamba import MatMamba2

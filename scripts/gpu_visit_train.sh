@@ -26,7 +26,9 @@
 #       (scripts/profile_block.py), then the block timed from an older tree and from this one,
 #       alternately, in one call (same machine): prepare the old tree here with
 #       mkdir .ab_old && git archive <rev> | tar -x -C .ab_old && echo /.ab_old/ >> .git/info/exclude
-#       and name .ab_old in the call's carry.
+#       and name .ab_old in the call's carry. AB_ARGS (default "--cases block") picks bench_block's
+#       cases for both trees, AB_TIMEOUT (default 150 s) limits each run, AB_ROUNDS (default 2)
+#       is how many times each tree runs.
 #
 # Autotuning results (mamba_ssm's kernels autotune for ~2 minutes on their first call) are kept
 # between visits: each visit leaves $OUT/autotune.tgz (Triton's *.autotune.json files); copy it to
@@ -196,14 +198,14 @@ for stage in $STAGES; do
         python3 scripts/ncu_summary.py "$OUT"/ncu_*.csv --json "$OUT/ncu_summary.json"
         ;;
     ab)      # same-run A/B of the block benchmark: older tree vs this one, twice each, on GPU 0
-        for round in 1 2; do
+        for round in $(seq 1 ${AB_ROUNDS:-2}); do
             for tree in "${AB_TREE:?set AB_TREE to the older tree}" .; do
                 tag=$([ "$tree" = . ] && echo new || echo old)
-                (cd "$tree" && CUDA_VISIBLE_DEVICES=0 timeout 150 python3 scripts/bench_block.py \
-                    --cases block --no-baseline --json "$OUT/ab_${tag}_$round.json") \
+                (cd "$tree" && CUDA_VISIBLE_DEVICES=0 timeout ${AB_TIMEOUT:-150} python3 scripts/bench_block.py \
+                    ${AB_ARGS:---cases block} --no-baseline --json "$OUT/ab_${tag}_$round.json") \
                     > "$OUT/ab_${tag}_$round.log" 2>&1
                 echo "=== A/B round $round, $tag tree ($tree)"
-                sed -n '/^=====/,$p' "$OUT/ab_${tag}_$round.log" | grep "block D768"
+                sed -n '/^=====/,$p' "$OUT/ab_${tag}_$round.log" | grep -E "^(block|lengths)"
             done
         done
         ;;

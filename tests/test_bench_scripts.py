@@ -503,7 +503,8 @@ def test_bench_conv_reads_its_variants_and_names_a_bad_one():
         assert triton_impl._tile("bwd_dx", 1792) == (16, 128, 4)
         du = triton_impl.LAUNCH_DEFAULTS["bwd_du"]  # untouched by bwd_dx's override
         assert triton_impl._tile("bwd_du", 1792) == (du["BLOCK_L"], du["BLOCK_D"], du["num_warps"])
-        assert triton_impl._tile("fwd", 40) == (32, 64, 4)  # BLOCK_D no wider than the channels
+        fwd = triton_impl.LAUNCH_DEFAULTS["fwd"]  # BLOCK_D no wider than the channels:
+        assert triton_impl._tile("fwd", 40) == (fwd["BLOCK_L"], 64, fwd["num_warps"])
     finally:
         triton_impl.LAUNCH_OVERRIDES.clear()
 

@@ -61,6 +61,26 @@ def test_state_form_rule(monkeypatch):
         form(1, 64, 1024)
 
 
+def test_state_walk_tile_rule():
+    """The walk's row tile by how many 64-row walks there are (132 SMs), at the shapes measured
+    (session 19): narrower tiles where walks are few, the 64-row tile elsewhere."""
+    from matmamba.ops.ssd import triton_impl as ti
+
+    def tile(walks, nchunks, rows=1536):
+        opts = ti._state_walk_options(rows, 128, walks, nchunks, 132)
+        return opts["BLOCK_M"], opts["num_warps"]
+
+    assert tile(None, 0) == (64, 8)            # what _state_form counts walks in
+    assert tile(96, 256) == (16, 4)            # 4 x 16K: 96 long walks
+    assert tile(192, 32) == (32, 4)            # the block at b8 l2048
+    assert tile(96, 50) == (64, 8)             # ViT, packed: few walks, but short
+    assert tile(768, 16) == (64, 8)            # b32 l1024
+    assert tile(264, 32) == (64, 8)            # two walks an SM already
+    assert tile(96, 256, rows=24) == (16, 4)   # a one-head group: never wider than its rows
+    assert tile(192, 32, rows=24) == (32, 4)
+    assert tile(None, 0, rows=24) == (32, 8)
+
+
 # ---------------------------------------------------------------------------------------------
 # The checks (run in the subprocess)
 # ---------------------------------------------------------------------------------------------

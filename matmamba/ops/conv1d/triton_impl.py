@@ -55,12 +55,14 @@ Tensor = torch.Tensor
 # walking 2 or 4 tiles a program: 0.336 or 0.323 / 0.307 or 0.290), against 0.317 / 0.280 for
 # session 17's backward (weight-gradient sums in pass 1) in the same run. Pass 2 at 64 x 128
 # compiles to 255 registers with 96 B of spills (2 programs an SM) and is still the fastest.
+# Session 19 (H100, same run): pass 2 at 64 x 128 walking 2 tiles 0.264 / 0.246 ms against
+# 0.274 / 0.249 for 1 tile (4 tiles: 0.274 / 0.263); the forward at 16 x 128 0.063 / 0.049 ms
+# against 0.066 / 0.051 at 32 x 128 (session 18 saw the same: 0.0635 / 0.0494 vs 0.0664 / 0.0515).
 LAUNCH_DEFAULTS: dict[str, dict[str, int]] = {
-    "fwd": dict(BLOCK_L=32, BLOCK_D=128, num_warps=4),
+    "fwd": dict(BLOCK_L=16, BLOCK_D=128, num_warps=4),
     "bwd_du": dict(BLOCK_L=32, BLOCK_D=128, num_warps=4),
-    # STEPS: tiles of positions a pass-2 program walks (its taps loaded, its partials stored
-    # once); 64 x 128 with more than one step is not measured yet
-    "bwd_dx": dict(BLOCK_L=64, BLOCK_D=128, num_warps=4, STEPS=1),
+    # STEPS: tiles of positions a pass-2 program walks (its taps loaded, its partials stored once)
+    "bwd_dx": dict(BLOCK_L=64, BLOCK_D=128, num_warps=4, STEPS=2),
     # the sums of pass 2's dweight / dbias partials: (rows of partials, channels) a step. Session
     # 12, b8 l2048: the backward 0.319 ms at 32 x 32, 0.320 at 64 x 32, 0.330 - 0.362 at the other
     # tiles tried (16 x 32, 32 x 64, 64 x 128, 32 x 128)

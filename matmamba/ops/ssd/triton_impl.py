@@ -1024,12 +1024,29 @@ def _chunk_states_options(rows: int, block_n_full: int) -> dict:
     return dict(BLOCK_M=min(64, _pow2(rows)), BLOCK_N=min(block_n_full, 128), num_warps=4)
 
 
-def _state_walk_options(rows: int, dstate: int) -> dict:
-    """The sequential form's walk (``_state_walk_kernel``): whole 128-wide state rows and 8 warps
-    (H100, session 14: 1.08 - 1.33x over 4 warps with 64-wide N blocks, at the block, ViT and
-    4 x 16384 shapes; 32-wide N blocks, for more walks, were 1.5 - 2x slower: each reloads the
-    x tile and its weights)."""
-    return dict(BLOCK_M=min(64, _pow2(rows)), BLOCK_N=min(_pow2(dstate), 128), num_warps=8)
+def _state_walk_options(rows: int, dstate: int, walks: int | None = None,
+                        nchunks: int = 0, sms: int = 132) -> dict:
+    """The sequential form's walk (``_state_walk_kernel``): whole 128-wide state rows, 64 rows of
+    the flat (head, p) index and 8 warps (H100, session 14: 1.08 - 1.33x over 4 warps with 64-wide
+    N blocks, at the block, ViT and 4 x 16384 shapes; 32-wide N blocks, for more walks, were
+    1.5 - 2x slower: each reloads the x tile and its weights).
+
+    ``walks``: how many walks that 64-row tile makes (batch rows x groups x row blocks), over
+    ``nchunks`` chunks each. Where they are few, narrower row tiles at 4 warps make more of them
+    (H100, session 19, ``tune_ssd`` at the block's layout, fwd / bwd walk):
+      - 4 x 16384 (96 walks of 256 chunks): 16 rows 0.470 / 0.446 ms against 0.540 / 0.590;
+      - 8 x 2048 (192 walks of 32 chunks): 32 rows 0.102 / 0.096 against 0.102 / 0.112;
+      - ViT b64 l197 (packed: 96 walks of 50 chunks): 64 rows stays best (16: 0.121 / 0.110
+        against 0.105 / 0.102), as at b32 l1024 (768 walks).
+    Without ``walks``: the 64-row tile, which ``_state_form``'s rule counts walks in, and which
+    segmented walks keep (their segments were measured with it; narrower tiles are not measured
+    there)."""
+    block_m, warps = min(64, _pow2(rows)), 8
+    if walks is not None and walks < sms and nchunks >= 128:      # few long walks: 4x as many
+        block_m, warps = min(block_m, 16), 4
+    elif walks is not None and sms <= walks < 2 * sms:            # 1-2 walks an SM: twice as many
+        block_m, warps = min(block_m, 32), 4
+    return dict(BLOCK_M=block_m, BLOCK_N=min(_pow2(dstate), 128), num_warps=warps)
 
 
 def _bwd_dx_options(Q: int, block_p: int, block_n_full: int, dot_dtype) -> dict:
@@ -1155,10 +1172,15 @@ def _pass_states(x, lam, w_end, V, seq_idx, start, states, end) -> None:
     direction = "fwd" if forward else "bwd"
     form, segments = _state_form(batch * ngroups, rows, dstate, nchunks, x.device)
     if form == "sequential":
-        opts = _launch(f"state_{direction}_fused", **_state_walk_options(rows, dstate))
-        tiles = cdiv(rows, opts["BLOCK_M"]) * cdiv(dstate, opts["BLOCK_N"])
         seg_chunks = cdiv(nchunks, segments)
         segments = cdiv(nchunks, seg_chunks)  # none left empty (e.g. 10 chunks in 4 -> 3 x 3 + 1)
+        tile = _state_walk_options(rows, dstate)
+        walks = batch * ngroups * cdiv(rows, tile["BLOCK_M"]) * cdiv(dstate, tile["BLOCK_N"])
+        # (segmented walks keep the 64-row tile their rule was measured with)
+        opts = _launch(f"state_{direction}_fused",
+                       **_state_walk_options(rows, dstate, walks if segments == 1 else None,
+                                             nchunks, _sm_count(x.device)))
+        tiles = cdiv(rows, opts["BLOCK_M"]) * cdiv(dstate, opts["BLOCK_N"])
         seg_end = seg_decay = lam  # (unused with one segment)
         if segments > 1:  # where each segment but the last ends, and its decay
             seg_end = torch.empty(batch, segments, nheads, headdim, dstate, device=x.device,
