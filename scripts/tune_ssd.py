@@ -108,8 +108,10 @@ KERNELS = {
     # 4 warps) and are latency-bound (ncu, session 6): maxnreg caps the registers (ptxas spills
     # the rest to L1-cached local memory) for 3 (168) or 4 (128) programs an SM. num_stages=1 is
     # left out: it never won here, and Triton 3.6 miscompiled it in bwd_dbdc (session 4).
+    # Z_FORM: d Lam's intra-chunk part from Zx = scores o (dy x^T) in fp32, one 16-bit product
+    # for dxt (2 of the 4 Q x Q products; 0 B of spills at cap 168 offline, session 19)
     "bwd_dx": ("_chunk_bwd_dx_kernel", dict(num_warps=(4, 8), num_stages=(2, 3), BLOCK_N=(32, 64),
-                                            maxnreg=(None, 168, 128))),
+                                            maxnreg=(None, 168, 128), Z_FORM=(False, True))),
     "bwd_dbdc": ("_chunk_bwd_dbdc_kernel", dict(num_warps=(4, 8), num_stages=(2, 3), BLOCK_N=(64, 128),
                                                 maxnreg=(None, 168, 128))),
     "finalize": ("_finalize_grads_kernel", dict(num_warps=(2, 4, 8), BLOCK=(512, 1024, 2048))),

@@ -244,9 +244,12 @@ def _ssd_fp16_group(failures: list) -> None:
     from matmamba.ops.ssd.naive import ssd_scan_naive
     from matmamba.ops.ssd.triton_impl import ssd_scan_triton
 
-    cases = [(2, 300, 5, 24, 1, 128, True), (1, 200, 4, 64, 1, 128, True), (2, 300, 5, 24, 1, 128, False)]
-    for b, l, h, p, g, n, states_16bit in cases:
+    # (..., states stored in 16 bits, B3's Z form as a launch option)
+    cases = [(2, 300, 5, 24, 1, 128, True, False), (1, 200, 4, 64, 1, 128, True, False),
+             (2, 300, 5, 24, 1, 128, False, False), (2, 300, 5, 24, 1, 128, True, True)]
+    for b, l, h, p, g, n, states_16bit, z_form in cases:
         triton_impl.STATES_IN_INPUT_DTYPE = states_16bit
+        triton_impl.LAUNCH_OVERRIDES["bwd_dx"] = dict(Z_FORM=z_form)
         gen = torch.Generator().manual_seed(l)
         rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
         ref = dict(x=rnd(b, l, h, p), dt=rnd(b, l, h) * 0.5,
@@ -265,11 +268,12 @@ def _ssd_fp16_group(failures: list) -> None:
         worst = max(v for k, v in errors.items() if k != "out")
         ok = worst <= 3 * errors["out"]
         triton_impl.STATES_IN_INPUT_DTYPE = True
+        triton_impl.LAUNCH_OVERRIDES.clear()
         print(f"{'ok  ' if ok else 'FAIL'} ssd fp16 b{b} l{l} h{h} p{p} n{n} states "
-              f"{'fp16' if states_16bit else 'fp32'} (worst gradient <= 3x out): "
-              + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+              f"{'fp16' if states_16bit else 'fp32'}{' Z form' if z_form else ''} "
+              "(worst gradient <= 3x out): " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
         if not ok:
-            failures.append(f"ssd fp16 b{b} l{l} h{h} p{p} states_16bit={states_16bit}")
+            failures.append(f"ssd fp16 b{b} l{l} h{h} p{p} states_16bit={states_16bit} z_form={z_form}")
 
 
 def _ssd_launch_options_group(failures: list) -> None:
@@ -288,6 +292,9 @@ def _ssd_launch_options_group(failures: list) -> None:
         for form in ("parallel", "sequential"):
             # an initial state; several groups with packed sequences; two N blocks, no D or bias
             _ssd_group(form, failures, only=(0, 2, 3))
+        # B3's Z form: d Lam's intra-chunk part from Zx = scores o (dy x^T)
+        triton_impl.LAUNCH_OVERRIDES["bwd_dx"] = dict(BLOCK_N=16, Z_FORM=True)
+        _ssd_group("parallel", failures, only=(0, 2, 3))
         os.environ["MATMAMBA_SSD_STATE"] = "parallel"
         triton_impl.LAUNCH_OVERRIDES["state_pass_bwd"] = dict(BLOCK=3)  # not a power of 2
         import torch

@@ -669,7 +669,7 @@ def _chunk_bwd_dx_kernel(
     Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_SEQ: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, Z_FORM: tl.constexpr = False,
 ):
     c = tl.program_id(1)
     bh = tl.program_id(0)
@@ -739,22 +739,39 @@ def _chunk_bwd_dx_kernel(
     # Intra-chunk: the one Q x Q tile, scores = CB o L, feeds two products, each accumulated
     # onto its state term: dxt = scores^T dy + dxt_state and the scan's own output
     # y' = (scores o dt') x + y_inter (without D x).
-    cb = tl.load(CB_ptr + ((b * nchunks + c) * ngroups + g) * Q * Q
-                 + offs_q[:, None] * Q + offs_q[None, :])
-    seg = tl.where(pair_ok, lam[:, None] - lam[None, :], float("-inf"))
-    scores = cb * tl.exp(seg)                                                   # [t, s]
-    dxt = _dot_fp32_lhs(tl.trans(scores), dy_low, dxt_state, DOT_DTYPE, DOT_PREC)
-    y_ssd = _dot_fp32_lhs(scores * dtp[None, :], x_low, y_inter, DOT_DTYPE, DOT_PREC)
-
-    # d Lam_t = dy_t . y'_t - xt_t . dxt_t (module docstring: the rowsum(Z) - colsum(Z) of the
-    # Q x Q Z_ts = scores_ts (dy_t . xt_s) without forming Z, which took two more Q x Q fp32 tiles
-    # beside scores), then d a_s = sum_{t >= s} d Lam_t; x_t . dxt_t serves d dt'_t as well.
-    # (Session 11: scores split into hi + lo once, shared by both products, with xt split on the
-    # y side instead of a second Q x Q split: 0.486 -> 0.508 ms on the H200, dropped. The Z form
-    # with a single 16-bit product for dxt compiled to 2.1x the spills at the 128-register cap
-    # (scripts/kernel_regs.py), not timed.)
-    x_dxt = tl.sum(x_tile * dxt, axis=1)
-    d_lam = tl.sum(dy * y_ssd, axis=1) - dtp * x_dxt
+    cb_tile = CB_ptr + ((b * nchunks + c) * ngroups + g) * Q * Q
+    if Z_FORM:
+        # The intra-chunk part of d Lam from Zx_ts = scores_ts (dy_t . x_s), formed in fp32 from
+        # one product of the 16-bit dy and x: sum_t Zx_ts = x_s . dxt_intra_s and
+        # sum_s Zx_ts dt'_s = dy_t . y_ssd_t, the scores unrounded in both (the cancellation in
+        # d Lam needs that; the module docstring). dxt then only feeds dx, so it takes scores rounded
+        # once (2^-9 relative in bf16, as dx is stored) in one product. Everything Q x Q is held
+        # transposed, [s, t], so that scores^T is the product's left operand as it is.
+        cb_t = tl.load(cb_tile + offs_q[None, :] * Q + offs_q[:, None])          # [s, t] = CB[t, s]
+        seg_t = tl.where(offs_q[None, :] >= offs_q[:, None], lam[None, :] - lam[:, None],
+                         float("-inf"))
+        scores_t = cb_t * tl.exp(seg_t)
+        dxt = tl.dot(scores_t.to(DOT_DTYPE), dy_low, acc=dxt_state, input_precision=DOT_PREC)
+        zx_t = scores_t * tl.dot(x_low, tl.trans(dy_low), input_precision=DOT_PREC)
+        x_dxt = tl.sum(zx_t, axis=1) + tl.sum(x_tile * dxt_state, axis=1)
+        d_lam = tl.sum(zx_t * dtp[:, None], axis=0) + tl.sum(dy * y_inter, axis=1) - dtp * x_dxt
+    else:
+        cb = tl.load(cb_tile + offs_q[:, None] * Q + offs_q[None, :])
+        seg = tl.where(pair_ok, lam[:, None] - lam[None, :], float("-inf"))
+        scores = cb * tl.exp(seg)                                               # [t, s]
+        dxt = _dot_fp32_lhs(tl.trans(scores), dy_low, dxt_state, DOT_DTYPE, DOT_PREC)
+        y_ssd = _dot_fp32_lhs(scores * dtp[None, :], x_low, y_inter, DOT_DTYPE, DOT_PREC)
+        # d Lam_t = dy_t . y'_t - xt_t . dxt_t (module docstring: the rowsum(Z) - colsum(Z) of the
+        # Q x Q Z_ts = scores_ts (dy_t . xt_s) without forming Z, which took two more Q x Q fp32
+        # tiles beside scores); x_t . dxt_t serves d dt'_t as well.
+        # (Session 11: scores split into hi + lo once, shared by both products, with xt split on
+        # the y side instead of a second Q x Q split: 0.486 -> 0.508 ms on the H200, dropped.
+        # Session 11's Z form compiled to 2.1x the spills at the 128-register cap and was not
+        # timed; the transposed one above (Z_FORM, session 19) compiles to about the default's
+        # spills and instructions (kernel_regs.py) and is in tune_ssd.py's grid, not yet timed.)
+        x_dxt = tl.sum(x_tile * dxt, axis=1)
+        d_lam = tl.sum(dy * y_ssd, axis=1) - dtp * x_dxt
+    # then d a_s = sum_{t >= s} d Lam_t
     d_lam += tl.where(offs_q == Q - 1, leaving, 0.0)
     d_a = tl.sum(d_lam, axis=0) - tl.cumsum(d_lam, axis=0) + d_lam
 
