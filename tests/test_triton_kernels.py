@@ -273,7 +273,8 @@ def _ssd_fp16_group(failures: list) -> None:
               f"{'fp16' if states_16bit else 'fp32'}{' Z form' if z_form else ''} "
               "(worst gradient <= 3x out): " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
         if not ok:
-            failures.append(f"ssd fp16 b{b} l{l} h{h} p{p} states_16bit={states_16bit} z_form={z_form}")
+            failures.append(f"ssd fp16 b{b} l{l} h{h} p{p} states_16bit={states_16bit} "
+                            f"z_form={z_form}")
 
 
 def _ssd_launch_options_group(failures: list) -> None:

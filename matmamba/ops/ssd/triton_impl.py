@@ -744,9 +744,9 @@ def _chunk_bwd_dx_kernel(
         # The intra-chunk part of d Lam from Zx_ts = scores_ts (dy_t . x_s), formed in fp32 from
         # one product of the 16-bit dy and x: sum_t Zx_ts = x_s . dxt_intra_s and
         # sum_s Zx_ts dt'_s = dy_t . y_ssd_t, the scores unrounded in both (the cancellation in
-        # d Lam needs that; the module docstring). dxt then only feeds dx, so it takes scores rounded
-        # once (2^-9 relative in bf16, as dx is stored) in one product. Everything Q x Q is held
-        # transposed, [s, t], so that scores^T is the product's left operand as it is.
+        # d Lam needs that: the module docstring). dxt then only feeds dx, so it takes scores
+        # rounded once (2^-9 relative in bf16, as dx is stored) in one product. Everything
+        # Q x Q is held transposed, [s, t], so that scores^T is the product's left operand as it is.
         cb_t = tl.load(cb_tile + offs_q[None, :] * Q + offs_q[:, None])          # [s, t] = CB[t, s]
         seg_t = tl.where(offs_q[None, :] >= offs_q[:, None], lam[None, :] - lam[:, None],
                          float("-inf"))
