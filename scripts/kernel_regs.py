@@ -251,5 +251,6 @@ def main(argv=None):
                                compile_for_hopper(fn, {**constexprs, **tiles, "BLOCK_N": bn, **extra},
                                                   nw, ns, maxnreg=reg_cap))
 
+
 if __name__ == "__main__":
     main()

@@ -1126,6 +1126,14 @@ _SEGMENT_WALKS_PER_SM = 1.5
 _SEGMENT_MIN_LENGTH = 64
 
 
+def _walks(batch_groups: int, rows: int, dstate: int) -> int:
+    """How many walks the sequential form makes at the walk's 64-row tile, the unit both rules
+    count in (``_state_form``, ``_state_walk_options``): the defaults, since launch overrides
+    tune a form, they do not choose it."""
+    tile = _state_walk_options(rows, dstate)
+    return batch_groups * cdiv(rows, tile["BLOCK_M"]) * cdiv(dstate, tile["BLOCK_N"])
+
+
 def _state_form(batch_groups: int, rows: int, dstate: int, nchunks: int, device) -> tuple[str, int]:
     """How states cross chunks -> (form, segments). "sequential" (K1+K2 / B1+B2 fused: each
     program walks the chunks with its tile of the state in registers; no chunk state goes through
@@ -1140,8 +1148,7 @@ def _state_form(batch_groups: int, rows: int, dstate: int, nchunks: int, device)
     if forced_segments and not (forced_segments.isdigit() and int(forced_segments) >= 1):
         raise ValueError("MATMAMBA_SSD_SEGMENTS must be a number of segments >= 1 (the sequential "
                          f"form's walks cut into that many); got {forced_segments!r}")
-    tile = _state_walk_options(rows, dstate)  # the defaults: overrides tune, they do not choose
-    walks = batch_groups * cdiv(rows, tile["BLOCK_M"]) * cdiv(dstate, tile["BLOCK_N"])
+    walks = _walks(batch_groups, rows, dstate)
     sms = _sm_count(device)
     few_walks = walks < _WALKS_PER_SM * sms
     form = forced or ("parallel" if few_walks and nchunks < _SEGMENT_MIN_CHUNKS else "sequential")
@@ -1191,12 +1198,10 @@ def _pass_states(x, lam, w_end, V, seq_idx, start, states, end) -> None:
     if form == "sequential":
         seg_chunks = cdiv(nchunks, segments)
         segments = cdiv(nchunks, seg_chunks)  # none left empty (e.g. 10 chunks in 4 -> 3 x 3 + 1)
-        tile = _state_walk_options(rows, dstate)
-        walks = batch * ngroups * cdiv(rows, tile["BLOCK_M"]) * cdiv(dstate, tile["BLOCK_N"])
         # (segmented walks keep the 64-row tile their rule was measured with)
+        walks = _walks(batch * ngroups, rows, dstate) if segments == 1 else None
         opts = _launch(f"state_{direction}_fused",
-                       **_state_walk_options(rows, dstate, walks if segments == 1 else None,
-                                             nchunks, _sm_count(x.device)))
+                       **_state_walk_options(rows, dstate, walks, nchunks, _sm_count(x.device)))
         tiles = cdiv(rows, opts["BLOCK_M"]) * cdiv(dstate, opts["BLOCK_N"])
         seg_end = seg_decay = lam  # (unused with one segment)
         if segments > 1:  # where each segment but the last ends, and its decay
