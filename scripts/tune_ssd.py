@@ -108,10 +108,13 @@ KERNELS = {
     # 4 warps) and are latency-bound (ncu, session 6): maxnreg caps the registers (ptxas spills
     # the rest to L1-cached local memory) for 3 (168) or 4 (128) programs an SM. num_stages=1 is
     # left out: it never won here, and Triton 3.6 miscompiled it in bwd_dbdc (session 4).
-    # Z_FORM: d Lam's intra-chunk part from Zx = scores o (dy x^T) in fp32, one 16-bit product
-    # for dxt (2 of the 4 Q x Q products; 0 B of spills at cap 168 offline, session 19)
     "bwd_dx": ("_chunk_bwd_dx_kernel", dict(num_warps=(4, 8), num_stages=(2, 3), BLOCK_N=(32, 64),
-                                            maxnreg=(None, 168, 128), Z_FORM=(False, True))),
+                                            maxnreg=(None, 168, 128))),
+    # B3's flat form (MATMAMBA_SSD_BWD_DX=flat: tuned and timed with it forced, FORM_OF below):
+    # BLOCK_H heads a program
+    "bwd_dx_flat": ("_chunk_bwd_dx_flat_kernel", dict(num_warps=(4, 8), num_stages=(2, 3),
+                                                      BLOCK_H=(1, 2, 4), BLOCK_N=(32, 64),
+                                                      maxnreg=(None, 168, 128))),
     "bwd_dbdc": ("_chunk_bwd_dbdc_kernel", dict(num_warps=(4, 8), num_stages=(2, 3), BLOCK_N=(64, 128),
                                                 maxnreg=(None, 168, 128))),
     "finalize": ("_finalize_grads_kernel", dict(num_warps=(2, 4, 8), BLOCK=(512, 1024, 2048))),
@@ -125,17 +128,23 @@ _KERNEL_OF_LAUNCH = {("_state_pass_kernel", "REVERSE", False): "state_pass_fwd",
                      ("_state_walk_kernel", "REVERSE", True): "state_bwd_fused"}
 
 
-# Kernels that run in one state form only (triton_impl._state_form): their candidates are vetted
-# and timed with that form forced, whatever the shape's own choice.
-FORM_OF = {"chunk_state_fwd": "parallel", "chunk_dstate_bwd": "parallel",
-           "state_pass_fwd": "parallel", "state_pass_bwd": "parallel",
-           "state_fwd_fused": "sequential", "state_bwd_fused": "sequential"}
+# Kernels that run in one form only (the state form, triton_impl._state_form; B3's form,
+# triton_impl._bwd_dx_form): their candidates are vetted and timed with that form forced,
+# whatever the shape's own choice.
+FORM_OF = {"chunk_state_fwd": ("MATMAMBA_SSD_STATE", "parallel"),
+           "chunk_dstate_bwd": ("MATMAMBA_SSD_STATE", "parallel"),
+           "state_pass_fwd": ("MATMAMBA_SSD_STATE", "parallel"),
+           "state_pass_bwd": ("MATMAMBA_SSD_STATE", "parallel"),
+           "state_fwd_fused": ("MATMAMBA_SSD_STATE", "sequential"),
+           "state_bwd_fused": ("MATMAMBA_SSD_STATE", "sequential"),
+           "bwd_dx": ("MATMAMBA_SSD_BWD_DX", "head"),
+           "bwd_dx_flat": ("MATMAMBA_SSD_BWD_DX", "flat")}
 
 
 def form_of(kernel):
-    """A context in which ``kernel`` runs: its state form forced (if it has one)."""
+    """A context in which ``kernel`` runs: its form forced (if it has one)."""
     if kernel in FORM_OF:
-        return _environment("MATMAMBA_SSD_STATE", FORM_OF[kernel])
+        return _environment(*FORM_OF[kernel])
     return contextlib.nullcontext()
 
 
@@ -162,6 +171,9 @@ def parse_args(argv=None):
     p.add_argument("--other-forms", default="",
                    help="state forms (MATMAMBA_SSD_STATE: parallel, sequential) whose all-default "
                         "forward + backward is also timed, in this process ('' for none)")
+    p.add_argument("--other-bwd-dx", default="flat",
+                   help="B3 forms (MATMAMBA_SSD_BWD_DX: head, flat) whose all-default forward + "
+                        "backward is also timed, in this process ('' for none)")
     p.add_argument("--layout", default="contiguous", choices=LAYOUTS,
                    help="contiguous inputs, or the views and strided gradient outputs the block's "
                         "fused core passes (the other layout's all-default time is printed too)")
@@ -619,7 +631,8 @@ def main(argv=None):
                 print(f"     {kernel:<17} {args.layout} {base_kernels[kernel]:7.3f} ms   {other} "
                       f"{other_kernels.get(kernel, float('nan')):7.3f} ms", flush=True)
         for key, variable, values in (("other_chunks", "MATMAMBA_SSD_CHUNK", args.other_chunks),
-                                      ("other_forms", "MATMAMBA_SSD_STATE", args.other_forms)):
+                                      ("other_forms", "MATMAMBA_SSD_STATE", args.other_forms),
+                                      ("other_bwd_dx", "MATMAMBA_SSD_BWD_DX", args.other_bwd_dx)):
             entry[f"{key}_total_ms"], entry[f"{key}_kernels_ms"] = {}, {}
             for value in filter(None, values.split(",")):
                 if dry:
@@ -629,7 +642,9 @@ def main(argv=None):
                                                     args.warmup)
                 entry[f"{key}_total_ms"][value] = total
                 entry[f"{key}_kernels_ms"][value] = kernels_ms
-                print(f"   {variable}={value}: {total:.3f} ms", flush=True)
+                heaviest = sorted(kernels_ms.items(), key=lambda kv: -kv[1])[:4]
+                print(f"   {variable}={value}: {total:.3f} ms ("
+                      + ", ".join(f"{k} {ms:.3f}" for k, ms in heaviest) + ")", flush=True)
         best_all = {}
         for kernel in kernel_names:
             if time.perf_counter() - t_start > args.time_budget:

@@ -367,7 +367,7 @@ def test_tune_ssd_grid_replaces_only_the_named_options():
     cands = tune_ssd.candidates("bwd_dx", grids=grids)
     base = tune_ssd.KERNELS["bwd_dx"][1]
     assert {c["num_warps"] for c in cands} == {4} and {c["maxnreg"] for c in cands} == {128, None}
-    assert len(cands) == len(base["num_stages"]) * len(base["BLOCK_N"]) * len(base["Z_FORM"]) * 2
+    assert len(cands) == len(base["num_stages"]) * len(base["BLOCK_N"]) * 2
     assert tune_ssd.candidates("bwd_dbdc", grids=grids) == tune_ssd.candidates("bwd_dbdc")
     with pytest.raises(SystemExit, match="KERNEL one of"):
         tune_ssd.parse_grid(["no_such_kernel:num_warps=4"])

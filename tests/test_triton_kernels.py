@@ -24,8 +24,8 @@ TOL = 1e-4  # float32 against float64 (issue 3's target)
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("group", ["ssd_parallel", "ssd_sequential", "ssd_launch_options", "ssd_fp16", "ssd_packed", "conv1d",
-                                   "rmsnorm", "decode", "mixer", "dispatch"])
+@pytest.mark.parametrize("group", ["ssd_parallel", "ssd_sequential", "ssd_launch_options", "ssd_fp16", "ssd_flat",
+                                   "ssd_packed", "conv1d", "rmsnorm", "decode", "mixer", "dispatch"])
 def test_triton_kernels_under_interpreter(group):
     run_group(__file__, group)
 
@@ -244,12 +244,9 @@ def _ssd_fp16_group(failures: list) -> None:
     from matmamba.ops.ssd.naive import ssd_scan_naive
     from matmamba.ops.ssd.triton_impl import ssd_scan_triton
 
-    # (..., states stored in 16 bits, B3's Z form as a launch option)
-    cases = [(2, 300, 5, 24, 1, 128, True, False), (1, 200, 4, 64, 1, 128, True, False),
-             (2, 300, 5, 24, 1, 128, False, False), (2, 300, 5, 24, 1, 128, True, True)]
-    for b, l, h, p, g, n, states_16bit, z_form in cases:
+    cases = [(2, 300, 5, 24, 1, 128, True), (1, 200, 4, 64, 1, 128, True), (2, 300, 5, 24, 1, 128, False)]
+    for b, l, h, p, g, n, states_16bit in cases:
         triton_impl.STATES_IN_INPUT_DTYPE = states_16bit
-        triton_impl.LAUNCH_OVERRIDES["bwd_dx"] = dict(Z_FORM=z_form)
         gen = torch.Generator().manual_seed(l)
         rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
         ref = dict(x=rnd(b, l, h, p), dt=rnd(b, l, h) * 0.5,
@@ -268,13 +265,11 @@ def _ssd_fp16_group(failures: list) -> None:
         worst = max(v for k, v in errors.items() if k != "out")
         ok = worst <= 3 * errors["out"]
         triton_impl.STATES_IN_INPUT_DTYPE = True
-        triton_impl.LAUNCH_OVERRIDES.clear()
         print(f"{'ok  ' if ok else 'FAIL'} ssd fp16 b{b} l{l} h{h} p{p} n{n} states "
-              f"{'fp16' if states_16bit else 'fp32'}{' Z form' if z_form else ''} "
-              "(worst gradient <= 3x out): " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+              f"{'fp16' if states_16bit else 'fp32'} (worst gradient <= 3x out): "
+              + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
         if not ok:
-            failures.append(f"ssd fp16 b{b} l{l} h{h} p{p} states_16bit={states_16bit} "
-                            f"z_form={z_form}")
+            failures.append(f"ssd fp16 b{b} l{l} h{h} p{p} states_16bit={states_16bit}")
 
 
 def _ssd_launch_options_group(failures: list) -> None:
@@ -293,9 +288,6 @@ def _ssd_launch_options_group(failures: list) -> None:
         for form in ("parallel", "sequential"):
             # an initial state; several groups with packed sequences; two N blocks, no D or bias
             _ssd_group(form, failures, only=(0, 2, 3))
-        # B3's Z form: d Lam's intra-chunk part from Zx = scores o (dy x^T)
-        triton_impl.LAUNCH_OVERRIDES["bwd_dx"] = dict(BLOCK_N=16, Z_FORM=True)
-        _ssd_group("parallel", failures, only=(0, 2, 3))
         os.environ["MATMAMBA_SSD_STATE"] = "parallel"
         triton_impl.LAUNCH_OVERRIDES["state_pass_bwd"] = dict(BLOCK=3)  # not a power of 2
         import torch
@@ -310,6 +302,47 @@ def _ssd_launch_options_group(failures: list) -> None:
             print(f"ok   a bad override fails its launch: {type(exc).__name__}")
     finally:
         triton_impl.LAUNCH_OVERRIDES.clear()
+
+
+def _ssd_flat_group(failures: list) -> None:
+    """B3's flat form (MATMAMBA_SSD_BWD_DX=flat): the scan's cases with the decay factored; every
+    tile in the exact form (SPAN_LIMIT below any span); one head a tile and two with 16-wide N
+    steps; a case whose heads decay so fast that some tiles exceed the default limit and others
+    do not (one head a tile), in float32; then the fp16 rounding cases (the hi + lo bf16 products)."""
+    import torch
+
+    from matmamba.ops.ssd import triton_impl
+    from matmamba.ops.ssd.naive import ssd_scan_naive
+    from matmamba.ops.ssd.triton_impl import ssd_scan_triton
+
+    os.environ["MATMAMBA_SSD_BWD_DX"] = "flat"
+    try:
+        _ssd_group("parallel", failures)
+        for opts in (dict(SPAN_LIMIT=-1.0), dict(BLOCK_H=1), dict(BLOCK_H=2, BLOCK_N=16)):
+            triton_impl.LAUNCH_OVERRIDES["bwd_dx_flat"] = opts
+            print(f"     flat B3 launched with {opts}")
+            _ssd_group("parallel", failures, only=(0, 2, 3))
+        triton_impl.LAUNCH_OVERRIDES["bwd_dx_flat"] = dict(BLOCK_H=1)
+        os.environ["MATMAMBA_SSD_CHUNK"] = "64"
+        gen = torch.Generator().manual_seed(5)
+        b, l, h, p, n = 2, 150, 4, 24, 16
+        rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+        # per-step decays A dt' of about 0.05, 3, 0.5 and 6: spans over a chunk of 64 of about
+        # 3, 190, 30 and 380 (above and below the limit of 80)
+        inputs = dict(x=rnd(b, l, h, p).requires_grad_(), dt=(rnd(b, l, h).abs() * 0.1 + 0.5).requires_grad_(),
+                      A=torch.tensor([-0.1, -6.0, -1.0, -12.0], dtype=torch.float64).requires_grad_(),
+                      B=rnd(b, l, 1, n).requires_grad_(), C=rnd(b, l, 1, n).requires_grad_(),
+                      D=rnd(h).requires_grad_(), dt_bias=None, initial_state=rnd(b, h, p, n).requires_grad_(),
+                      seq_idx=None, dt_softplus=False, dt_limit=(0.0, math.inf), return_final_state=True)
+        spans = (inputs["A"].abs() * inputs["dt"].mean()).detach() * 63
+        assert spans.min() < triton_impl._FLAT_SPAN_LIMIT < spans.max(), spans
+        _compare(f"ssd[flat B3] b{b} l{l} h{h} p{p} n{n} Q64, spans {[round(v) for v in spans.tolist()]}",
+                 ssd_scan_triton, ssd_scan_naive, inputs, failures)
+        triton_impl.LAUNCH_OVERRIDES.clear()
+        _ssd_fp16_group(failures)
+    finally:
+        triton_impl.LAUNCH_OVERRIDES.clear()
+        del os.environ["MATMAMBA_SSD_BWD_DX"]
 
 
 def _conv_group(failures: list) -> None:
@@ -574,6 +607,7 @@ def _main(group: str) -> int:
         "ssd_sequential": _ssd_sequential_group,
         "ssd_launch_options": _ssd_launch_options_group,
         "ssd_fp16": _ssd_fp16_group,
+        "ssd_flat": _ssd_flat_group,
         "ssd_packed": _ssd_packed_group,
         "conv1d": _conv_group,
         "rmsnorm": _rmsnorm_group,
