@@ -102,7 +102,7 @@ def kernel_table(Q: int, block_p: int, block_n_full: int):
         "bwd_dx_flat": (ti._chunk_bwd_dx_flat_kernel,
                         dict(common, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, D_PER_CHANNEL=False,
                              SPAN_LIMIT=ti._FLAT_SPAN_LIMIT, EMULATE_BF16=False),
-                        ti._bwd_dx_flat_options(block_p, 64, bf16)),
+                        ti._bwd_dx_flat_options(block_p, 64)),
         "bwd_dbdc": (ti._chunk_bwd_dbdc_kernel, common,
                      ti._bwd_dbdc_options(Q, block_p, ti._bwd_dbdc_block_n(Q, block_n_full), bf16,
                                           several=True)),

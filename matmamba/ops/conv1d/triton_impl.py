@@ -258,6 +258,8 @@ def _conv_bwd_dx_kernel(
             dx += du * taps[shift][None, :]
             new_sums = new_sums + (dw_sums[shift] + tl.sum(x_s * du, axis=0),)
             if shift == 0:
+                # (keep matters in the initial state's launch: its one tile runs past s = 0 into
+                # positions whose du the other launch sums)
                 db_sum += tl.sum(tl.where(keep[:, None], du, 0.0), axis=0)
         dw_sums = new_sums
         tl.store(dx_ptr + b * s_dxb + (s - out_first_pos)[:, None] * s_dxl

@@ -974,10 +974,11 @@ def _chunk_bwd_dx_flat_kernel(
             r_hi, r_lo = _split_bf16(r)
             xs_hi, xs_lo = _split_bf16(xs)
             dys_hi, dys_lo = _split_bf16(dys)
-            y_intra = _dot_bf16(r_hi, xs_hi, y_inter * 0.0, EMULATE_BF16)
+            y_intra = _dot_bf16(r_hi, xs_hi, tl.zeros((Q, F), dtype=tl.float32), EMULATE_BF16)
             y_intra = _dot_bf16(r_lo, xs_hi, y_intra, EMULATE_BF16)
             y_intra = _dot_bf16(r_hi, xs_lo, y_intra, EMULATE_BF16)
-            dxt_intra = _dot_bf16(tl.trans(r_hi), dys_hi, y_inter * 0.0, EMULATE_BF16)
+            dxt_intra = _dot_bf16(tl.trans(r_hi), dys_hi, tl.zeros((Q, F), dtype=tl.float32),
+                                  EMULATE_BF16)
             dxt_intra = _dot_bf16(tl.trans(r_lo), dys_hi, dxt_intra, EMULATE_BF16)
             dxt_intra = _dot_bf16(tl.trans(r_hi), dys_lo, dxt_intra, EMULATE_BF16)
         y_ssd = y_intra * grow + y_inter
@@ -1306,7 +1307,7 @@ def _bwd_dx_options(Q: int, block_p: int, block_n_full: int, dot_dtype) -> dict:
                 maxnreg=_backward_register_cap(Q, block_p, dot_dtype))
 
 
-def _bwd_dx_flat_options(block_p: int, heads_per_group: int, dot_dtype) -> dict:
+def _bwd_dx_flat_options(block_p: int, heads_per_group: int) -> dict:
     # BLOCK_H heads a program, 128 columns (4 heads of 24 padded to 32, 2 of 64); not yet tuned
     block_h = min(_pow2(heads_per_group, 1), max(1, 128 // block_p))
     return dict(BLOCK_H=block_h, BLOCK_N=32, num_stages=2, num_warps=8,
@@ -1612,7 +1613,7 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
                     HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None,
                     DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec)
     if _bwd_dx_form() == "flat":
-        opts = _launch("bwd_dx_flat", **_bwd_dx_flat_options(block_p, heads_per_group, dot_dtype))
+        opts = _launch("bwd_dx_flat", **_bwd_dx_flat_options(block_p, heads_per_group))
         tiles = cdiv(heads_per_group, opts["BLOCK_H"])
         launch(_chunk_bwd_dx_flat_kernel, (batch * ngroups * tiles, nchunks), *b3_args, **b3_flags,
                EMULATE_BF16=os.environ.get("TRITON_INTERPRET") == "1", **opts)
