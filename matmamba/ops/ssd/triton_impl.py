@@ -116,7 +116,8 @@ _PACK_MAX_TOKENS = 4096
 
 # B3's two forms (the flat one: B3's outputs for several heads a program, the decay factored;
 # see above _chunk_bwd_dx_flat_kernel), MATMAMBA_SSD_BWD_DX = "head" (default) or "flat". The flat
-# form is new (session 20) and waits for its GPU timing before it can become the default.
+# form (session 20) measured 4-5% slower than the per-head kernel at its best launch options
+# (H100, docs/performance.md session 20), so it is opt-in.
 _BWD_DX_FORMS = ("head", "flat")
 # Where a tile's largest span of Lam over a chunk is above this, the flat form computes the tile
 # the exact way (the factors exp(+-span / 2) would leave fp32's range for small dy).
@@ -1308,9 +1309,11 @@ def _bwd_dx_options(Q: int, block_p: int, block_n_full: int, dot_dtype) -> dict:
 
 
 def _bwd_dx_flat_options(block_p: int, heads_per_group: int) -> dict:
-    # BLOCK_H heads a program, 128 columns (4 heads of 24 padded to 32, 2 of 64); not yet tuned
-    block_h = min(_pow2(heads_per_group, 1), max(1, 128 // block_p))
-    return dict(BLOCK_H=block_h, BLOCK_N=32, num_stages=2, num_warps=8,
+    # 64 columns a program (2 heads of 24, padded to 32), 4 warps: the best of 6 on the H100
+    # (session 20, b8 l2048 h64 p24: 0.509 ms; 1 head 0.735, 4 heads 2.237; 8 warps 0.821 -
+    # 1.378), against the per-head B3's 0.488 ms in the same run. Register caps untried.
+    block_h = min(_pow2(heads_per_group, 1), max(1, 64 // block_p))
+    return dict(BLOCK_H=block_h, BLOCK_N=32, num_stages=2, num_warps=4,
                 SPAN_LIMIT=_FLAT_SPAN_LIMIT)
 
 
