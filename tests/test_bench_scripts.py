@@ -375,6 +375,25 @@ def test_tune_ssd_grid_replaces_only_the_named_options():
         tune_ssd.parse_grid(["bwd_dx:num_warps=four"])
 
 
+def test_tune_ssd_runs_each_kernel_in_its_own_form(monkeypatch):
+    """A kernel of one form only is vetted and timed with that form forced (the state form, or
+    B3's per-head / flat form), whatever the environment says; the opt-in flat B3 is tuned only
+    when named."""
+    import tune_ssd
+
+    monkeypatch.setenv("MATMAMBA_SSD_BWD_DX", "flat")
+    with tune_ssd.form_of("bwd_dx"):
+        assert os.environ["MATMAMBA_SSD_BWD_DX"] == "head"
+    assert os.environ["MATMAMBA_SSD_BWD_DX"] == "flat"
+    monkeypatch.delenv("MATMAMBA_SSD_BWD_DX")
+    with tune_ssd.form_of("bwd_dx_flat"), tune_ssd.form_of("state_fwd_fused"):
+        assert os.environ["MATMAMBA_SSD_BWD_DX"] == "flat"
+        assert os.environ["MATMAMBA_SSD_STATE"] == "sequential"
+    assert "MATMAMBA_SSD_BWD_DX" not in os.environ
+    kernels = tune_ssd.parse_args([]).kernels.split(",")
+    assert "bwd_dx_flat" not in kernels and "bwd_dx" in kernels
+
+
 @pytest.mark.slow  # ~25 s of offline compiles on 2 cores: run with -m slow
 def test_kernel_regs_compiles_the_gated_norms_backward_at_four_programs_an_sm():
     """kernel_regs.py also compiles the conv's and the gated norm's kernels as the block launches
