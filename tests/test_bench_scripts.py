@@ -390,8 +390,11 @@ def test_tune_ssd_runs_each_kernel_in_its_own_form(monkeypatch):
         assert os.environ["MATMAMBA_SSD_BWD_DX"] == "flat"
         assert os.environ["MATMAMBA_SSD_STATE"] == "sequential"
     assert "MATMAMBA_SSD_BWD_DX" not in os.environ
+    with tune_ssd.form_of("bwd_dbdc_flat"):
+        assert os.environ["MATMAMBA_SSD_BWD_DBDC"] == "flat"
     kernels = tune_ssd.parse_args([]).kernels.split(",")
-    assert "bwd_dx_flat" not in kernels and "bwd_dx" in kernels
+    assert "bwd_dx_flat" not in kernels and "bwd_dbdc_flat" not in kernels
+    assert "bwd_dx" in kernels and "bwd_dbdc" in kernels
 
 
 @pytest.mark.slow  # ~25 s of offline compiles on 2 cores: run with -m slow

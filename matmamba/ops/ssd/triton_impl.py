@@ -114,22 +114,32 @@ _PACK_MIN_SAVING = 0.15
 _PACK_MAX_TOKENS = 4096
 
 
-# B3's two forms (the flat one: B3's outputs for several heads a program, the decay factored;
-# see above _chunk_bwd_dx_flat_kernel), MATMAMBA_SSD_BWD_DX = "head" (default) or "flat". The flat
-# form (session 20) measured 4-5% slower than the per-head kernel at its best launch options
-# (H100, docs/performance.md session 20), so it is opt-in.
-_BWD_DX_FORMS = ("head", "flat")
+# B3's and B4's two forms (the flat ones: several heads a program, the decay factored; see above
+# _chunk_bwd_dx_flat_kernel and _chunk_bwd_dbdc_flat_kernel), MATMAMBA_SSD_BWD_DX and
+# MATMAMBA_SSD_BWD_DBDC = "head" (default) or "flat". Flat B3 (session 20) measured 4-5% slower
+# than the per-head kernel at its best launch options (H100, docs/performance.md session 20);
+# flat B4 (session 20) is not yet timed. Both are opt-in.
+_BWD_FORMS = ("head", "flat")
 # Where a tile's largest span of Lam over a chunk is above this, the flat form computes the tile
 # the exact way (the factors exp(+-span / 2) would leave fp32's range for small dy).
 _FLAT_SPAN_LIMIT = 80.0
 
 
+def _bwd_form(variable: str) -> str:
+    value = os.environ.get(variable, "head").strip().lower() or "head"
+    if value not in _BWD_FORMS:
+        raise ValueError(f"{variable} must be one of {', '.join(_BWD_FORMS)}; got {value!r}")
+    return value
+
+
 @torch.compiler.assume_constant_result  # under torch.compile: read once per trace
 def _bwd_dx_form() -> str:
-    value = os.environ.get("MATMAMBA_SSD_BWD_DX", "head").strip().lower() or "head"
-    if value not in _BWD_DX_FORMS:
-        raise ValueError(f"MATMAMBA_SSD_BWD_DX must be one of {', '.join(_BWD_DX_FORMS)}; got {value!r}")
-    return value
+    return _bwd_form("MATMAMBA_SSD_BWD_DX")
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: read once per trace
+def _bwd_dbdc_form() -> str:
+    return _bwd_form("MATMAMBA_SSD_BWD_DBDC")
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: read once per trace
@@ -1138,6 +1148,139 @@ def _chunk_bwd_dbdc_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# B4, flat: B4's dB and dC partials with its W = sum_h L^h o (dy^h xt^h^T) factored as in B3's
+# flat form: W_ts = sum over the group's columns f of (grow_t dy_t)[f] (shrink_s xt_s)[f] for
+# s <= t, one (Q x BLOCK_H P) @ (BLOCK_H P x Q) product a tile of BLOCK_H heads instead of a Q x Q
+# exp and product a head. W only feeds dB and dC (rounded to 16 bits for W B and W^T C, as in
+# B4), so with bf16 inputs the factored operands go in rounded once; fp16 inputs take hi + lo bf16
+# parts (bf16's range holds the factors, its 8 bits alone would cost fp16's precision); fp32, fp32
+# products. Tiles whose span of Lam exceeds SPAN_LIMIT take B4's exact per-head form.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_bwd_dbdc_flat_kernel(
+    x_ptr, B_ptr, C_ptr, seq_ptr, dy_ptr, H0_ptr, G_ptr, dtp_ptr, lam_ptr,
+    dB_part_ptr, dC_part_ptr,
+    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, tiles_per_split,
+    s_xb, s_xl, s_xh, s_xp,
+    s_bb, s_bl, s_bg, s_bn,
+    s_cb, s_cl, s_cg, s_cn,
+    s_dyb, s_dyl, s_dyh, s_dyp,
+    s_seqb, s_seql,
+    Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SEQ: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    SPAN_LIMIT: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    F: tl.constexpr = BLOCK_H * BLOCK_P
+    c = tl.program_id(1)
+    bg = tl.program_id(0)
+    pid_ns = tl.program_id(2)
+    nchunks = tl.num_programs(1)
+    n_blocks = tl.cdiv(dstate, BLOCK_N)
+    pid_n = pid_ns % n_blocks
+    split = pid_ns // n_blocks
+    b = bg // ngroups
+    g = bg % ngroups
+    offs_q = tl.arange(0, Q)
+    t_idx = c * Q + offs_q
+    valid = t_idx < seqlen
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < dstate
+    qn_mask = valid[:, None] & n_mask[None, :]
+    offs_hb = tl.arange(0, BLOCK_H)
+    offs_f = tl.arange(0, F)
+    pair_ok = offs_q[:, None] >= offs_q[None, :]
+    from_start_ok = valid
+    to_end_ok = valid
+    if HAS_SEQ:
+        seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
+                                              seqlen, Q)
+        from_start_ok = from_start_ok & (seq_t == seq_prev)
+        to_end_ok = to_end_ok & (seq_t == seq_end)
+
+    w_acc = tl.zeros((Q, Q), dtype=tl.float32)
+    dc_acc = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
+    group_end = (g + 1) * heads_per_group
+    first_tile = split * tiles_per_split
+    last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(heads_per_group, BLOCK_H))
+    for tile in range(first_tile, last_tile):
+        first = g * heads_per_group + tile * BLOCK_H
+        h_ok = first + offs_hb < group_end
+        heads = tl.minimum(first + offs_hb, nheads - 1)
+        f_head = first + offs_f // BLOCK_P
+        f_p = offs_f % BLOCK_P
+        f_ok = (f_head < group_end) & (f_p < headdim)
+        f_head = tl.minimum(f_head, nheads - 1)
+        tile_mask = valid[:, None] & f_ok[None, :]
+        rows = (b * nheads + heads)[None, :] * padded_len + t_idx[:, None]      # (Q, BLOCK_H)
+        lam = tl.load(lam_ptr + rows, mask=h_ok[None, :], other=0.0)
+        dtp = tl.load(dtp_ptr + rows, mask=h_ok[None, :], other=0.0)
+        lam_end = tl.load(lam_ptr + (b * nheads + heads) * padded_len + c * Q + Q - 1,
+                          mask=h_ok, other=0.0)
+        from_start = _per_column(tl.where(from_start_ok[:, None], tl.exp(lam), 0.0), Q, BLOCK_H,
+                                 BLOCK_P)
+        to_end = _per_column(tl.where(to_end_ok[:, None], tl.exp(lam_end[None, :] - lam), 0.0), Q,
+                             BLOCK_H, BLOCK_P)
+        x_tile = tl.load(x_ptr + b * s_xb + t_idx[:, None] * s_xl + f_head[None, :] * s_xh
+                         + f_p[None, :] * s_xp, mask=tile_mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + b * s_dyb + t_idx[:, None] * s_dyl + f_head[None, :] * s_dyh
+                     + f_p[None, :] * s_dyp, mask=tile_mask, other=0.0).to(tl.float32)
+        xt = x_tile * _per_column(dtp, Q, BLOCK_H, BLOCK_P)
+        lam_hi = tl.max(lam, axis=0)
+        lam_lo = tl.min(lam, axis=0)
+        if tl.max(lam_hi - lam_lo, axis=0) <= SPAN_LIMIT:
+            ref = (lam_hi + lam_lo) * 0.5
+            dys = dy * _per_column(tl.exp(lam - ref[None, :]), Q, BLOCK_H, BLOCK_P)
+            xs = xt * _per_column(tl.exp(ref[None, :] - lam), Q, BLOCK_H, BLOCK_P)
+            if DOT_DTYPE == tl.float32:
+                w_acc = tl.dot(dys, tl.trans(xs), acc=w_acc, input_precision="ieee")
+            elif DOT_DTYPE == tl.bfloat16:
+                w_acc = _dot_bf16(dys.to(tl.bfloat16), tl.trans(xs.to(tl.bfloat16)), w_acc,
+                                  EMULATE_BF16)
+            else:
+                dys_hi, dys_lo = _split_bf16(dys)
+                xs_hi, xs_lo = _split_bf16(xs)
+                w_acc = _dot_bf16(dys_hi, tl.trans(xs_hi), w_acc, EMULATE_BF16)
+                w_acc = _dot_bf16(dys_lo, tl.trans(xs_hi), w_acc, EMULATE_BF16)
+                w_acc = _dot_bf16(dys_hi, tl.trans(xs_lo), w_acc, EMULATE_BF16)
+        else:
+            # the exact form, head by head (B4's own terms, each from its head's columns)
+            for j in tl.static_range(BLOCK_H):
+                lam_j = tl.sum(tl.where(offs_hb[None, :] == j, lam, 0.0), axis=1)
+                seg = tl.where(pair_ok, lam_j[:, None] - lam_j[None, :], float("-inf"))
+                cols_j = (offs_f // BLOCK_P == j)[None, :]
+                dy_xt = tl.dot(tl.where(cols_j, dy, 0.0).to(DOT_DTYPE),
+                               tl.trans(xt).to(DOT_DTYPE), input_precision=DOT_PREC)
+                w_acc += tl.exp(seg) * dy_xt
+        state_rows = (b * nchunks + c) * nheads * headdim + f_head * headdim + f_p
+        fn_mask = f_ok[:, None] & n_mask[None, :]
+        state_offs = state_rows[:, None] * dstate + offs_n[None, :]             # (F, N)
+        h0 = tl.load(H0_ptr + state_offs, mask=fn_mask, other=0.0)
+        g_st = tl.load(G_ptr + state_offs, mask=fn_mask, other=0.0)
+        dc_acc += tl.dot((dy * from_start).to(DOT_DTYPE), h0.to(DOT_DTYPE), input_precision=DOT_PREC)
+        db_acc += tl.dot((xt * to_end).to(DOT_DTYPE), g_st.to(DOT_DTYPE), input_precision=DOT_PREC)
+
+    # W's pairs t < s: 0 (the factored products leave exp(Lam_t - Lam_s) >= 1 there, possibly
+    # overflowed: dropped, never summed into anything)
+    w_acc = tl.where(pair_ok, w_acc, 0.0)
+    if HAS_SEQ:
+        w_acc = tl.where(seq_t[:, None] == seq_t[None, :], w_acc, 0.0)
+    b_tile = tl.load(B_ptr + b * s_bb + g * s_bg + t_idx[:, None] * s_bl + offs_n[None, :] * s_bn,
+                     mask=qn_mask, other=0.0)
+    c_tile = tl.load(C_ptr + b * s_cb + g * s_cg + t_idx[:, None] * s_cl + offs_n[None, :] * s_cn,
+                     mask=qn_mask, other=0.0)
+    w_low = w_acc.to(DOT_DTYPE)
+    dc_acc += tl.dot(w_low, b_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
+    db_acc += tl.dot(tl.trans(w_low), c_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
+    base = (((split * (tl.num_programs(0) // ngroups) + b) * seqlen + t_idx[:, None]) * ngroups
+            + g) * dstate + offs_n[None, :]
+    tl.store(dB_part_ptr + base, db_acc, mask=qn_mask)
+    tl.store(dC_part_ptr + base, dc_acc, mask=qn_mask)
+
+
+# ----------------------------------------------------------------------------------------------
 # B5: the backward's last step, one launch: dB, dC = the sums of B4's head splits, written in the
 # inputs' dtype (into any strides); dA, dD, d dt_bias = B3's per-(b, chunk) partials summed over
 # b and chunks. Programs below n_elem_programs take BLOCK elements of dB and dC each; program
@@ -1549,6 +1692,61 @@ def _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, device) -> 
     return max(1, min(heads_per_group, cdiv(4 * _sm_count(device), programs)))
 
 
+def _bwd_dbdc_head(x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, has_seq, s_seq, Q,
+                   padded_len, block_p, block_n_full, dot_dtype, dot_prec):
+    """B4, per group, its heads one after another: -> (dB partials, dC partials, splits)."""
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    heads_per_group = nheads // ngroups
+    nchunks = entering.shape[1]
+    block_n = _launch("bwd_dbdc", BLOCK_N=_bwd_dbdc_block_n(Q, block_n_full))["BLOCK_N"]
+    n_blocks = cdiv(dstate, block_n)
+    splits = _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, x.device)
+    heads_per_split = cdiv(heads_per_group, splits)
+    splits = cdiv(heads_per_group, heads_per_split)
+    opts = _launch("bwd_dbdc", **_bwd_dbdc_options(Q, block_p, block_n, dot_dtype,
+                                                   several=heads_per_split > 1))
+    dB_part = torch.empty(splits, batch, seqlen, ngroups, dstate, device=x.device,
+                          dtype=torch.float32)
+    dC_part = torch.empty_like(dB_part)
+    launch(_chunk_bwd_dbdc_kernel, (batch * ngroups, nchunks, n_blocks * splits),
+        x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, dB_part, dC_part,
+        seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, heads_per_split,
+        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *s_seq,
+        Q=Q, BLOCK_P=block_p, HAS_SEQ=has_seq, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
+    return dB_part, dC_part, splits
+
+
+def _bwd_dbdc_flat(x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, has_seq, s_seq, Q,
+                   padded_len, block_p, block_n_full, dot_dtype, dot_prec):
+    """B4's flat form: tiles of BLOCK_H heads, split over programs like B4's heads."""
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    heads_per_group = nheads // ngroups
+    nchunks = entering.shape[1]
+    # not yet timed: 128 columns (4 heads of 24, padded to 32), B4's N block, 8 warps. Offline
+    # (Triton 3.6, sm_90a, factored path): ~510 instructions a warp a head against B4's ~1000,
+    # but 255 registers and 149 KB of shared memory, one program an SM
+    opts = _launch("bwd_dbdc_flat", BLOCK_H=min(_pow2(heads_per_group, 1), max(1, 128 // block_p)),
+                   BLOCK_N=_bwd_dbdc_block_n(Q, block_n_full), num_warps=8, num_stages=2,
+                   SPAN_LIMIT=_FLAT_SPAN_LIMIT)
+    n_blocks = cdiv(dstate, opts["BLOCK_N"])
+    tiles = cdiv(heads_per_group, opts["BLOCK_H"])
+    splits = _head_splits(batch, nchunks, ngroups, tiles, n_blocks, x.device)
+    tiles_per_split = cdiv(tiles, splits)
+    splits = cdiv(tiles, tiles_per_split)
+    dB_part = torch.empty(splits, batch, seqlen, ngroups, dstate, device=x.device,
+                          dtype=torch.float32)
+    dC_part = torch.empty_like(dB_part)
+    launch(_chunk_bwd_dbdc_flat_kernel, (batch * ngroups, nchunks, n_blocks * splits),
+        x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, dB_part, dC_part,
+        seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, tiles_per_split,
+        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *s_seq,
+        Q=Q, BLOCK_P=block_p, HAS_SEQ=has_seq, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
+        EMULATE_BF16=os.environ.get("TRITON_INTERPRET") == "1", **opts)
+    return dB_part, dC_part, splits
+
+
 def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=None, pack=1):
     """Launch the backward. ``out`` may hold tensors (any strides) to write "dx", "ddt", "dB",
     "dC" into instead of allocating them (then the returned entries are those tensors). ``pack``:
@@ -1625,21 +1823,10 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
                **_launch("bwd_dx", **_bwd_dx_options(Q, block_p, block_n_full, dot_dtype)))
 
     # B4: per group
-    block_n_bc = _launch("bwd_dbdc", BLOCK_N=_bwd_dbdc_block_n(Q, block_n_full))["BLOCK_N"]
-    n_blocks = cdiv(dstate, block_n_bc)
-    splits = _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, dev)
-    heads_per_split = cdiv(heads_per_group, splits)
-    splits = cdiv(heads_per_group, heads_per_split)
-    opts = _launch("bwd_dbdc", **_bwd_dbdc_options(Q, block_p, block_n_bc, dot_dtype,
-                                                   several=heads_per_split > 1))
-    dB_part = torch.empty(splits, batch, seqlen, ngroups, dstate, device=dev, dtype=torch.float32)
-    dC_part = torch.empty_like(dB_part)
-    launch(_chunk_bwd_dbdc_kernel, (batch * ngroups, nchunks, n_blocks * splits),
-        x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, dB_part, dC_part,
-        seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, heads_per_split,
-        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *s_seq,
-        Q=Q, BLOCK_P=block_p, HAS_SEQ=seq_idx is not None,
-        DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
+    b4 = _bwd_dbdc_flat if _bwd_dbdc_form() == "flat" else _bwd_dbdc_head
+    dB_part, dC_part, splits = b4(x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam,
+                                  seq_idx is not None, s_seq, Q, padded_len, block_p,
+                                  block_n_full, dot_dtype, dot_prec)
 
     # B5: head splits summed into dB, dC; per-chunk partials into dA, dD, d dt_bias
     dB = out["dB"] if "dB" in out else torch.empty(B.shape, device=dev, dtype=B.dtype)
