@@ -41,6 +41,10 @@ Backward (five launches; four in the sequential form, which fuses B1 and B2)::
     B5  dB, dC summed over B4's head splits (in the inputs' dtype); dA, dD, d dt_bias over
         B3's per-(b, chunk) partials
 
+B3 and B4 also come in a flat form (MATMAMBA_SSD_BWD_DX / MATMAMBA_SSD_BWD_DBDC = flat, opt-in):
+several heads a program, L_ts factored as exp(Lam_t - r) exp(r - Lam_s) so that the heads share
+one Q x Q tile (the comments above _chunk_bwd_dx_flat_kernel and _chunk_bwd_dbdc_flat_kernel).
+
 The identity behind dLam: Lam_t multiplies every term that C_t reads (so dLam_t gets C_t . dC_t,
 which is dy_t . y'_t) and divides every term that xt_t writes (so it loses xt_t . dxt_t); the
 chunk's end decay scales the whole leaving state, hence <G, H_end>. Written with the Q x Q matrix
