@@ -592,6 +592,7 @@ def check_long_bf16(dev):
 
     h, p, n = 64, 24, 128
     for b, l in ((1, 16384), (4, 8192), (8, 2048)):
+        op = f"ssd_scan {b}x{l // 1024}K"
         try:
             gen = torch.Generator(device=dev).manual_seed(7)
             x = torch.randn(b, l, h, p, device=dev, generator=gen)
@@ -619,12 +620,12 @@ def check_long_bf16(dev):
             names = ["dx", "ddt", "dB", "dC", "dA", "dD", "ddt_bias"]
             errors = {"out": rel_err(y, y_r), "final": rel_err(fs, fs_r)}
             errors.update({nm: rel_err(g_, r_) for nm, g_, r_ in zip(names, grads, grads_r)})
-            record(f"ssd_scan {b * l // 1024}K", "bf16",
+            record(op, "bf16",
                    f"b{b} l{l} h{h} p{p} n{n} vs torch fp32 (finite={finite})",
                    errors, 1e-2 if finite else -1.0)
             del x, dt, B, C, low, grads, ref_in, y_r, fs_r, grads_r
         except Exception as error:  # noqa: BLE001
-            record_failure(f"ssd_scan b{b} l{l}", "bf16", error)
+            record_failure(op, "bf16", error)
 
     try:
         from matmamba import MatMamba2

@@ -133,9 +133,9 @@ _KERNEL_OF_LAUNCH = {("_state_pass_kernel", "REVERSE", False): "state_pass_fwd",
                      ("_state_walk_kernel", "REVERSE", True): "state_bwd_fused"}
 
 
-# Kernels that run in one form only (the state form, triton_impl._state_form; B3's form,
-# triton_impl._bwd_dx_form): their candidates are vetted and timed with that form forced,
-# whatever the shape's own choice.
+# Kernels that run in one form only (the state form, triton_impl._state_form; B3's and B4's
+# forms, triton_impl._bwd_dx_form / _bwd_dbdc_form): their candidates are vetted and timed with
+# that form forced, whatever the shape's own choice.
 FORM_OF = {"chunk_state_fwd": ("MATMAMBA_SSD_STATE", "parallel"),
            "chunk_dstate_bwd": ("MATMAMBA_SSD_STATE", "parallel"),
            "state_pass_fwd": ("MATMAMBA_SSD_STATE", "parallel"),

@@ -377,8 +377,8 @@ def test_tune_ssd_grid_replaces_only_the_named_options():
 
 def test_tune_ssd_runs_each_kernel_in_its_own_form(monkeypatch):
     """A kernel of one form only is vetted and timed with that form forced (the state form, or
-    B3's per-head / flat form), whatever the environment says; the opt-in flat B3 is tuned only
-    when named."""
+    B3's or B4's per-head / flat form), whatever the environment says; the opt-in flat kernels
+    are tuned only when named."""
     import tune_ssd
 
     monkeypatch.setenv("MATMAMBA_SSD_BWD_DX", "flat")

@@ -328,8 +328,8 @@ def _ssd_flat_group(failures: list) -> None:
         gen = torch.Generator().manual_seed(5)
         b, l, h, p, n = 2, 150, 4, 24, 16
         rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
-        # per-step decays A dt' of about 0.05, 3, 0.5 and 6: spans over a chunk of 64 of about
-        # 3, 190, 30 and 380 (above and below the limit of 80)
+        # per-step decays A dt' of about 0.06, 3.5, 0.6 and 7 (dt' averages 0.58): spans over a
+        # chunk of 64 of about 4, 220, 37 and 440 (above and below the limit of 80)
         inputs = dict(x=rnd(b, l, h, p).requires_grad_(), dt=(rnd(b, l, h).abs() * 0.1 + 0.5).requires_grad_(),
                       A=torch.tensor([-0.1, -6.0, -1.0, -12.0], dtype=torch.float64).requires_grad_(),
                       B=rnd(b, l, 1, n).requires_grad_(), C=rnd(b, l, 1, n).requires_grad_(),

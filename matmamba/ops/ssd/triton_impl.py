@@ -129,6 +129,12 @@ _BWD_FORMS = ("head", "flat")
 _FLAT_SPAN_LIMIT = 80.0
 
 
+def _interpreting() -> bool:
+    """Whether the kernels run under the Triton interpreter (its bf16 products are wrong: the flat
+    forms then widen their bf16 operands, ``_dot_bf16``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _bwd_form(variable: str) -> str:
     value = os.environ.get(variable, "head").strip().lower() or "head"
     if value not in _BWD_FORMS:
@@ -298,6 +304,22 @@ def _discretize_dt(dt_raw_ptrs, bias_ptr, h, mask, HAS_BIAS: tl.constexpr,
         val = pre
     val = tl.minimum(tl.maximum(val, dt_lo), dt_hi)
     return tl.where(mask, val, 0.0), pre
+
+
+@triton.jit
+def _dt_backward(d_dtp, dt_raw_ptrs, bias_ptr, h, mask, HAS_BIAS: tl.constexpr,
+                 SOFTPLUS: tl.constexpr, dt_lo, dt_hi):
+    """d dt' -> d of the raw dt (and so of dt_bias): back through the clamp (0 where it clipped)
+    and softplus (its derivative sigmoid(pre), 1 above softplus's linear threshold of 20); 0 where
+    ``mask`` is False."""
+    _, pre = _discretize_dt(dt_raw_ptrs, bias_ptr, h, mask, HAS_BIAS, SOFTPLUS, dt_lo, dt_hi)
+    if SOFTPLUS:
+        sp = _softplus(pre)
+        d_pre = tl.where(pre > 20.0, d_dtp, d_dtp / (1.0 + tl.exp(-pre)))
+    else:
+        sp = pre
+        d_pre = d_dtp
+    return tl.where((sp >= dt_lo) & (sp <= dt_hi) & mask, d_pre, 0.0)
 
 
 @triton.jit
@@ -771,23 +793,23 @@ def _chunk_bwd_dx_kernel(
     # Intra-chunk: the one Q x Q tile, scores = CB o L, feeds two products, each accumulated
     # onto its state term: dxt = scores^T dy + dxt_state and the scan's own output
     # y' = (scores o dt') x + y_inter (without D x).
-    cb_tile = CB_ptr + ((b * nchunks + c) * ngroups + g) * Q * Q
-    cb = tl.load(cb_tile + offs_q[:, None] * Q + offs_q[None, :])
+    cb = tl.load(CB_ptr + ((b * nchunks + c) * ngroups + g) * Q * Q
+                 + offs_q[:, None] * Q + offs_q[None, :])
     seg = tl.where(pair_ok, lam[:, None] - lam[None, :], float("-inf"))
-    scores = cb * tl.exp(seg)                                               # [t, s]
+    scores = cb * tl.exp(seg)                                                   # [t, s]
     dxt = _dot_fp32_lhs(tl.trans(scores), dy_low, dxt_state, DOT_DTYPE, DOT_PREC)
     y_ssd = _dot_fp32_lhs(scores * dtp[None, :], x_low, y_inter, DOT_DTYPE, DOT_PREC)
+
     # d Lam_t = dy_t . y'_t - xt_t . dxt_t (module docstring: the rowsum(Z) - colsum(Z) of the
-    # Q x Q Z_ts = scores_ts (dy_t . xt_s) without forming Z, which took two more Q x Q fp32
-    # tiles beside scores); x_t . dxt_t serves d dt'_t as well.
-    # (Session 11: scores split into hi + lo once, shared by both products, with xt split on
-    # the y side instead of a second Q x Q split: 0.486 -> 0.508 ms on the H200, dropped.
-    # The Z form, d Lam's intra part from Zx = scores o (dy x^T) in fp32 with the Q x Q tiles
-    # held transposed (2 products instead of 4), was timed on the H100 in session 20 and lost:
-    # 0.539 against 0.482 ms at the 128-register cap, level at cap 168; removed.)
+    # Q x Q Z_ts = scores_ts (dy_t . xt_s) without forming Z, which took two more Q x Q fp32 tiles
+    # beside scores), then d a_s = sum_{t >= s} d Lam_t; x_t . dxt_t serves d dt'_t as well.
+    # (Session 11: scores split into hi + lo once, shared by both products, with xt split on the
+    # y side instead of a second Q x Q split: 0.486 -> 0.508 ms on the H200, dropped. The Z form,
+    # d Lam's intra part from Zx = scores o (dy x^T) in fp32 with the Q x Q tiles held transposed
+    # (2 products instead of 4), was timed on the H100 in session 20 and lost: 0.539 against
+    # 0.482 ms at the 128-register cap, level at cap 168; removed.)
     x_dxt = tl.sum(x_tile * dxt, axis=1)
     d_lam = tl.sum(dy * y_ssd, axis=1) - dtp * x_dxt
-    # then d a_s = sum_{t >= s} d Lam_t
     d_lam += tl.where(offs_q == Q - 1, leaving, 0.0)
     d_a = tl.sum(d_lam, axis=0) - tl.cumsum(d_lam, axis=0) + d_lam
 
@@ -807,16 +829,8 @@ def _chunk_bwd_dx_kernel(
     tl.store(dx_ptr + b * s_dxb + h * s_dxh + t_idx[:, None] * s_dxl + offs_p[None, :] * s_dxp,
              dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
 
-    # Through clamp and softplus back to the raw dt (and dt_bias).
-    dtp_again, pre = _discretize_dt(dt_ptr + b * s_dtb + h * s_dth + t_idx * s_dtl,
-                                    dt_bias_ptr, h, valid, HAS_BIAS, SOFTPLUS, dt_lo, dt_hi)
-    if SOFTPLUS:
-        sp = _softplus(pre)
-        d_pre = tl.where(pre > 20.0, d_dtp, d_dtp / (1.0 + tl.exp(-pre)))
-    else:
-        sp = pre
-        d_pre = d_dtp
-    d_pre = tl.where((sp >= dt_lo) & (sp <= dt_hi) & valid, d_pre, 0.0)
+    d_pre = _dt_backward(d_dtp, dt_ptr + b * s_dtb + h * s_dth + t_idx * s_dtl, dt_bias_ptr, h,
+                         valid, HAS_BIAS, SOFTPLUS, dt_lo, dt_hi)
     tl.store(ddt_ptr + b * s_ddtb + h * s_ddth + t_idx * s_ddtl,
              d_pre.to(ddt_ptr.dtype.element_ty), mask=valid)
     if HAS_BIAS:
@@ -1037,19 +1051,9 @@ def _chunk_bwd_dx_flat_kernel(
     tl.store(dx_ptr + b * s_dxb + t_idx[:, None] * s_dxl + f_head[None, :] * s_dxh
              + f_p[None, :] * s_dxp, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
 
-    # Through clamp and softplus back to the raw dt (and dt_bias).
     th_mask = valid[:, None] & h_ok[None, :]
-    dtp_again, pre = _discretize_dt(dt_ptr + b * s_dtb + heads[None, :] * s_dth
-                                    + t_idx[:, None] * s_dtl,
-                                    dt_bias_ptr, heads[None, :], th_mask, HAS_BIAS, SOFTPLUS,
-                                    dt_lo, dt_hi)
-    if SOFTPLUS:
-        sp = _softplus(pre)
-        d_pre = tl.where(pre > 20.0, d_dtp, d_dtp / (1.0 + tl.exp(-pre)))
-    else:
-        sp = pre
-        d_pre = d_dtp
-    d_pre = tl.where((sp >= dt_lo) & (sp <= dt_hi) & th_mask, d_pre, 0.0)
+    d_pre = _dt_backward(d_dtp, dt_ptr + b * s_dtb + heads[None, :] * s_dth + t_idx[:, None] * s_dtl,
+                         dt_bias_ptr, heads[None, :], th_mask, HAS_BIAS, SOFTPLUS, dt_lo, dt_hi)
     tl.store(ddt_ptr + b * s_ddtb + heads[None, :] * s_ddth + t_idx[:, None] * s_ddtl,
              d_pre.to(ddt_ptr.dtype.element_ty), mask=th_mask)
     if HAS_BIAS:
@@ -1059,6 +1063,26 @@ def _chunk_bwd_dx_flat_kernel(
 # ----------------------------------------------------------------------------------------------
 # B4: per group (its heads summed): dB, dC
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dbdc_finish(w_acc, dc_acc, db_acc, B_ptr, C_ptr, dB_part_ptr, dC_part_ptr, b, g, split,
+                 t_idx, offs_n, qn_mask, seqlen, ngroups, dstate,
+                 s_bb, s_bl, s_bg, s_bn, s_cb, s_cl, s_cg, s_cn,
+                 DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """B4's last step (both forms): dC += W B, dB += W^T C with W (masked) rounded to the
+    products' dtype, then this program's partials into the (splits, b, l, g, n) fp32 buffers."""
+    b_tile = tl.load(B_ptr + b * s_bb + g * s_bg + t_idx[:, None] * s_bl + offs_n[None, :] * s_bn,
+                     mask=qn_mask, other=0.0)
+    c_tile = tl.load(C_ptr + b * s_cb + g * s_cg + t_idx[:, None] * s_cl + offs_n[None, :] * s_cn,
+                     mask=qn_mask, other=0.0)
+    w_low = w_acc.to(DOT_DTYPE)
+    dc_acc += tl.dot(w_low, b_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
+    db_acc += tl.dot(tl.trans(w_low), c_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
+    base = (((split * (tl.num_programs(0) // ngroups) + b) * seqlen + t_idx[:, None]) * ngroups
+            + g) * dstate + offs_n[None, :]
+    tl.store(dB_part_ptr + base, db_acc, mask=qn_mask)
+    tl.store(dC_part_ptr + base, dc_acc, mask=qn_mask)
 
 
 @triton.jit
@@ -1135,20 +1159,11 @@ def _chunk_bwd_dbdc_kernel(
         db_acc += tl.dot((xt * to_end[:, None]).to(DOT_DTYPE), g_st.to(DOT_DTYPE),
                          input_precision=DOT_PREC)
 
-    b_tile = tl.load(B_ptr + b * s_bb + g * s_bg + t_idx[:, None] * s_bl + offs_n[None, :] * s_bn,
-                     mask=qn_mask, other=0.0)
-    c_tile = tl.load(C_ptr + b * s_cb + g * s_cg + t_idx[:, None] * s_cl + offs_n[None, :] * s_cn,
-                     mask=qn_mask, other=0.0)
     if HAS_SEQ:
         w_acc = tl.where(seq_t[:, None] == seq_t[None, :], w_acc, 0.0)
-    w_low = w_acc.to(DOT_DTYPE)
-    dc_acc += tl.dot(w_low, b_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
-    db_acc += tl.dot(tl.trans(w_low), c_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
-    # partial buffers: (splits, b, l, g, n) fp32
-    base = (((split * (tl.num_programs(0) // ngroups) + b) * seqlen + t_idx[:, None]) * ngroups
-            + g) * dstate + offs_n[None, :]
-    tl.store(dB_part_ptr + base, db_acc, mask=qn_mask)
-    tl.store(dC_part_ptr + base, dc_acc, mask=qn_mask)
+    _dbdc_finish(w_acc, dc_acc, db_acc, B_ptr, C_ptr, dB_part_ptr, dC_part_ptr, b, g, split,
+                 t_idx, offs_n, qn_mask, seqlen, ngroups, dstate,
+                 s_bb, s_bl, s_bg, s_bn, s_cb, s_cl, s_cg, s_cn, DOT_DTYPE, DOT_PREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1271,17 +1286,9 @@ def _chunk_bwd_dbdc_flat_kernel(
     w_acc = tl.where(pair_ok, w_acc, 0.0)
     if HAS_SEQ:
         w_acc = tl.where(seq_t[:, None] == seq_t[None, :], w_acc, 0.0)
-    b_tile = tl.load(B_ptr + b * s_bb + g * s_bg + t_idx[:, None] * s_bl + offs_n[None, :] * s_bn,
-                     mask=qn_mask, other=0.0)
-    c_tile = tl.load(C_ptr + b * s_cb + g * s_cg + t_idx[:, None] * s_cl + offs_n[None, :] * s_cn,
-                     mask=qn_mask, other=0.0)
-    w_low = w_acc.to(DOT_DTYPE)
-    dc_acc += tl.dot(w_low, b_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
-    db_acc += tl.dot(tl.trans(w_low), c_tile.to(DOT_DTYPE), input_precision=DOT_PREC)
-    base = (((split * (tl.num_programs(0) // ngroups) + b) * seqlen + t_idx[:, None]) * ngroups
-            + g) * dstate + offs_n[None, :]
-    tl.store(dB_part_ptr + base, db_acc, mask=qn_mask)
-    tl.store(dC_part_ptr + base, dc_acc, mask=qn_mask)
+    _dbdc_finish(w_acc, dc_acc, db_acc, B_ptr, C_ptr, dB_part_ptr, dC_part_ptr, b, g, split,
+                 t_idx, offs_n, qn_mask, seqlen, ngroups, dstate,
+                 s_bb, s_bl, s_bg, s_bn, s_cb, s_cl, s_cg, s_cn, DOT_DTYPE, DOT_PREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1696,58 +1703,45 @@ def _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, device) -> 
     return max(1, min(heads_per_group, cdiv(4 * _sm_count(device), programs)))
 
 
-def _bwd_dbdc_head(x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, has_seq, s_seq, Q,
-                   padded_len, block_p, block_n_full, dot_dtype, dot_prec):
-    """B4, per group, its heads one after another: -> (dB partials, dC partials, splits)."""
+def _bwd_dbdc(x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, has_seq, s_seq, Q,
+              padded_len, block_p, block_n_full, dot_dtype, dot_prec):
+    """B4, per group: -> (dB partials, dC partials, splits). A program sums one split of the
+    group's heads (per-head form) or of its tiles of BLOCK_H heads (flat form)."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     heads_per_group = nheads // ngroups
     nchunks = entering.shape[1]
-    block_n = _launch("bwd_dbdc", BLOCK_N=_bwd_dbdc_block_n(Q, block_n_full))["BLOCK_N"]
+    flat = _bwd_dbdc_form() == "flat"
+    if flat:
+        # not yet timed: 128 columns (4 heads of 24, padded to 32), B4's N block, 8 warps.
+        # Offline (Triton 3.6, sm_90a): the factored path ~510 instructions a warp a head
+        # against B4's ~1000, but the kernel takes 255 registers (304 B spills) and 162 KB of
+        # shared memory, one program an SM
+        opts = _launch("bwd_dbdc_flat",
+                       BLOCK_H=min(_pow2(heads_per_group, 1), max(1, 128 // block_p)),
+                       BLOCK_N=_bwd_dbdc_block_n(Q, block_n_full), num_warps=8, num_stages=2,
+                       SPAN_LIMIT=_FLAT_SPAN_LIMIT, EMULATE_BF16=_interpreting())
+        units = cdiv(heads_per_group, opts["BLOCK_H"])
+        block_n = opts["BLOCK_N"]
+    else:
+        units = heads_per_group
+        block_n = _launch("bwd_dbdc", BLOCK_N=_bwd_dbdc_block_n(Q, block_n_full))["BLOCK_N"]
     n_blocks = cdiv(dstate, block_n)
-    splits = _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, x.device)
-    heads_per_split = cdiv(heads_per_group, splits)
-    splits = cdiv(heads_per_group, heads_per_split)
-    opts = _launch("bwd_dbdc", **_bwd_dbdc_options(Q, block_p, block_n, dot_dtype,
-                                                   several=heads_per_split > 1))
+    splits = _head_splits(batch, nchunks, ngroups, units, n_blocks, x.device)
+    per_split = cdiv(units, splits)
+    splits = cdiv(units, per_split)
+    if not flat:
+        opts = _launch("bwd_dbdc", **_bwd_dbdc_options(Q, block_p, block_n, dot_dtype,
+                                                       several=per_split > 1))
     dB_part = torch.empty(splits, batch, seqlen, ngroups, dstate, device=x.device,
                           dtype=torch.float32)
     dC_part = torch.empty_like(dB_part)
-    launch(_chunk_bwd_dbdc_kernel, (batch * ngroups, nchunks, n_blocks * splits),
+    launch(_chunk_bwd_dbdc_flat_kernel if flat else _chunk_bwd_dbdc_kernel,
+        (batch * ngroups, nchunks, n_blocks * splits),
         x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, dB_part, dC_part,
-        seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, heads_per_split,
+        seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, per_split,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *s_seq,
         Q=Q, BLOCK_P=block_p, HAS_SEQ=has_seq, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec, **opts)
-    return dB_part, dC_part, splits
-
-
-def _bwd_dbdc_flat(x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, has_seq, s_seq, Q,
-                   padded_len, block_p, block_n_full, dot_dtype, dot_prec):
-    """B4's flat form: tiles of BLOCK_H heads, split over programs like B4's heads."""
-    batch, seqlen, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
-    heads_per_group = nheads // ngroups
-    nchunks = entering.shape[1]
-    # not yet timed: 128 columns (4 heads of 24, padded to 32), B4's N block, 8 warps. Offline
-    # (Triton 3.6, sm_90a, factored path): ~510 instructions a warp a head against B4's ~1000,
-    # but 255 registers and 149 KB of shared memory, one program an SM
-    opts = _launch("bwd_dbdc_flat", BLOCK_H=min(_pow2(heads_per_group, 1), max(1, 128 // block_p)),
-                   BLOCK_N=_bwd_dbdc_block_n(Q, block_n_full), num_warps=8, num_stages=2,
-                   SPAN_LIMIT=_FLAT_SPAN_LIMIT)
-    n_blocks = cdiv(dstate, opts["BLOCK_N"])
-    tiles = cdiv(heads_per_group, opts["BLOCK_H"])
-    splits = _head_splits(batch, nchunks, ngroups, tiles, n_blocks, x.device)
-    tiles_per_split = cdiv(tiles, splits)
-    splits = cdiv(tiles, tiles_per_split)
-    dB_part = torch.empty(splits, batch, seqlen, ngroups, dstate, device=x.device,
-                          dtype=torch.float32)
-    dC_part = torch.empty_like(dB_part)
-    launch(_chunk_bwd_dbdc_flat_kernel, (batch * ngroups, nchunks, n_blocks * splits),
-        x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, dB_part, dC_part,
-        seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, tiles_per_split,
-        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *s_seq,
-        Q=Q, BLOCK_P=block_p, HAS_SEQ=has_seq, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
-        EMULATE_BF16=os.environ.get("TRITON_INTERPRET") == "1", **opts)
     return dB_part, dC_part, splits
 
 
@@ -1821,16 +1815,15 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
         opts = _launch("bwd_dx_flat", **_bwd_dx_flat_options(block_p, heads_per_group))
         tiles = cdiv(heads_per_group, opts["BLOCK_H"])
         launch(_chunk_bwd_dx_flat_kernel, (batch * ngroups * tiles, nchunks), *b3_args, **b3_flags,
-               EMULATE_BF16=os.environ.get("TRITON_INTERPRET") == "1", **opts)
+               EMULATE_BF16=_interpreting(), **opts)
     else:
         launch(_chunk_bwd_dx_kernel, (batch * nheads, nchunks), *b3_args, **b3_flags,
                **_launch("bwd_dx", **_bwd_dx_options(Q, block_p, block_n_full, dot_dtype)))
 
     # B4: per group
-    b4 = _bwd_dbdc_flat if _bwd_dbdc_form() == "flat" else _bwd_dbdc_head
-    dB_part, dC_part, splits = b4(x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam,
-                                  seq_idx is not None, s_seq, Q, padded_len, block_p,
-                                  block_n_full, dot_dtype, dot_prec)
+    dB_part, dC_part, splits = _bwd_dbdc(x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam,
+                                         seq_idx is not None, s_seq, Q, padded_len, block_p,
+                                         block_n_full, dot_dtype, dot_prec)
 
     # B5: head splits summed into dB, dC; per-chunk partials into dA, dD, d dt_bias
     dB = out["dB"] if "dB" in out else torch.empty(B.shape, device=dev, dtype=B.dtype)
