@@ -110,20 +110,16 @@ KERNELS = {
     # left out: it never won here, and Triton 3.6 miscompiled it in bwd_dbdc (session 4).
     "bwd_dx": ("_chunk_bwd_dx_kernel", dict(num_warps=(4, 8), num_stages=(2, 3), BLOCK_N=(32, 64),
                                             maxnreg=(None, 168, 128))),
-    # B3's flat form (MATMAMBA_SSD_BWD_DX=flat: tuned and timed with it forced, FORM_OF below):
-    # BLOCK_H heads a program
-    "bwd_dx_flat": ("_chunk_bwd_dx_flat_kernel", dict(num_warps=(4, 8), num_stages=(2, 3),
-                                                      BLOCK_H=(1, 2, 4), BLOCK_N=(32, 64),
-                                                      maxnreg=(None, 168, 128))),
     "bwd_dbdc": ("_chunk_bwd_dbdc_kernel", dict(num_warps=(4, 8), num_stages=(2, 3), BLOCK_N=(64, 128),
                                                 maxnreg=(None, 168, 128))),
-    # B4's flat form (MATMAMBA_SSD_BWD_DBDC=flat), BLOCK_H heads a tile
+    # B4's flat form (MATMAMBA_SSD_BWD_DBDC=flat: tuned and timed with it forced, FORM_OF below):
+    # BLOCK_H heads a tile
     "bwd_dbdc_flat": ("_chunk_bwd_dbdc_flat_kernel", dict(num_warps=(4, 8), num_stages=(1, 2),
                                                           BLOCK_H=(2, 4), BLOCK_N=(64, 128))),
     "finalize": ("_finalize_grads_kernel", dict(num_warps=(2, 4, 8), BLOCK=(512, 1024, 2048))),
 }
 # Kernels of forms the scan runs only when asked to (tuned when named in --kernels)
-OPT_IN = ("bwd_dx_flat", "bwd_dbdc_flat")
+OPT_IN = ("bwd_dbdc_flat",)
 # Kernels that serve both directions: a flag of the launch tells them apart.
 _KERNEL_OF_LAUNCH = {("_state_pass_kernel", "REVERSE", False): "state_pass_fwd",
                      ("_state_pass_kernel", "REVERSE", True): "state_pass_bwd",
@@ -133,8 +129,8 @@ _KERNEL_OF_LAUNCH = {("_state_pass_kernel", "REVERSE", False): "state_pass_fwd",
                      ("_state_walk_kernel", "REVERSE", True): "state_bwd_fused"}
 
 
-# Kernels that run in one form only (the state form, triton_impl._state_form; B3's and B4's
-# forms, triton_impl._bwd_dx_form / _bwd_dbdc_form): their candidates are vetted and timed with
+# Kernels that run in one form only (the state form, triton_impl._state_form; B4's forms,
+# triton_impl._bwd_dbdc_form): their candidates are vetted and timed with
 # that form forced, whatever the shape's own choice.
 FORM_OF = {"chunk_state_fwd": ("MATMAMBA_SSD_STATE", "parallel"),
            "chunk_dstate_bwd": ("MATMAMBA_SSD_STATE", "parallel"),
@@ -142,8 +138,6 @@ FORM_OF = {"chunk_state_fwd": ("MATMAMBA_SSD_STATE", "parallel"),
            "state_pass_bwd": ("MATMAMBA_SSD_STATE", "parallel"),
            "state_fwd_fused": ("MATMAMBA_SSD_STATE", "sequential"),
            "state_bwd_fused": ("MATMAMBA_SSD_STATE", "sequential"),
-           "bwd_dx": ("MATMAMBA_SSD_BWD_DX", "head"),
-           "bwd_dx_flat": ("MATMAMBA_SSD_BWD_DX", "flat"),
            "bwd_dbdc": ("MATMAMBA_SSD_BWD_DBDC", "head"),
            "bwd_dbdc_flat": ("MATMAMBA_SSD_BWD_DBDC", "flat")}
 
@@ -179,11 +173,9 @@ def parse_args(argv=None):
     p.add_argument("--other-forms", default="",
                    help="state forms (MATMAMBA_SSD_STATE: parallel, sequential) whose all-default "
                         "forward + backward is also timed, in this process ('' for none)")
-    p.add_argument("--other-bwd-dx", default="",
-                   help="B3 forms (MATMAMBA_SSD_BWD_DX: head, flat) whose all-default forward + "
-                        "backward is also timed, in this process ('' for none)")
     p.add_argument("--other-bwd-dbdc", default="",
-                   help="B4 forms (MATMAMBA_SSD_BWD_DBDC: head, flat), likewise")
+                   help="B4 forms (MATMAMBA_SSD_BWD_DBDC: head, flat) whose all-default forward + "
+                        "backward is also timed, in this process ('' for none)")
     p.add_argument("--layout", default="contiguous", choices=LAYOUTS,
                    help="contiguous inputs, or the views and strided gradient outputs the block's "
                         "fused core passes (the other layout's all-default time is printed too)")
@@ -642,7 +634,6 @@ def main(argv=None):
                       f"{other_kernels.get(kernel, float('nan')):7.3f} ms", flush=True)
         for key, variable, values in (("other_chunks", "MATMAMBA_SSD_CHUNK", args.other_chunks),
                                       ("other_forms", "MATMAMBA_SSD_STATE", args.other_forms),
-                                      ("other_bwd_dx", "MATMAMBA_SSD_BWD_DX", args.other_bwd_dx),
                                       ("other_bwd_dbdc", "MATMAMBA_SSD_BWD_DBDC",
                                        args.other_bwd_dbdc)):
             entry[f"{key}_total_ms"], entry[f"{key}_kernels_ms"] = {}, {}

@@ -377,23 +377,21 @@ def test_tune_ssd_grid_replaces_only_the_named_options():
 
 def test_tune_ssd_runs_each_kernel_in_its_own_form(monkeypatch):
     """A kernel of one form only is vetted and timed with that form forced (the state form, or
-    B3's or B4's per-head / flat form), whatever the environment says; the opt-in flat kernels
-    are tuned only when named."""
+    B4's per-head / flat form), whatever the environment says; the opt-in flat kernel is tuned
+    only when named."""
     import tune_ssd
 
-    monkeypatch.setenv("MATMAMBA_SSD_BWD_DX", "flat")
-    with tune_ssd.form_of("bwd_dx"):
-        assert os.environ["MATMAMBA_SSD_BWD_DX"] == "head"
-    assert os.environ["MATMAMBA_SSD_BWD_DX"] == "flat"
-    monkeypatch.delenv("MATMAMBA_SSD_BWD_DX")
-    with tune_ssd.form_of("bwd_dx_flat"), tune_ssd.form_of("state_fwd_fused"):
-        assert os.environ["MATMAMBA_SSD_BWD_DX"] == "flat"
-        assert os.environ["MATMAMBA_SSD_STATE"] == "sequential"
-    assert "MATMAMBA_SSD_BWD_DX" not in os.environ
-    with tune_ssd.form_of("bwd_dbdc_flat"):
+    monkeypatch.setenv("MATMAMBA_SSD_BWD_DBDC", "flat")
+    with tune_ssd.form_of("bwd_dbdc"):
+        assert os.environ["MATMAMBA_SSD_BWD_DBDC"] == "head"
+    assert os.environ["MATMAMBA_SSD_BWD_DBDC"] == "flat"
+    monkeypatch.delenv("MATMAMBA_SSD_BWD_DBDC")
+    with tune_ssd.form_of("bwd_dbdc_flat"), tune_ssd.form_of("state_fwd_fused"):
         assert os.environ["MATMAMBA_SSD_BWD_DBDC"] == "flat"
+        assert os.environ["MATMAMBA_SSD_STATE"] == "sequential"
+    assert "MATMAMBA_SSD_BWD_DBDC" not in os.environ and "MATMAMBA_SSD_STATE" not in os.environ
     kernels = tune_ssd.parse_args([]).kernels.split(",")
-    assert "bwd_dx_flat" not in kernels and "bwd_dbdc_flat" not in kernels
+    assert "bwd_dbdc_flat" not in kernels
     assert "bwd_dx" in kernels and "bwd_dbdc" in kernels
 
 

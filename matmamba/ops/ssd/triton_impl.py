@@ -41,9 +41,9 @@ Backward (five launches; four in the sequential form, which fuses B1 and B2)::
     B5  dB, dC summed over B4's head splits (in the inputs' dtype); dA, dD, d dt_bias over
         B3's per-(b, chunk) partials
 
-B3 and B4 also come in a flat form (MATMAMBA_SSD_BWD_DX / MATMAMBA_SSD_BWD_DBDC = flat, opt-in):
-several heads a program, L_ts factored as exp(Lam_t - r) exp(r - Lam_s) so that the heads share
-one Q x Q tile (the comments above _chunk_bwd_dx_flat_kernel and _chunk_bwd_dbdc_flat_kernel).
+B4 also comes in a flat form (MATMAMBA_SSD_BWD_DBDC=flat, opt-in): several heads a program,
+L_ts factored as exp(Lam_t - r) exp(r - Lam_s) so that the heads share one product (the comment
+above _chunk_bwd_dbdc_flat_kernel).
 
 The identity behind dLam: Lam_t multiplies every term that C_t reads (so dLam_t gets C_t . dC_t,
 which is dy_t . y'_t) and divides every term that xt_t writes (so it loses xt_t . dxt_t); the
@@ -118,11 +118,10 @@ _PACK_MIN_SAVING = 0.15
 _PACK_MAX_TOKENS = 4096
 
 
-# B3's and B4's two forms (the flat ones: several heads a program, the decay factored; see above
-# _chunk_bwd_dx_flat_kernel and _chunk_bwd_dbdc_flat_kernel), MATMAMBA_SSD_BWD_DX and
-# MATMAMBA_SSD_BWD_DBDC = "head" (default) or "flat". Flat B3 (session 20) measured 4-5% slower
-# than the per-head kernel at its best launch options (H100, docs/performance.md session 20);
-# flat B4 (session 20) is not yet timed. Both are opt-in.
+# B4's two forms (the flat one: several heads a program, the decay factored; see above
+# _chunk_bwd_dbdc_flat_kernel), MATMAMBA_SSD_BWD_DBDC = "head" (default) or "flat". Flat B4
+# (session 20) is not yet timed, so it is opt-in. (Flat B3, session 20, measured 4-5% slower than
+# the per-head kernel at its best launch options on the H100 and was removed in session 21.)
 _BWD_FORMS = ("head", "flat")
 # Where a tile's largest span of Lam over a chunk is above this, the flat form computes the tile
 # the exact way (the factors exp(+-span / 2) would leave fp32's range for small dy).
@@ -131,25 +130,16 @@ _FLAT_SPAN_LIMIT = 80.0
 
 def _interpreting() -> bool:
     """Whether the kernels run under the Triton interpreter (its bf16 products are wrong: the flat
-    forms then widen their bf16 operands, ``_dot_bf16``)."""
+    form then widens its bf16 operands, ``_dot_bf16``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _bwd_form(variable: str) -> str:
-    value = os.environ.get(variable, "head").strip().lower() or "head"
-    if value not in _BWD_FORMS:
-        raise ValueError(f"{variable} must be one of {', '.join(_BWD_FORMS)}; got {value!r}")
-    return value
-
-
-@torch.compiler.assume_constant_result  # under torch.compile: read once per trace
-def _bwd_dx_form() -> str:
-    return _bwd_form("MATMAMBA_SSD_BWD_DX")
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: read once per trace
 def _bwd_dbdc_form() -> str:
-    return _bwd_form("MATMAMBA_SSD_BWD_DBDC")
+    value = os.environ.get("MATMAMBA_SSD_BWD_DBDC", "head").strip().lower() or "head"
+    if value not in _BWD_FORMS:
+        raise ValueError(f"MATMAMBA_SSD_BWD_DBDC must be one of {', '.join(_BWD_FORMS)}; got {value!r}")
+    return value
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: read once per trace
@@ -838,229 +828,6 @@ def _chunk_bwd_dx_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# B3, flat: B3's outputs for BLOCK_H heads of one group a program, the heads' channels side by side
-# as the columns of one (Q x BLOCK_H * BLOCK_P) tile. Per head, B3 spends most of its
-# instructions on the Q x Q tile scores = CB o L (an exp, a mask, two 16-bit splits per
-# element) for products only P = 24 wide. Here the decay factors instead, about a reference
-# point r of each head's chunk (L_ts = exp(Lam_t - r) exp(r - Lam_s) = grow_t shrink_s):
-#
-#     y'_t    = grow_t   sum_s R_ts (shrink_s xt_s)      R = CB o [s <= t], shared by the heads
-#     dxt_s   = shrink_s sum_t R_ts (grow_t dy_t)
-#
-# so the group's heads share one Q x Q tile and its two products are (Q x Q) @ (Q x BLOCK_H P);
-# the per-head work is on (Q x P) tiles only. With r the middle of the head's range of Lam over
-# the chunk, both factors stay within exp(+-span / 2), span = max Lam - min Lam: where a tile's
-# largest span is at most SPAN_LIMIT (80: factors within e^+-40, far from fp32 / bf16 overflow
-# and underflow for any realistic dy), the factored form runs; above it the tile takes B3's own
-# per-head scores (the exact form, head by head onto its columns). With 16-bit inputs the three
-# factored operands go in as hi + lo bf16 parts (three products each; about 16 bits, as B3's
-# _dot_fp32_lhs keeps; bf16 for fp16 inputs too, whose range would not hold the factors); fp32
-# inputs take fp32 products.
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _per_column(v, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-    """(ROWS x BLOCK_H) per-head values -> (ROWS x BLOCK_H * BLOCK_P), each over its head's columns."""
-    return tl.reshape(tl.broadcast_to(v[:, :, None], (ROWS, BLOCK_H, BLOCK_P)),
-                      (ROWS, BLOCK_H * BLOCK_P))
-
-
-@triton.jit
-def _per_head(v, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-    """(ROWS x BLOCK_H * BLOCK_P) -> (ROWS x BLOCK_H): the sum over each head's columns."""
-    return tl.sum(tl.reshape(v, (ROWS, BLOCK_H, BLOCK_P)), axis=2)
-
-
-@triton.jit
-def _split_bf16(a):
-    hi = a.to(tl.bfloat16)
-    return hi, (a - hi.to(tl.float32)).to(tl.bfloat16)
-
-
-@triton.jit
-def _dot_bf16(a, b, acc, EMULATE: tl.constexpr):
-    """acc + a @ b for bf16 a and b. EMULATE (under the Triton interpreter, whose bf16 products
-    are wrong): the same product from the operands widened to fp32, which holds every bf16
-    product exactly; only the order of the fp32 sums differs from the GPU's."""
-    if EMULATE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
-    return tl.dot(a, b, acc=acc)
-
-
-@triton.jit
-def _chunk_bwd_dx_flat_kernel(
-    x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, dy_ptr,
-    CB_ptr, H0_ptr, G_ptr, dtp_ptr, lam_ptr,
-    dx_ptr, ddt_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
-    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, dt_lo, dt_hi,
-    s_xb, s_xl, s_xh, s_xp,
-    s_dtb, s_dtl, s_dth,
-    s_bb, s_bl, s_bg, s_bn,
-    s_cb, s_cl, s_cg, s_cn,
-    s_dyb, s_dyl, s_dyh, s_dyp,
-    s_dxb, s_dxl, s_dxh, s_dxp,
-    s_ddtb, s_ddtl, s_ddth,
-    s_seqb, s_seql,
-    Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_SEQ: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, SPAN_LIMIT: tl.constexpr,
-    EMULATE_BF16: tl.constexpr,
-):
-    F: tl.constexpr = BLOCK_H * BLOCK_P
-    c = tl.program_id(1)
-    nchunks = tl.num_programs(1)
-    tiles_per_group = tl.cdiv(heads_per_group, BLOCK_H)
-    pid = tl.program_id(0) % (ngroups * tiles_per_group)     # (group, tile of its heads)
-    b = tl.program_id(0) // (ngroups * tiles_per_group)
-    g = pid // tiles_per_group
-    first = g * heads_per_group + (pid % tiles_per_group) * BLOCK_H
-    group_end = (g + 1) * heads_per_group
-    offs_q = tl.arange(0, Q)
-    t_idx = c * Q + offs_q
-    valid = t_idx < seqlen
-    offs_hb = tl.arange(0, BLOCK_H)
-    h_ok = first + offs_hb < group_end
-    heads = tl.minimum(first + offs_hb, nheads - 1)                             # (BLOCK_H,)
-    bh = b * nheads + heads
-    offs_f = tl.arange(0, F)                     # column f: channel f % BLOCK_P of head f // BLOCK_P
-    f_head = first + offs_f // BLOCK_P
-    f_p = offs_f % BLOCK_P
-    f_ok = (f_head < group_end) & (f_p < headdim)
-    f_head = tl.minimum(f_head, nheads - 1)
-    tile_mask = valid[:, None] & f_ok[None, :]
-    offs_n = tl.arange(0, BLOCK_N)
-
-    rows = bh[None, :] * padded_len + t_idx[:, None]                            # (Q, BLOCK_H)
-    lam = tl.load(lam_ptr + rows, mask=h_ok[None, :], other=0.0)
-    dtp = tl.load(dtp_ptr + rows, mask=h_ok[None, :], other=0.0)
-    A = tl.load(A_ptr + heads, mask=h_ok, other=0.0).to(tl.float32)
-    lam_end = tl.sum(dtp * A[None, :], axis=0)
-    from_start = tl.exp(lam)                     # exp(Lam_t): entering state -> position t
-    to_end = tl.exp(lam_end[None, :] - lam)      # exp(Lam_end - Lam_s): position s -> leaving state
-    keep_start = lam_end * 0.0 + 1.0             # [seq at chunk end == seq before chunk]
-    pair_ok = offs_q[:, None] >= offs_q[None, :]
-    if HAS_SEQ:
-        seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
-                                              seqlen, Q)
-        from_start = tl.where((seq_t == seq_prev)[:, None], from_start, 0.0)
-        to_end = tl.where((seq_t == seq_end)[:, None], to_end, 0.0)
-        keep_start = tl.where(seq_end == seq_prev, keep_start, 0.0)
-
-    # State terms as in B3, the heads' columns side by side: B G^T -> dxt_state, C H0^T ->
-    # y_inter, <G, H0> per head
-    state_rows = (b * nchunks + c) * nheads * headdim + f_head * headdim + f_p   # (F,)
-    bg_acc = tl.zeros((Q, F), dtype=tl.float32)
-    ch_acc = tl.zeros((Q, F), dtype=tl.float32)
-    g_dot_h0 = tl.zeros((BLOCK_N, F), dtype=tl.float32)
-    for n0 in range(0, dstate, BLOCK_N):
-        n_mask = (n0 + offs_n) < dstate
-        qn_mask = valid[:, None] & n_mask[None, :]
-        nf_mask = n_mask[:, None] & f_ok[None, :]
-        state_offs = state_rows[None, :] * dstate + (n0 + offs_n)[:, None]      # (N, F)
-        b_tile = tl.load(B_ptr + b * s_bb + g * s_bg + t_idx[:, None] * s_bl
-                         + (n0 + offs_n)[None, :] * s_bn, mask=qn_mask, other=0.0)
-        c_tile = tl.load(C_ptr + b * s_cb + g * s_cg + t_idx[:, None] * s_cl
-                         + (n0 + offs_n)[None, :] * s_cn, mask=qn_mask, other=0.0)
-        g_t = tl.load(G_ptr + state_offs, mask=nf_mask, other=0.0)
-        h0_t = tl.load(H0_ptr + state_offs, mask=nf_mask, other=0.0)
-        bg_acc += tl.dot(b_tile.to(DOT_DTYPE), g_t.to(DOT_DTYPE), input_precision=DOT_PREC)
-        ch_acc += tl.dot(c_tile.to(DOT_DTYPE), h0_t.to(DOT_DTYPE), input_precision=DOT_PREC)
-        g_dot_h0 += g_t.to(tl.float32) * h0_t.to(tl.float32)
-    dxt_state = bg_acc * _per_column(to_end, Q, BLOCK_H, BLOCK_P)
-    y_inter = ch_acc * _per_column(from_start, Q, BLOCK_H, BLOCK_P)
-    g_dot_h0 = _per_head(g_dot_h0, BLOCK_N, BLOCK_H, BLOCK_P)                  # (N, BLOCK_H)
-
-    x_low = tl.load(x_ptr + b * s_xb + t_idx[:, None] * s_xl + f_head[None, :] * s_xh
-                    + f_p[None, :] * s_xp, mask=tile_mask, other=0.0).to(DOT_DTYPE)
-    dy_low = tl.load(dy_ptr + b * s_dyb + t_idx[:, None] * s_dyl + f_head[None, :] * s_dyh
-                     + f_p[None, :] * s_dyp, mask=tile_mask, other=0.0).to(DOT_DTYPE)
-    x_tile = x_low.to(tl.float32)
-    dy = dy_low.to(tl.float32)
-    dtp_cols = _per_column(dtp, Q, BLOCK_H, BLOCK_P)
-    xt = x_tile * dtp_cols
-    # <G, H_end> = exp(Lam_end) <G, H0> + <G, S_c>, per head
-    leaving = keep_start * tl.exp(lam_end) * tl.sum(g_dot_h0, axis=0) \
-        + tl.sum(_per_head(xt * dxt_state, Q, BLOCK_H, BLOCK_P), axis=0)
-
-    # Intra-chunk
-    cb = tl.load(CB_ptr + ((b * nchunks + c) * ngroups + g) * Q * Q
-                 + offs_q[:, None] * Q + offs_q[None, :])
-    lam_hi = tl.max(lam, axis=0)
-    lam_lo = tl.min(lam, axis=0)
-    if tl.max(lam_hi - lam_lo, axis=0) <= SPAN_LIMIT:
-        ref = (lam_hi + lam_lo) * 0.5
-        grow = _per_column(tl.exp(lam - ref[None, :]), Q, BLOCK_H, BLOCK_P)
-        shrink = _per_column(tl.exp(ref[None, :] - lam), Q, BLOCK_H, BLOCK_P)
-        r = tl.where(pair_ok, cb, 0.0)
-        xs = xt * shrink
-        dys = dy * grow
-        if DOT_DTYPE == tl.float32:
-            y_intra = tl.dot(r, xs, input_precision="ieee")
-            dxt_intra = tl.dot(tl.trans(r), dys, input_precision="ieee")
-        else:
-            r_hi, r_lo = _split_bf16(r)
-            xs_hi, xs_lo = _split_bf16(xs)
-            dys_hi, dys_lo = _split_bf16(dys)
-            y_intra = _dot_bf16(r_hi, xs_hi, tl.zeros((Q, F), dtype=tl.float32), EMULATE_BF16)
-            y_intra = _dot_bf16(r_lo, xs_hi, y_intra, EMULATE_BF16)
-            y_intra = _dot_bf16(r_hi, xs_lo, y_intra, EMULATE_BF16)
-            dxt_intra = _dot_bf16(tl.trans(r_hi), dys_hi, tl.zeros((Q, F), dtype=tl.float32),
-                                  EMULATE_BF16)
-            dxt_intra = _dot_bf16(tl.trans(r_lo), dys_hi, dxt_intra, EMULATE_BF16)
-            dxt_intra = _dot_bf16(tl.trans(r_hi), dys_lo, dxt_intra, EMULATE_BF16)
-        y_ssd = y_intra * grow + y_inter
-        dxt = dxt_intra * shrink + dxt_state
-    else:
-        # the exact form, head by head (B3's products, each onto its head's columns)
-        y_ssd = y_inter
-        dxt = dxt_state
-        for j in tl.static_range(BLOCK_H):
-            lam_j = tl.sum(tl.where(offs_hb[None, :] == j, lam, 0.0), axis=1)
-            dtp_j = tl.sum(tl.where(offs_hb[None, :] == j, dtp, 0.0), axis=1)
-            seg = tl.where(pair_ok, lam_j[:, None] - lam_j[None, :], float("-inf"))
-            scores = cb * tl.exp(seg)                                           # [t, s]
-            cols_j = (offs_f // BLOCK_P == j)[None, :]
-            dxt = _dot_fp32_lhs(tl.trans(scores), tl.where(cols_j, dy, 0.0).to(DOT_DTYPE), dxt,
-                                DOT_DTYPE, DOT_PREC)
-            y_ssd = _dot_fp32_lhs(scores * dtp_j[None, :], tl.where(cols_j, x_tile, 0.0).to(DOT_DTYPE),
-                                  y_ssd, DOT_DTYPE, DOT_PREC)
-
-    # As B3 from here on, per head: d Lam_t = dy_t . y'_t - xt_t . dxt_t, d a_s = sum_{t >= s} d Lam_t
-    x_dxt = _per_head(x_tile * dxt, Q, BLOCK_H, BLOCK_P)
-    d_lam = _per_head(dy * y_ssd, Q, BLOCK_H, BLOCK_P) - dtp * x_dxt
-    d_lam += tl.where((offs_q == Q - 1)[:, None], leaving[None, :], 0.0)
-    d_a = tl.sum(d_lam, axis=0)[None, :] - tl.cumsum(d_lam, axis=0) + d_lam
-    d_dtp = x_dxt + A[None, :] * d_a
-    tl.store(dA_part_ptr + bh * nchunks + c,
-             tl.sum(tl.where(valid[:, None], d_a * dtp, 0.0), axis=0), mask=h_ok)
-
-    dx = dxt * dtp_cols
-    if HAS_D:
-        if D_PER_CHANNEL:
-            d_skip = tl.load(D_ptr + f_head * headdim + f_p, mask=f_ok, other=0.0).to(tl.float32)
-            dx += dy * d_skip[None, :]
-            tl.store(dD_part_ptr + ((b * nheads + f_head) * nchunks + c) * headdim + f_p,
-                     tl.sum(dy * x_tile, axis=0), mask=f_ok)
-        else:
-            d_skip = tl.load(D_ptr + heads, mask=h_ok, other=0.0).to(tl.float32)
-            dx += dy * _per_column(tl.broadcast_to(d_skip[None, :], (Q, BLOCK_H)), Q, BLOCK_H, BLOCK_P)
-            tl.store(dD_part_ptr + bh * nchunks + c,
-                     tl.sum(_per_head(dy * x_tile, Q, BLOCK_H, BLOCK_P), axis=0), mask=h_ok)
-    tl.store(dx_ptr + b * s_dxb + t_idx[:, None] * s_dxl + f_head[None, :] * s_dxh
-             + f_p[None, :] * s_dxp, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
-
-    th_mask = valid[:, None] & h_ok[None, :]
-    d_pre = _dt_backward(d_dtp, dt_ptr + b * s_dtb + heads[None, :] * s_dth + t_idx[:, None] * s_dtl,
-                         dt_bias_ptr, heads[None, :], th_mask, HAS_BIAS, SOFTPLUS, dt_lo, dt_hi)
-    tl.store(ddt_ptr + b * s_ddtb + heads[None, :] * s_ddth + t_idx[:, None] * s_ddtl,
-             d_pre.to(ddt_ptr.dtype.element_ty), mask=th_mask)
-    if HAS_BIAS:
-        tl.store(dbias_part_ptr + bh * nchunks + c, tl.sum(d_pre, axis=0), mask=h_ok)
-
-
-# ----------------------------------------------------------------------------------------------
 # B4: per group (its heads summed): dB, dC
 # ----------------------------------------------------------------------------------------------
 
@@ -1167,14 +934,54 @@ def _chunk_bwd_dbdc_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# B4, flat: B4's dB and dC partials with its W = sum_h L^h o (dy^h xt^h^T) factored as in B3's
-# flat form: W_ts = sum over the group's columns f of (grow_t dy_t)[f] (shrink_s xt_s)[f] for
-# s <= t, one (Q x BLOCK_H P) @ (BLOCK_H P x Q) product a tile of BLOCK_H heads instead of a Q x Q
-# exp and product a head. W only feeds dB and dC (rounded to 16 bits for W B and W^T C, as in
-# B4), so with bf16 inputs the factored operands go in rounded once; fp16 inputs take hi + lo bf16
-# parts (bf16's range holds the factors, its 8 bits alone would cost fp16's precision); fp32, fp32
-# products. Tiles whose span of Lam exceeds SPAN_LIMIT take B4's exact per-head form.
+# B4, flat: B4's dB and dC partials for BLOCK_H heads of one group a program, the heads' channels
+# side by side as the columns of one (Q x BLOCK_H * BLOCK_P) tile. Per head, B4 spends most of
+# its instructions on the Q x Q term L^h o (dy^h xt^h^T) (an exp, a mask and a product only P = 24
+# deep). Here the decay factors instead, about a reference point r of each head's chunk
+# (L_ts = exp(Lam_t - r) exp(r - Lam_s) = grow_t shrink_s):
+#
+#     W_ts = sum over the tile's columns f of (grow_t dy_t)[f] (shrink_s xt_s)[f],   s <= t
+#
+# one (Q x BLOCK_H P) @ (BLOCK_H P x Q) product a tile instead of a Q x Q exp and product a head.
+# With r the middle of the head's range of Lam over the chunk, both factors stay within
+# exp(+-span / 2), span = max Lam - min Lam: where a tile's largest span is at most SPAN_LIMIT
+# (80: factors within e^+-40, far from fp32 / bf16 overflow and underflow for any realistic dy),
+# the factored form runs; above it the tile takes B4's exact per-head terms. W only feeds dB and
+# dC (rounded to 16 bits for W B and W^T C, as in B4), so with bf16 inputs the factored operands
+# go in rounded once; fp16 inputs take hi + lo bf16 parts (bf16's range holds the factors, its
+# 8 bits alone would cost fp16's precision); fp32 inputs, fp32 products. (B3's flat form, the
+# same factoring for dxt and y', measured 4-5% slower than the per-head B3 on the H100 in
+# session 20 and was removed in session 21.)
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _per_column(v, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(ROWS x BLOCK_H) per-head values -> (ROWS x BLOCK_H * BLOCK_P), each over its head's columns."""
+    return tl.reshape(tl.broadcast_to(v[:, :, None], (ROWS, BLOCK_H, BLOCK_P)),
+                      (ROWS, BLOCK_H * BLOCK_P))
+
+
+@triton.jit
+def _per_head(v, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(ROWS x BLOCK_H * BLOCK_P) -> (ROWS x BLOCK_H): the sum over each head's columns."""
+    return tl.sum(tl.reshape(v, (ROWS, BLOCK_H, BLOCK_P)), axis=2)
+
+
+@triton.jit
+def _split_bf16(a):
+    hi = a.to(tl.bfloat16)
+    return hi, (a - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _dot_bf16(a, b, acc, EMULATE: tl.constexpr):
+    """acc + a @ b for bf16 a and b. EMULATE (under the Triton interpreter, whose bf16 products
+    are wrong): the same product from the operands widened to fp32, which holds every bf16
+    product exactly; only the order of the fp32 sums differs from the GPU's."""
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
+    return tl.dot(a, b, acc=acc)
 
 
 @triton.jit
@@ -1460,15 +1267,6 @@ def _bwd_dx_options(Q: int, block_p: int, block_n_full: int, dot_dtype) -> dict:
     # Q = 64 (8 warps: 2.99 vs 2.17 ms, session 1). The register cap: _backward_register_cap.
     return dict(BLOCK_N=min(block_n_full, 32), num_stages=3, num_warps=_num_warps(Q, block_p),
                 maxnreg=_backward_register_cap(Q, block_p, dot_dtype))
-
-
-def _bwd_dx_flat_options(block_p: int, heads_per_group: int) -> dict:
-    # 64 columns a program (2 heads of 24, padded to 32), 4 warps: the best of 6 on the H100
-    # (session 20, b8 l2048 h64 p24: 0.509 ms; 1 head 0.735, 4 heads 2.237; 8 warps 0.821 -
-    # 1.378), against the per-head B3's 0.488 ms in the same run. Register caps untried.
-    block_h = min(_pow2(heads_per_group, 1), max(1, 64 // block_p))
-    return dict(BLOCK_H=block_h, BLOCK_N=32, num_stages=2, num_warps=4,
-                SPAN_LIMIT=_FLAT_SPAN_LIMIT)
 
 
 def _bwd_dbdc_block_n(Q: int, block_n_full: int) -> int:
@@ -1811,14 +1609,8 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     b3_flags = dict(Q=Q, BLOCK_P=block_p, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
                     HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None,
                     DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec)
-    if _bwd_dx_form() == "flat":
-        opts = _launch("bwd_dx_flat", **_bwd_dx_flat_options(block_p, heads_per_group))
-        tiles = cdiv(heads_per_group, opts["BLOCK_H"])
-        launch(_chunk_bwd_dx_flat_kernel, (batch * ngroups * tiles, nchunks), *b3_args, **b3_flags,
-               EMULATE_BF16=_interpreting(), **opts)
-    else:
-        launch(_chunk_bwd_dx_kernel, (batch * nheads, nchunks), *b3_args, **b3_flags,
-               **_launch("bwd_dx", **_bwd_dx_options(Q, block_p, block_n_full, dot_dtype)))
+    launch(_chunk_bwd_dx_kernel, (batch * nheads, nchunks), *b3_args, **b3_flags,
+           **_launch("bwd_dx", **_bwd_dx_options(Q, block_p, block_n_full, dot_dtype)))
 
     # B4: per group
     dB_part, dC_part, splits = _bwd_dbdc(x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam,
