@@ -980,9 +980,9 @@ def main():
     parser.add_argument("--ssd-segments", type=int, default=None,
                         help="with the sequential form, cut each walk into this many segments "
                              "(MATMAMBA_SSD_SEGMENTS; default: the scan's own choice)")
-    parser.add_argument("--ssd-bwd-dbdc", choices=["head", "flat"], default=None,
+    parser.add_argument("--ssd-bwd-dbdc", choices=["auto", "flat", "head"], default=None,
                         help="the SSD backward's B4 form for every check (MATMAMBA_SSD_BWD_DBDC; "
-                             "default: the scan's own choice)")
+                             "default: the scan's own choice, auto: flat for 16-bit inputs)")
     parser.add_argument("--ssd-span-limit", type=float, default=None,
                         help="B4's flat form: the span of Lam over a chunk above which a "
                              "tile takes the exact form (-1: every tile; default: the scan's own limit)")

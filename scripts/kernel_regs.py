@@ -101,8 +101,7 @@ def kernel_table(Q: int, block_p: int, block_n_full: int):
                    ti._bwd_dx_options(Q, block_p, block_n_full, bf16)),
         "bwd_dbdc_flat": (ti._chunk_bwd_dbdc_flat_kernel,
                           dict(common, SPAN_LIMIT=ti._FLAT_SPAN_LIMIT, EMULATE_BF16=False),
-                          dict(BLOCK_H=max(1, 128 // block_p), BLOCK_N=ti._bwd_dbdc_block_n(Q, block_n_full),
-                               num_warps=8, num_stages=2)),
+                          ti._bwd_dbdc_flat_options(Q, block_p, block_n_full, bf16, 64)),
         "bwd_dbdc": (ti._chunk_bwd_dbdc_kernel, common,
                      ti._bwd_dbdc_options(Q, block_p, ti._bwd_dbdc_block_n(Q, block_n_full), bf16,
                                           several=True)),
@@ -197,7 +196,7 @@ def programs_per_sm(regs: int, warps: int, shared: int) -> int:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernels", default="bwd_dx,bwd_dbdc")
+    p.add_argument("--kernels", default="bwd_dx,bwd_dbdc_flat,bwd_dbdc")
     p.add_argument("--headdims", default="24,64")
     p.add_argument("--dstate", type=int, default=128)
     p.add_argument("--chunk", type=int, default=64)

@@ -112,14 +112,15 @@ KERNELS = {
                                             maxnreg=(None, 168, 128))),
     "bwd_dbdc": ("_chunk_bwd_dbdc_kernel", dict(num_warps=(4, 8), num_stages=(2, 3), BLOCK_N=(64, 128),
                                                 maxnreg=(None, 168, 128))),
-    # B4's flat form (MATMAMBA_SSD_BWD_DBDC=flat: tuned and timed with it forced, FORM_OF below):
-    # BLOCK_H heads a tile
+    # B4's flat form (the default for 16-bit inputs; tuned and timed with MATMAMBA_SSD_BWD_DBDC=flat
+    # forced, FORM_OF below): BLOCK_H heads a tile
     "bwd_dbdc_flat": ("_chunk_bwd_dbdc_flat_kernel", dict(num_warps=(4, 8), num_stages=(1, 2),
                                                           BLOCK_H=(2, 4), BLOCK_N=(64, 128))),
     "finalize": ("_finalize_grads_kernel", dict(num_warps=(2, 4, 8), BLOCK=(512, 1024, 2048))),
 }
-# Kernels of forms the scan runs only when asked to (tuned when named in --kernels)
-OPT_IN = ("bwd_dbdc_flat",)
+# Kernels of forms the scan runs only when asked to, or not for this script's 16-bit inputs (the
+# per-head B4 serves fp32 inputs): tuned when named in --kernels
+OPT_IN = ("bwd_dbdc",)
 # Kernels that serve both directions: a flag of the launch tells them apart.
 _KERNEL_OF_LAUNCH = {("_state_pass_kernel", "REVERSE", False): "state_pass_fwd",
                      ("_state_pass_kernel", "REVERSE", True): "state_pass_bwd",

@@ -305,11 +305,12 @@ def _ssd_launch_options_group(failures: list) -> None:
 
 
 def _ssd_flat_group(failures: list) -> None:
-    """B4's flat form (MATMAMBA_SSD_BWD_DBDC=flat): the scan's
-    cases with the decay factored; every tile in the exact form (SPAN_LIMIT below any span); one
-    head a tile and two with 16-wide N steps; a case whose heads decay so fast that some tiles
-    exceed the default limit and others do not (one head a tile), in float32; then the fp16
-    rounding cases (the hi + lo bf16 products)."""
+    """B4's two forms where the default groups do not reach them: they run the flat form for
+    16-bit inputs and the per-head one for fp32 (MATMAMBA_SSD_BWD_DBDC=auto). Here, forced flat
+    in float32: the scan's cases with the decay factored; every tile in the exact form
+    (SPAN_LIMIT below any span); one head a tile and two with 16-wide N steps; a case whose heads
+    decay so fast that some tiles exceed the default limit and others do not (one head a tile).
+    Then, forced per-head, the fp16 rounding cases."""
     import torch
 
     from matmamba.ops.ssd import triton_impl
@@ -340,6 +341,8 @@ def _ssd_flat_group(failures: list) -> None:
         _compare(f"ssd[flat B4] b{b} l{l} h{h} p{p} n{n} Q64, spans {[round(v) for v in spans.tolist()]}",
                  ssd_scan_triton, ssd_scan_naive, inputs, failures)
         triton_impl.LAUNCH_OVERRIDES.clear()
+        os.environ["MATMAMBA_SSD_BWD_DBDC"] = "head"
+        print("     per-head B4, fp16")
         _ssd_fp16_group(failures)
     finally:
         triton_impl.LAUNCH_OVERRIDES.clear()
@@ -590,6 +593,61 @@ def test_ssd_pack_factor_packs_only_where_padding_is_large(monkeypatch):
         triton_impl._check_pack(3, 64, None, None)
     with pytest.raises(ValueError, match="without initial_state and seq_idx"):
         triton_impl._check_pack(4, 64, None, object())
+
+
+def test_ssd_bwd_dbdc_form_rule(monkeypatch):
+    """B4's form (MATMAMBA_SSD_BWD_DBDC): auto is flat for 16-bit operands and per-head for fp32;
+    flat and head force either; a bad value names the valid ones."""
+    import triton.language as tl
+
+    from matmamba.ops.ssd import triton_impl
+
+    form = triton_impl._bwd_dbdc_form
+    monkeypatch.delenv("MATMAMBA_SSD_BWD_DBDC", raising=False)
+    assert [form(d) for d in (tl.bfloat16, tl.float16, tl.float32)] == ["flat", "flat", "head"]
+    monkeypatch.setenv("MATMAMBA_SSD_BWD_DBDC", "flat")
+    assert form(tl.float32) == "flat"
+    monkeypatch.setenv("MATMAMBA_SSD_BWD_DBDC", " Head ")
+    assert form(tl.bfloat16) == "head"
+    monkeypatch.setenv("MATMAMBA_SSD_BWD_DBDC", "fast")
+    with pytest.raises(ValueError, match="MATMAMBA_SSD_BWD_DBDC must be one of auto, flat, head; got 'fast'"):
+        form(tl.bfloat16)
+
+
+def test_ssd_flat_b4_falls_back_per_head_where_out_of_shared_memory(monkeypatch):
+    """Where flat B4's compiled kernel needs more shared memory than the SM has (Triton raises
+    OutOfResources as it loads, before launching), B4 runs per head, at once and from then on
+    for that specialization; other specializations still try the flat form."""
+    import torch
+    import triton.language as tl
+    from triton.runtime.errors import OutOfResources
+
+    from matmamba.ops.ssd import triton_impl
+
+    monkeypatch.delenv("MATMAMBA_SSD_BWD_DBDC", raising=False)
+    monkeypatch.setattr(triton_impl, "_FLAT_B4_TOO_LARGE", set())
+    calls = []
+
+    def fake_launch(flat, x, *rest):
+        calls.append(flat)
+        if flat and x.shape[-1] == 64:
+            raise OutOfResources(234504, 232448, "shared memory")
+        return ("flat" if flat else "head",)
+
+    monkeypatch.setattr(triton_impl, "_bwd_dbdc_launch", fake_launch)
+
+    def b4(headdim, has_seq=True, dot_dtype=tl.float16):
+        x = torch.empty(1, 8, 2, headdim)
+        return triton_impl._bwd_dbdc(x, None, None, None, None, None, None, None, None, has_seq,
+                                     (0, 0), 64, 64, triton_impl._pow2(headdim), 128, dot_dtype,
+                                     "tf32")[0]
+
+    assert b4(64) == "head" and calls == [True, False]
+    assert b4(64) == "head" and calls == [True, False, False]       # not tried again
+    assert b4(64, has_seq=False) == "head" and calls[3:] == [True, False]  # another specialization
+    assert b4(24) == "flat" and calls[5:] == [True]
+    assert b4(24, dot_dtype=tl.float32) == "head" and calls[6:] == [False]  # auto: fp32 per head
+    assert len(triton_impl._FLAT_B4_TOO_LARGE) == 2
 
 
 def test_ssd_launch_limits_are_explicit():

@@ -41,9 +41,9 @@ Backward (five launches; four in the sequential form, which fuses B1 and B2)::
     B5  dB, dC summed over B4's head splits (in the inputs' dtype); dA, dD, d dt_bias over
         B3's per-(b, chunk) partials
 
-B4 also comes in a flat form (MATMAMBA_SSD_BWD_DBDC=flat, opt-in): several heads a program,
-L_ts factored as exp(Lam_t - r) exp(r - Lam_s) so that the heads share one product (the comment
-above _chunk_bwd_dbdc_flat_kernel).
+With 16-bit inputs B4 runs in a flat form (MATMAMBA_SSD_BWD_DBDC: auto, flat, head): several heads
+a program, L_ts factored as exp(Lam_t - r) exp(r - Lam_s) so that the heads share one product for
+W (the comment above _chunk_bwd_dbdc_flat_kernel).
 
 The identity behind dLam: Lam_t multiplies every term that C_t reads (so dLam_t gets C_t . dC_t,
 which is dy_t . y'_t) and divides every term that xt_t writes (so it loses xt_t . dxt_t); the
@@ -78,6 +78,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..triton_common.custom_ops import differentiable_triton_op, segment_ids
 from ..triton_common.launch import cdiv, launch, next_power_of_2
@@ -118,11 +119,22 @@ _PACK_MIN_SAVING = 0.15
 _PACK_MAX_TOKENS = 4096
 
 
-# B4's two forms (the flat one: several heads a program, the decay factored; see above
-# _chunk_bwd_dbdc_flat_kernel), MATMAMBA_SSD_BWD_DBDC = "head" (default) or "flat". Flat B4
-# (session 20) is not yet timed, so it is opt-in. (Flat B3, session 20, measured 4-5% slower than
-# the per-head kernel at its best launch options on the H100 and was removed in session 21.)
-_BWD_FORMS = ("head", "flat")
+# B4's two forms, MATMAMBA_SSD_BWD_DBDC = "auto" (default: flat for 16-bit inputs, per-head for
+# fp32), "flat" (several heads a program, the decay factored; see above
+# _chunk_bwd_dbdc_flat_kernel) or "head" (one head at a time, B4's first form). Flat B4 against the
+# per-head one on the H100 (session 21, bf16, the block's layout): 0.321 vs 0.346 ms at b8 l2048
+# h64 p24, 0.276 vs 0.339 at ViT's b64 l197, 0.589 vs 0.662 at b32 l1024; the block D768 graphed
+# 2.543 -> 2.523 ms at full width, 0.811 -> 0.775 at D/8. fp32 inputs, which are for checks
+# rather than speed, keep the per-head form unless "flat" is asked for: fp32 operands double the
+# flat form's shared memory. Where the flat form's tiles do not fit in an SM's shared memory
+# (the compiler's figure depends on the call's specialization: 165 KB at the block's p = 24 in
+# bf16, 235 KB for fp16 at p = 64 with segment ids), B4 runs per head (_bwd_dbdc). (Flat B3, the
+# same factoring for dxt and y', measured 4-5% slower than the per-head B3 in session 20 and was
+# removed in session 21.)
+_BWD_FORMS = ("auto", "flat", "head")
+# (device, operand dtype, Q, block_p, block_n_full, segment ids) where flat B4 ran out of shared
+# memory: B4 runs per head there from then on
+_FLAT_B4_TOO_LARGE: set = set()
 # Where a tile's largest span of Lam over a chunk is above this, the flat form computes the tile
 # the exact way (the factors exp(+-span / 2) would leave fp32's range for small dy).
 _FLAT_SPAN_LIMIT = 80.0
@@ -135,11 +147,20 @@ def _interpreting() -> bool:
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: read once per trace
-def _bwd_dbdc_form() -> str:
-    value = os.environ.get("MATMAMBA_SSD_BWD_DBDC", "head").strip().lower() or "head"
+def _bwd_dbdc_setting() -> str:
+    value = os.environ.get("MATMAMBA_SSD_BWD_DBDC", "auto").strip().lower() or "auto"
     if value not in _BWD_FORMS:
         raise ValueError(f"MATMAMBA_SSD_BWD_DBDC must be one of {', '.join(_BWD_FORMS)}; got {value!r}")
     return value
+
+
+def _bwd_dbdc_form(dot_dtype) -> str:
+    """B4's form for operands of ``dot_dtype``: "flat" or "head" (the flat one falls back to
+    "head" where its tiles do not fit in shared memory, ``_bwd_dbdc``)."""
+    setting = _bwd_dbdc_setting()
+    if setting == "auto":
+        return "head" if dot_dtype == tl.float32 else "flat"
+    return setting
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: read once per trace
@@ -1287,6 +1308,22 @@ def _bwd_dbdc_options(Q: int, block_p: int, block_n: int, dot_dtype, several: bo
                 num_warps=8 if Q >= 64 and block_p >= 64 and several else 4)
 
 
+def _bwd_dbdc_flat_options(Q: int, block_p: int, block_n_full: int, dot_dtype,
+                           heads_per_group: int) -> dict:
+    # 16-bit operands: 128 columns a tile (4 heads of 24, padded to 32), B4's N block, 8 warps, 2
+    # stages: the best of 16 on the H100 (session 21, b8 l2048 h64 p24: 0.320 ms; next 0.356 at 2
+    # heads, N 64, 4 warps; the worst 2.59), and the best at ViT's and lm_130m's shapes too.
+    # Offline (Triton 3.6, sm_90a, the block's p = 24): 255 registers (304 B spills), 166 KB of
+    # shared memory, one program an SM. fp32 operands (asked for with MATMAMBA_SSD_BWD_DBDC=flat)
+    # take 4 bytes where bf16 take 2: 64 columns and N steps of 32 (128 columns and 128-wide N
+    # steps needed 297 KB at p = 24 on the H100, over the SM's 227 KB).
+    columns = 64 if dot_dtype == tl.float32 else 128
+    block_n = 32 if dot_dtype == tl.float32 else _bwd_dbdc_block_n(Q, block_n_full)
+    return dict(BLOCK_H=min(_pow2(heads_per_group, 1), max(1, columns // block_p)),
+                BLOCK_N=min(block_n, block_n_full), num_warps=8, num_stages=2,
+                SPAN_LIMIT=_FLAT_SPAN_LIMIT, EMULATE_BF16=_interpreting())
+
+
 def _sm_count(device) -> int:
     if device.type != "cuda":
         return 4
@@ -1504,21 +1541,28 @@ def _head_splits(batch, nchunks, ngroups, heads_per_group, n_blocks, device) -> 
 def _bwd_dbdc(x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, has_seq, s_seq, Q,
               padded_len, block_p, block_n_full, dot_dtype, dot_prec):
     """B4, per group: -> (dB partials, dC partials, splits). A program sums one split of the
-    group's heads (per-head form) or of its tiles of BLOCK_H heads (flat form)."""
+    group's heads (per-head form) or of its tiles of BLOCK_H heads (flat form; per head instead
+    where its tiles do not fit in shared memory)."""
+    args = (x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, has_seq, s_seq, Q, padded_len,
+            block_p, block_n_full, dot_dtype, dot_prec)
+    key = (x.device, str(dot_dtype), Q, block_p, block_n_full, has_seq)
+    if _bwd_dbdc_form(dot_dtype) == "flat" and key not in _FLAT_B4_TOO_LARGE:
+        try:
+            return _bwd_dbdc_launch(True, *args)
+        except OutOfResources:  # raised when the compiled kernel loads, before it is launched
+            _FLAT_B4_TOO_LARGE.add(key)
+    return _bwd_dbdc_launch(False, *args)
+
+
+def _bwd_dbdc_launch(flat, x, B, C, seq_arg, dy, entering, leaving_grad, dtp, lam, has_seq, s_seq,
+                     Q, padded_len, block_p, block_n_full, dot_dtype, dot_prec):
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     heads_per_group = nheads // ngroups
     nchunks = entering.shape[1]
-    flat = _bwd_dbdc_form() == "flat"
     if flat:
-        # not yet timed: 128 columns (4 heads of 24, padded to 32), B4's N block, 8 warps.
-        # Offline (Triton 3.6, sm_90a): the factored path ~510 instructions a warp a head
-        # against B4's ~1000, but the kernel takes 255 registers (304 B spills) and 162 KB of
-        # shared memory, one program an SM
-        opts = _launch("bwd_dbdc_flat",
-                       BLOCK_H=min(_pow2(heads_per_group, 1), max(1, 128 // block_p)),
-                       BLOCK_N=_bwd_dbdc_block_n(Q, block_n_full), num_warps=8, num_stages=2,
-                       SPAN_LIMIT=_FLAT_SPAN_LIMIT, EMULATE_BF16=_interpreting())
+        opts = _launch("bwd_dbdc_flat", **_bwd_dbdc_flat_options(Q, block_p, block_n_full, dot_dtype,
+                                                                 heads_per_group))
         units = cdiv(heads_per_group, opts["BLOCK_H"])
         block_n = opts["BLOCK_N"]
     else:
