@@ -318,6 +318,21 @@ def _per_column(v, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.conste
 
 
 @triton.jit
+def _head_tile(first, group_end, nheads, headdim, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The tile of heads first .. first + BLOCK_H - 1 (those before group_end are real):
+    (h_ok, heads) per head, and (f_head, f_p, f_ok) per column f (channel f % BLOCK_P of head
+    f // BLOCK_P). Indices past the group are clamped to a real head: masked, never read."""
+    offs_hb = tl.arange(0, BLOCK_H)
+    h_ok = first + offs_hb < group_end
+    heads = tl.minimum(first + offs_hb, nheads - 1)
+    offs_f = tl.arange(0, BLOCK_H * BLOCK_P)
+    f_head = first + offs_f // BLOCK_P
+    f_p = offs_f % BLOCK_P
+    f_ok = (f_head < group_end) & (f_p < headdim)
+    return h_ok, heads, tl.minimum(f_head, nheads - 1), f_p, f_ok
+
+
+@triton.jit
 def _split_bf16(a):
     hi = a.to(tl.bfloat16)
     return hi, (a - hi.to(tl.float32)).to(tl.bfloat16)
@@ -796,13 +811,8 @@ def _chunk_out_fwd_flat_kernel(
     t_idx = c * Q + offs_q
     valid = t_idx < seqlen
     offs_hb = tl.arange(0, BLOCK_H)
-    h_ok = first + offs_hb < group_end
-    heads = tl.minimum(first + offs_hb, nheads - 1)                             # (BLOCK_H,)
-    offs_f = tl.arange(0, F)                     # column f: channel f % BLOCK_P of head f // BLOCK_P
-    f_head = first + offs_f // BLOCK_P
-    f_p = offs_f % BLOCK_P
-    f_ok = (f_head < group_end) & (f_p < headdim)
-    f_head = tl.minimum(f_head, nheads - 1)
+    offs_f = tl.arange(0, F)
+    h_ok, heads, f_head, f_p, f_ok = _head_tile(first, group_end, nheads, headdim, BLOCK_H, BLOCK_P)
     tile_mask = valid[:, None] & f_ok[None, :]
     offs_n = tl.arange(0, BLOCK_N)
 
@@ -1189,12 +1199,8 @@ def _chunk_bwd_dbdc_flat_kernel(
     last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(heads_per_group, BLOCK_H))
     for tile in range(first_tile, last_tile):
         first = g * heads_per_group + tile * BLOCK_H
-        h_ok = first + offs_hb < group_end
-        heads = tl.minimum(first + offs_hb, nheads - 1)
-        f_head = first + offs_f // BLOCK_P
-        f_p = offs_f % BLOCK_P
-        f_ok = (f_head < group_end) & (f_p < headdim)
-        f_head = tl.minimum(f_head, nheads - 1)
+        h_ok, heads, f_head, f_p, f_ok = _head_tile(first, group_end, nheads, headdim, BLOCK_H,
+                                                    BLOCK_P)
         tile_mask = valid[:, None] & f_ok[None, :]
         rows = (b * nheads + heads)[None, :] * padded_len + t_idx[:, None]      # (Q, BLOCK_H)
         lam = tl.load(lam_ptr + rows, mask=h_ok[None, :], other=0.0)
