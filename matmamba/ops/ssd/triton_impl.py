@@ -128,8 +128,8 @@ _PACK_MAX_TOKENS = 4096
 # 2.543 -> 2.523 ms at full width, 0.811 -> 0.775 at D/8. fp32 inputs, which are for checks
 # rather than speed, keep the per-head form unless "flat" is asked for: fp32 operands double the
 # flat form's shared memory. Where the flat form's tiles do not fit in an SM's shared memory
-# (the compiler's figure depends on the call's specialization: 165 KB at the block's p = 24 in
-# bf16, 235 KB for fp16 at p = 64 with segment ids), B4 runs per head (_bwd_dbdc). (Flat B3, the
+# (the compiler's figure depends on the call's specialization: 162 KB at the block's p = 24 in
+# bf16, 229 KB for fp16 at p = 64 with segment ids), B4 runs per head (_bwd_dbdc). (Flat B3, the
 # same factoring for dxt and y', measured 4-5% slower than the per-head B3 in session 20 and was
 # removed in session 21.)
 _BWD_FORMS = ("auto", "flat", "head")
@@ -1464,10 +1464,10 @@ def _bwd_dbdc_flat_options(Q: int, block_p: int, block_n_full: int, dot_dtype,
     # 16-bit operands: 128 columns a tile (4 heads of 24, padded to 32), B4's N block, 8 warps, 2
     # stages: the best of 16 on the H100 (session 21, b8 l2048 h64 p24: 0.320 ms; next 0.356 at 2
     # heads, N 64, 4 warps; the worst 2.59), and the best at ViT's and lm_130m's shapes too.
-    # Offline (Triton 3.6, sm_90a, the block's p = 24): 255 registers (304 B spills), 166 KB of
+    # Offline (Triton 3.6, sm_90a, the block's p = 24): 255 registers (304 B spills), 162 KB of
     # shared memory, one program an SM. fp32 operands (asked for with MATMAMBA_SSD_BWD_DBDC=flat)
     # take 4 bytes where bf16 take 2: 64 columns and N steps of 32 (128 columns and 128-wide N
-    # steps needed 297 KB at p = 24 on the H100, over the SM's 227 KB).
+    # steps needed 290 KB at p = 24 on the H100, over the SM's 227 KB).
     columns = 64 if dot_dtype == tl.float32 else 128
     block_n = 32 if dot_dtype == tl.float32 else _bwd_dbdc_block_n(Q, block_n_full)
     return dict(BLOCK_H=min(_pow2(heads_per_group, 1), max(1, columns // block_p)),
