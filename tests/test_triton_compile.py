@@ -364,7 +364,14 @@ def _inductor_group(failures: list) -> None:
             results.append((logits.detach(), {k: p.grad.clone() for k, p in model.named_parameters()
                                               if p.grad is not None}))
         (le, ge), (lc, gc) = results
-        errors = [rel_err(lc, le)] + [rel_err(gc[k], ge[k]) for k in ge]
+        # A gradient far smaller than the model's largest is what is left of a sum that nearly
+        # cancels (at width 8, layer 0's d A_log: norm 4e-8 against 1e-2 for in_proj), and fp32
+        # summation order alone moves it by ~1e-4 of itself; such gradients are judged against
+        # 1e-4 of the largest gradient's norm instead of their own.
+        floor = 1e-4 * max(g.double().norm().item() for g in ge.values())
+        errors = [rel_err(lc, le)] + [
+            (gc[k] - ge[k]).double().norm().item() / max(ge[k].double().norm().item(), floor)
+            if bool(gc[k].isfinite().all()) else math.inf for k in ge]
         ok = max(errors) <= 1e-4 and set(gc) == set(ge)
         print(f"{'ok  ' if ok else 'FAIL'} compiled (inductor) vs eager, lm_tiny width {width}: worst {max(errors):.1e}")
         if not ok:
