@@ -149,6 +149,16 @@ FORM_OF = {"chunk_state_fwd": ("MATMAMBA_SSD_STATE", "parallel"),
            "bwd_dbdc_flat": ("MATMAMBA_SSD_BWD_DBDC", "flat")}
 
 
+# Settings whose all-default forward + backward each shape also times, for comparison with this
+# run's (--other-chunks etc.): JSON key and flag -> (environment variable, default, what it varies)
+OTHER_SETTINGS = {
+    "other_chunks": ("MATMAMBA_SSD_CHUNK", "128", "chunk lengths"),
+    "other_forms": ("MATMAMBA_SSD_STATE", "", "state forms, parallel or sequential"),
+    "other_chunk_out": ("MATMAMBA_SSD_CHUNK_OUT", "", "K3 forms, head or flat"),
+    "other_bwd_dbdc": ("MATMAMBA_SSD_BWD_DBDC", "", "B4 forms, head or flat"),
+}
+
+
 def form_of(kernel):
     """A context in which ``kernel`` runs: its form forced (if it has one)."""
     if kernel in FORM_OF:
@@ -174,18 +184,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1),
                    help="processes that compile the variants in parallel before timing (0: none)")
-    p.add_argument("--other-chunks", default="128",
-                   help="chunk lengths (MATMAMBA_SSD_CHUNK) whose all-default forward + backward is "
-                        "also timed, for comparison with the default chunk ('' for none)")
-    p.add_argument("--other-forms", default="",
-                   help="state forms (MATMAMBA_SSD_STATE: parallel, sequential) whose all-default "
-                        "forward + backward is also timed, in this process ('' for none)")
-    p.add_argument("--other-chunk-out", default="",
-                   help="K3 forms (MATMAMBA_SSD_CHUNK_OUT: head, flat) whose all-default forward + "
-                        "backward is also timed, in this process ('' for none)")
-    p.add_argument("--other-bwd-dbdc", default="",
-                   help="B4 forms (MATMAMBA_SSD_BWD_DBDC: head, flat) whose all-default forward + "
-                        "backward is also timed, in this process ('' for none)")
+    for key, (variable, default, what) in OTHER_SETTINGS.items():
+        p.add_argument("--" + key.replace("_", "-"), default=default,
+                       help=f"{what} ({variable}) whose all-default forward + backward is also "
+                            "timed, in this process ('' for none)")
     p.add_argument("--layout", default="contiguous", choices=LAYOUTS,
                    help="contiguous inputs, or the views and strided gradient outputs the block's "
                         "fused core passes (the other layout's all-default time is printed too)")
@@ -642,12 +644,8 @@ def main(argv=None):
             for kernel in sorted(base_kernels, key=lambda k: -base_kernels[k]):
                 print(f"     {kernel:<17} {args.layout} {base_kernels[kernel]:7.3f} ms   {other} "
                       f"{other_kernels.get(kernel, float('nan')):7.3f} ms", flush=True)
-        for key, variable, values in (("other_chunks", "MATMAMBA_SSD_CHUNK", args.other_chunks),
-                                      ("other_forms", "MATMAMBA_SSD_STATE", args.other_forms),
-                                      ("other_chunk_out", "MATMAMBA_SSD_CHUNK_OUT",
-                                       args.other_chunk_out),
-                                      ("other_bwd_dbdc", "MATMAMBA_SSD_BWD_DBDC",
-                                       args.other_bwd_dbdc)):
+        for key, (variable, _, _) in OTHER_SETTINGS.items():
+            values = getattr(args, key)
             entry[f"{key}_total_ms"], entry[f"{key}_kernels_ms"] = {}, {}
             for value in filter(None, values.split(",")):
                 if dry:

@@ -132,7 +132,7 @@ _PACK_MAX_TOKENS = 4096
 # bf16, 229 KB for fp16 at p = 64 with segment ids), B4 runs per head (_bwd_dbdc). (Flat B3, the
 # same factoring for dxt and y', measured 4-5% slower than the per-head B3 in session 20 and was
 # removed in session 21.)
-_BWD_FORMS = ("auto", "flat", "head")
+_BWD_DBDC_FORMS = ("auto", "flat", "head")
 # K3's two forms (MATMAMBA_SSD_CHUNK_OUT): "head" (default) and "flat" (several heads a program,
 # the decay factored as in flat B4; see above _chunk_out_fwd_flat_kernel), opt-in until timed.
 _CHUNK_OUT_FORMS = ("head", "flat")
@@ -159,7 +159,7 @@ def _form_setting(variable: str, default: str, forms: tuple) -> str:
 
 @torch.compiler.assume_constant_result  # under torch.compile: read once per trace
 def _bwd_dbdc_setting() -> str:
-    return _form_setting("MATMAMBA_SSD_BWD_DBDC", "auto", _BWD_FORMS)
+    return _form_setting("MATMAMBA_SSD_BWD_DBDC", "auto", _BWD_DBDC_FORMS)
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: read once per trace
