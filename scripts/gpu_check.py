@@ -983,19 +983,14 @@ def main():
     parser.add_argument("--ssd-bwd-dbdc", choices=["auto", "flat", "head"], default=None,
                         help="the SSD backward's B4 form for every check (MATMAMBA_SSD_BWD_DBDC; "
                              "default: the scan's own choice, auto: flat for 16-bit inputs)")
-    parser.add_argument("--ssd-chunk-out", choices=["head", "flat"], default=None,
-                        help="the SSD forward's K3 form for every check (MATMAMBA_SSD_CHUNK_OUT; "
-                             "default: the scan's own choice)")
     parser.add_argument("--ssd-span-limit", type=float, default=None,
-                        help="the flat forms of K3 and B4: the span of Lam over a chunk above which a "
+                        help="flat B4: the span of Lam over a chunk above which a "
                              "tile takes the exact form (-1: every tile; default: the scan's own limit)")
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="exercise this script on the CPU under TRITON_INTERPRET=1 (fp32/fp16 only)")
     args = parser.parse_args()
     if args.ssd_bwd_dbdc:
         os.environ["MATMAMBA_SSD_BWD_DBDC"] = args.ssd_bwd_dbdc
-    if args.ssd_chunk_out:
-        os.environ["MATMAMBA_SSD_CHUNK_OUT"] = args.ssd_chunk_out
     if args.ssd_state:
         os.environ["MATMAMBA_SSD_STATE"] = args.ssd_state
     if args.ssd_segments:
@@ -1008,14 +1003,12 @@ def main():
     import triton
     if args.ssd_span_limit is not None:  # (after TRITON_INTERPRET is set: this decorates the kernels)
         from matmamba.ops.ssd import triton_impl
-        for name in ("chunk_out_fwd_flat", "bwd_dbdc_flat"):
-            triton_impl.LAUNCH_OVERRIDES[name] = dict(SPAN_LIMIT=args.ssd_span_limit)
+        triton_impl.LAUNCH_OVERRIDES["bwd_dbdc_flat"] = dict(SPAN_LIMIT=args.ssd_span_limit)
     dev = torch.device("cpu" if args.cpu_dry_run else "cuda")
     skip = set(filter(None, args.skip.split(",")))
     if dev.type == "cuda":
         env = dict(torch=torch.__version__, triton=triton.__version__, ssd_state=args.ssd_state,
                    ssd_segments=args.ssd_segments, ssd_bwd_dbdc=args.ssd_bwd_dbdc,
-                   ssd_chunk_out=args.ssd_chunk_out,
                    ssd_span_limit=args.ssd_span_limit,
                    device=torch.cuda.get_device_name(),
                    capability=".".join(map(str, torch.cuda.get_device_capability())))

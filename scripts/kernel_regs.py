@@ -115,10 +115,6 @@ def kernel_table(Q: int, block_p: int, block_n_full: int):
                        ti._state_walk_options(64 * block_p, block_n_full)),
         "chunk_out_fwd": (ti._chunk_out_fwd_kernel, dict(common, HAS_D=True, D_PER_CHANNEL=False),
                           ti._chunk_out_fwd_options(Q, block_p, block_n_full, bf16)),
-        "chunk_out_fwd_flat": (ti._chunk_out_fwd_flat_kernel,
-                               dict(common, HAS_D=True, D_PER_CHANNEL=False,
-                                    SPAN_LIMIT=ti._FLAT_SPAN_LIMIT, EMULATE_BF16=False),
-                               ti._chunk_out_fwd_flat_options(block_p, block_n_full, bf16, 64)),
     }
 
 

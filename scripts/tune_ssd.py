@@ -99,10 +99,6 @@ KERNELS = {
     "chunk_state_fwd": ("_chunk_states_kernel", _ROWS_GRID),
     "state_pass_fwd": ("_state_pass_kernel", dict(num_warps=(2, 4, 8), BLOCK=(256, 512, 1024, 2048))),
     "chunk_out_fwd": ("_chunk_out_fwd_kernel", _DOT_GRID),
-    # K3's flat form (MATMAMBA_SSD_CHUNK_OUT=flat, opt-in: tuned and timed with it forced, FORM_OF
-    # below): BLOCK_H heads a tile
-    "chunk_out_fwd_flat": ("_chunk_out_fwd_flat_kernel", dict(num_warps=(4, 8), num_stages=(2, 3),
-                                                              BLOCK_H=(1, 2, 4), BLOCK_N=(32, 64))),
     "chunk_dstate_bwd": ("_chunk_states_kernel", _ROWS_GRID),
     # the sequential form's walks (where _state_form picks it, or under MATMAMBA_SSD_STATE)
     "state_fwd_fused": ("_state_walk_kernel", _WALK_GRID),
@@ -124,7 +120,7 @@ KERNELS = {
 }
 # Kernels of forms the scan runs only when asked to, or not for this script's 16-bit inputs (the
 # per-head B4 serves fp32 inputs): tuned when named in --kernels
-OPT_IN = ("bwd_dbdc", "chunk_out_fwd_flat")
+OPT_IN = ("bwd_dbdc",)
 # Kernels that serve both directions: a flag of the launch tells them apart.
 _KERNEL_OF_LAUNCH = {("_state_pass_kernel", "REVERSE", False): "state_pass_fwd",
                      ("_state_pass_kernel", "REVERSE", True): "state_pass_bwd",
@@ -134,8 +130,8 @@ _KERNEL_OF_LAUNCH = {("_state_pass_kernel", "REVERSE", False): "state_pass_fwd",
                      ("_state_walk_kernel", "REVERSE", True): "state_bwd_fused"}
 
 
-# Kernels that run in one form only (the state form, triton_impl._state_form; K3's and B4's
-# forms, triton_impl._chunk_out_form / _bwd_dbdc_form): their candidates are vetted and timed with
+# Kernels that run in one form only (the state form, triton_impl._state_form; B4's forms,
+# triton_impl._bwd_dbdc_form): their candidates are vetted and timed with
 # that form forced, whatever the shape's own choice.
 FORM_OF = {"chunk_state_fwd": ("MATMAMBA_SSD_STATE", "parallel"),
            "chunk_dstate_bwd": ("MATMAMBA_SSD_STATE", "parallel"),
@@ -143,8 +139,6 @@ FORM_OF = {"chunk_state_fwd": ("MATMAMBA_SSD_STATE", "parallel"),
            "state_pass_bwd": ("MATMAMBA_SSD_STATE", "parallel"),
            "state_fwd_fused": ("MATMAMBA_SSD_STATE", "sequential"),
            "state_bwd_fused": ("MATMAMBA_SSD_STATE", "sequential"),
-           "chunk_out_fwd": ("MATMAMBA_SSD_CHUNK_OUT", "head"),
-           "chunk_out_fwd_flat": ("MATMAMBA_SSD_CHUNK_OUT", "flat"),
            "bwd_dbdc": ("MATMAMBA_SSD_BWD_DBDC", "head"),
            "bwd_dbdc_flat": ("MATMAMBA_SSD_BWD_DBDC", "flat")}
 
@@ -154,7 +148,6 @@ FORM_OF = {"chunk_state_fwd": ("MATMAMBA_SSD_STATE", "parallel"),
 OTHER_SETTINGS = {
     "other_chunks": ("MATMAMBA_SSD_CHUNK", "128", "chunk lengths"),
     "other_forms": ("MATMAMBA_SSD_STATE", "", "state forms, parallel or sequential"),
-    "other_chunk_out": ("MATMAMBA_SSD_CHUNK_OUT", "", "K3 forms, head or flat"),
     "other_bwd_dbdc": ("MATMAMBA_SSD_BWD_DBDC", "", "B4 forms, head or flat"),
 }
 

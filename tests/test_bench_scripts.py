@@ -377,8 +377,8 @@ def test_tune_ssd_grid_replaces_only_the_named_options():
 
 def test_tune_ssd_runs_each_kernel_in_its_own_form(monkeypatch):
     """A kernel of one form only is vetted and timed with that form forced (the state form, or
-    K3's or B4's per-head / flat form), whatever the environment says; the per-head B4, which the
-    scan runs for fp32 inputs only unless asked, and the opt-in flat K3 are tuned only when named."""
+    B4's per-head / flat form), whatever the environment says; the per-head B4, which the scan
+    runs for fp32 inputs only unless asked, is tuned only when named."""
     import tune_ssd
 
     monkeypatch.setenv("MATMAMBA_SSD_BWD_DBDC", "flat")
@@ -386,14 +386,12 @@ def test_tune_ssd_runs_each_kernel_in_its_own_form(monkeypatch):
         assert os.environ["MATMAMBA_SSD_BWD_DBDC"] == "head"
     assert os.environ["MATMAMBA_SSD_BWD_DBDC"] == "flat"
     monkeypatch.delenv("MATMAMBA_SSD_BWD_DBDC")
-    with tune_ssd.form_of("bwd_dbdc_flat"), tune_ssd.form_of("state_fwd_fused"), \
-            tune_ssd.form_of("chunk_out_fwd_flat"):
+    with tune_ssd.form_of("bwd_dbdc_flat"), tune_ssd.form_of("state_fwd_fused"):
         assert os.environ["MATMAMBA_SSD_BWD_DBDC"] == "flat"
         assert os.environ["MATMAMBA_SSD_STATE"] == "sequential"
-        assert os.environ["MATMAMBA_SSD_CHUNK_OUT"] == "flat"
-    assert not {"MATMAMBA_SSD_BWD_DBDC", "MATMAMBA_SSD_STATE", "MATMAMBA_SSD_CHUNK_OUT"} & set(os.environ)
+    assert not {"MATMAMBA_SSD_BWD_DBDC", "MATMAMBA_SSD_STATE"} & set(os.environ)
     kernels = tune_ssd.parse_args([]).kernels.split(",")
-    assert "bwd_dbdc" not in kernels and "chunk_out_fwd_flat" not in kernels
+    assert "bwd_dbdc" not in kernels
     assert {"bwd_dx", "bwd_dbdc_flat", "chunk_out_fwd"} <= set(kernels)
 
 

@@ -43,8 +43,8 @@ Backward (five launches; four in the sequential form, which fuses B1 and B2)::
 
 With 16-bit inputs B4 runs in a flat form (MATMAMBA_SSD_BWD_DBDC: auto, flat, head): several heads
 a program, L_ts factored as exp(Lam_t - r) exp(r - Lam_s) so that the heads share one product for
-W (the comment above _chunk_bwd_dbdc_flat_kernel). K3 has the same flat form, opt-in until timed
-(MATMAMBA_SSD_CHUNK_OUT=flat; the comment above _chunk_out_fwd_flat_kernel).
+W (the comment above _chunk_bwd_dbdc_flat_kernel). The same factoring measured slower in B3
+(session 20) and in K3 (session 22), where the per-head forms stay.
 
 The identity behind dLam: Lam_t multiplies every term that C_t reads (so dLam_t gets C_t . dC_t,
 which is dy_t . y'_t) and divides every term that xt_t writes (so it loses xt_t . dxt_t); the
@@ -133,9 +133,6 @@ _PACK_MAX_TOKENS = 4096
 # same factoring for dxt and y', measured 4-5% slower than the per-head B3 in session 20 and was
 # removed in session 21.)
 _BWD_DBDC_FORMS = ("auto", "flat", "head")
-# K3's two forms (MATMAMBA_SSD_CHUNK_OUT): "head" (default) and "flat" (several heads a program,
-# the decay factored as in flat B4; see above _chunk_out_fwd_flat_kernel), opt-in until timed.
-_CHUNK_OUT_FORMS = ("head", "flat")
 # (device, operand dtype, Q, block_p, block_n_full, segment ids) where flat B4 ran out of shared
 # memory: B4 runs per head there from then on
 _FLAT_B4_TOO_LARGE: set = set()
@@ -160,12 +157,6 @@ def _form_setting(variable: str, default: str, forms: tuple) -> str:
 @torch.compiler.assume_constant_result  # under torch.compile: read once per trace
 def _bwd_dbdc_setting() -> str:
     return _form_setting("MATMAMBA_SSD_BWD_DBDC", "auto", _BWD_DBDC_FORMS)
-
-
-@torch.compiler.assume_constant_result  # under torch.compile: read once per trace
-def _chunk_out_form() -> str:
-    """K3's form, MATMAMBA_SSD_CHUNK_OUT: "head" (default) or "flat" (opt-in, not yet timed)."""
-    return _form_setting("MATMAMBA_SSD_CHUNK_OUT", "head", _CHUNK_OUT_FORMS)
 
 
 def _bwd_dbdc_form(dot_dtype) -> str:
@@ -305,7 +296,7 @@ def _dot_fp32_lhs(a, b_low, acc, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr
     return acc
 
 
-# The flat forms (flat K3, flat B4) hold BLOCK_H heads' channels side by side as the columns of one
+# The flat form (flat B4) holds BLOCK_H heads' channels side by side as the columns of one
 # (rows x BLOCK_H * BLOCK_P) tile, and factor the decay so that their products take bf16 operands
 # whatever the input dtype (the factors need bf16's range): the helpers below.
 
@@ -767,123 +758,6 @@ def _chunk_out_fwd_kernel(
             acc += x_tile * tl.load(D_ptr + h).to(tl.float32)
     tl.store(y_ptr + b * s_yb + h * s_yh + t_idx[:, None] * s_yl + offs_p[None, :] * s_yp,
              acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & p_mask[None, :])
-
-
-# ----------------------------------------------------------------------------------------------
-# K3, flat (MATMAMBA_SSD_CHUNK_OUT=flat, opt-in, not yet timed): K3 for BLOCK_H heads of one group
-# a program, their channels side by side as the columns of one (Q x BLOCK_H * BLOCK_P) tile, the
-# decay factored about each head's middle Lam r as in flat B4 (L_ts = exp(Lam_t - r) exp(r - Lam_s)):
-#
-#     y_t = exp(Lam_t - r) sum_{s <= t} CB_ts (exp(r - Lam_s) dt'_s x_s) + exp(Lam_t) C_t H0^T + D x_t
-#
-# so the tile's heads share one (Q x Q) @ (Q x BLOCK_H P) product instead of a Q x Q exp, mask and
-# product a head, and C H0^T is one (Q x N) @ (N x BLOCK_H P) product. Rounding as K3: CB goes in
-# rounded to bf16 (K3 rounds CB o L dt' to 16 bits) and the factored x as hi + lo bf16 parts (K3
-# keeps x exact: rounding it too cost the gradients behind the gated norm, see K3), fp16 inputs
-# CB as hi + lo too (fp16's range would not hold the factors); fp32 inputs, fp32 products. Tiles
-# whose span of Lam over the chunk exceeds SPAN_LIMIT take K3's exact per-head scores.
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _chunk_out_fwd_flat_kernel(
-    x_ptr, C_ptr, CB_ptr, H0_ptr, dtp_ptr, lam_ptr, D_ptr, seq_ptr, y_ptr,
-    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len,
-    s_xb, s_xl, s_xh, s_xp,
-    s_cb, s_cl, s_cg, s_cn,
-    s_yb, s_yl, s_yh, s_yp,
-    s_seqb, s_seql,
-    Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_SEQ: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, SPAN_LIMIT: tl.constexpr,
-    EMULATE_BF16: tl.constexpr,
-):
-    F: tl.constexpr = BLOCK_H * BLOCK_P
-    c = tl.program_id(1)
-    nchunks = tl.num_programs(1)
-    tiles_per_group = tl.cdiv(heads_per_group, BLOCK_H)
-    pid = tl.program_id(0) % (ngroups * tiles_per_group)     # (group, tile of its heads)
-    b = tl.program_id(0) // (ngroups * tiles_per_group)
-    g = pid // tiles_per_group
-    first = g * heads_per_group + (pid % tiles_per_group) * BLOCK_H
-    group_end = (g + 1) * heads_per_group
-    offs_q = tl.arange(0, Q)
-    t_idx = c * Q + offs_q
-    valid = t_idx < seqlen
-    offs_hb = tl.arange(0, BLOCK_H)
-    offs_f = tl.arange(0, F)
-    h_ok, heads, f_head, f_p, f_ok = _head_tile(first, group_end, nheads, headdim, BLOCK_H, BLOCK_P)
-    tile_mask = valid[:, None] & f_ok[None, :]
-    offs_n = tl.arange(0, BLOCK_N)
-
-    rows = (b * nheads + heads)[None, :] * padded_len + t_idx[:, None]          # (Q, BLOCK_H)
-    lam = tl.load(lam_ptr + rows, mask=h_ok[None, :], other=0.0)
-    dtp = tl.load(dtp_ptr + rows, mask=h_ok[None, :], other=0.0)
-    from_start = tl.exp(lam)
-    pair_ok = offs_q[:, None] >= offs_q[None, :]
-    if HAS_SEQ:
-        seq_t, seq_end, seq_prev = _seq_masks(seq_ptr, s_seqb, s_seql, b, c * Q, t_idx,
-                                              seqlen, Q)
-        from_start = tl.where((seq_t == seq_prev)[:, None], from_start, 0.0)
-        # (pairs in different sequences: K0 wrote CB = 0 there)
-
-    # Inter-chunk: C (Q, N) @ H0^T (N, F), the tile's heads at once
-    acc = tl.zeros((Q, F), dtype=tl.float32)
-    state_rows = (b * nchunks + c) * nheads * headdim + f_head * headdim + f_p   # (F,)
-    for n0 in range(0, dstate, BLOCK_N):
-        n_mask = (n0 + offs_n) < dstate
-        c_tile = tl.load(C_ptr + b * s_cb + g * s_cg + t_idx[:, None] * s_cl
-                         + (n0 + offs_n)[None, :] * s_cn,
-                         mask=valid[:, None] & n_mask[None, :], other=0.0)
-        h0_t = tl.load(H0_ptr + state_rows[None, :] * dstate + (n0 + offs_n)[:, None],
-                       mask=n_mask[:, None] & f_ok[None, :], other=0.0)
-        acc += tl.dot(c_tile.to(DOT_DTYPE), h0_t.to(DOT_DTYPE), input_precision=DOT_PREC)
-    acc = acc * _per_column(from_start, Q, BLOCK_H, BLOCK_P)
-
-    # Intra-chunk
-    cb = tl.load(CB_ptr + ((b * nchunks + c) * ngroups + g) * Q * Q
-                 + offs_q[:, None] * Q + offs_q[None, :])
-    x_tile = tl.load(x_ptr + b * s_xb + t_idx[:, None] * s_xl + f_head[None, :] * s_xh
-                     + f_p[None, :] * s_xp, mask=tile_mask, other=0.0).to(tl.float32)
-    lam_hi = tl.max(lam, axis=0)
-    lam_lo = tl.min(lam, axis=0)
-    if tl.max(lam_hi - lam_lo, axis=0) <= SPAN_LIMIT:
-        ref = (lam_hi + lam_lo) * 0.5
-        r = tl.where(pair_ok, cb, 0.0)
-        xs = x_tile * _per_column(dtp * tl.exp(ref[None, :] - lam), Q, BLOCK_H, BLOCK_P)
-        if DOT_DTYPE == tl.float32:
-            y_intra = tl.dot(r, xs, input_precision="ieee")
-        else:
-            xs_hi, xs_lo = _split_bf16(xs)
-            if DOT_DTYPE == tl.bfloat16:
-                r_hi = r.to(tl.bfloat16)
-            else:
-                r_hi, r_lo = _split_bf16(r)
-            y_intra = _dot_bf16(r_hi, xs_hi, tl.zeros((Q, F), dtype=tl.float32), EMULATE_BF16)
-            y_intra = _dot_bf16(r_hi, xs_lo, y_intra, EMULATE_BF16)
-            if DOT_DTYPE == tl.float16:
-                y_intra = _dot_bf16(r_lo, xs_hi, y_intra, EMULATE_BF16)
-        acc += y_intra * _per_column(tl.exp(lam - ref[None, :]), Q, BLOCK_H, BLOCK_P)
-    else:
-        # the exact form, head by head (K3's product, each onto its head's columns)
-        for j in tl.static_range(BLOCK_H):
-            lam_j = tl.sum(tl.where(offs_hb[None, :] == j, lam, 0.0), axis=1)
-            dtp_j = tl.sum(tl.where(offs_hb[None, :] == j, dtp, 0.0), axis=1)
-            seg = tl.where(pair_ok, lam_j[:, None] - lam_j[None, :], float("-inf"))
-            scores = cb * tl.exp(seg) * dtp_j[None, :]
-            x_j = tl.where((offs_f // BLOCK_P == j)[None, :], x_tile, 0.0)
-            acc += tl.dot(scores.to(DOT_DTYPE), x_j.to(DOT_DTYPE), input_precision=DOT_PREC)
-
-    if HAS_D:
-        if D_PER_CHANNEL:
-            d_skip = tl.load(D_ptr + f_head * headdim + f_p, mask=f_ok, other=0.0).to(tl.float32)
-            acc += x_tile * d_skip[None, :]
-        else:
-            d_skip = tl.load(D_ptr + heads, mask=h_ok, other=0.0).to(tl.float32)
-            acc += x_tile * _per_column(tl.broadcast_to(d_skip[None, :], (Q, BLOCK_H)), Q, BLOCK_H,
-                                        BLOCK_P)
-    tl.store(y_ptr + b * s_yb + t_idx[:, None] * s_yl + f_head[None, :] * s_yh
-             + f_p[None, :] * s_yp, acc.to(y_ptr.dtype.element_ty), mask=tile_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1394,16 +1268,6 @@ def _chunk_out_fwd_options(Q: int, block_p: int, block_n_full: int, dot_dtype) -
                 maxnreg=96 if _register_caps_apply(Q, block_p, dot_dtype) else None)
 
 
-def _chunk_out_fwd_flat_options(block_p: int, block_n_full: int, dot_dtype,
-                                heads_per_group: int) -> dict:
-    # Not yet timed: 128 columns a tile (4 heads of 24, padded to 32; 64 with fp32 operands, whose
-    # tiles take twice the bytes), K3's N block, 4 warps, 2 stages.
-    columns = 64 if dot_dtype == tl.float32 else 128
-    return dict(BLOCK_H=min(_pow2(heads_per_group, 1), max(1, columns // block_p)),
-                BLOCK_N=min(block_n_full, 64), num_warps=4, num_stages=2,
-                SPAN_LIMIT=_FLAT_SPAN_LIMIT, EMULATE_BF16=_interpreting())
-
-
 def _chunk_states_options(rows: int, block_n_full: int) -> dict:
     """K1 / B1 (``_chunk_states_kernel``): BLOCK_M rows of a group's flat (head, p) index."""
     return dict(BLOCK_M=min(64, _pow2(rows)), BLOCK_N=min(block_n_full, 128), num_warps=4)
@@ -1670,21 +1534,13 @@ def _ssd_forward(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx, dt_softplus
         DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
         **_launch("cb", BLOCK_N=block_n, BLOCK_H=min(64, _pow2(heads_per_group)), num_warps=warps))
     _pass_states(x, lam, w_end, B, seq_idx, initial_state, entering, final_state)
-    k3_args = (x, C, CB, entering, dtp, lam, D if D is not None else A, seq_arg, y,
-               seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len,
-               *x.stride(), *C.stride(), *y.stride(), *s_seq)
-    k3_flags = dict(Q=Q, BLOCK_P=block_p, HAS_D=D is not None,
-                    D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_SEQ=seq_idx is not None,
-                    DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec)
-    if _chunk_out_form() == "flat":
-        opts = _launch("chunk_out_fwd_flat", **_chunk_out_fwd_flat_options(block_p, block_n_full,
-                                                                           dot_dtype, heads_per_group))
-        tiles = cdiv(heads_per_group, opts["BLOCK_H"])
-        launch(_chunk_out_fwd_flat_kernel, (batch * ngroups * tiles, nchunks), *k3_args, **k3_flags,
-               **opts)
-    else:
-        launch(_chunk_out_fwd_kernel, (batch * nheads, nchunks), *k3_args, **k3_flags,
-               **_launch("chunk_out_fwd", **_chunk_out_fwd_options(Q, block_p, block_n_full, dot_dtype)))
+    launch(_chunk_out_fwd_kernel, (batch * nheads, nchunks),
+           x, C, CB, entering, dtp, lam, D if D is not None else A, seq_arg, y,
+           seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len,
+           *x.stride(), *C.stride(), *y.stride(), *s_seq,
+           Q=Q, BLOCK_P=block_p, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
+           HAS_SEQ=seq_idx is not None, DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
+           **_launch("chunk_out_fwd", **_chunk_out_fwd_options(Q, block_p, block_n_full, dot_dtype)))
     return y.view(y_shape), final_state, (dtp, lam, CB, entering)
 
 
