@@ -497,6 +497,51 @@ def _decode_group(failures: list) -> None:
         print(f"{'ok  ' if ok else 'FAIL'} causal_conv1d_update b{b} d{d} w{w}: {errors}")
         if not ok:
             failures.append("causal_conv1d_update")
+    _block_decode_cases(failures)
+
+
+def _block_decode_cases(failures: list) -> None:
+    """The block's fused decode step (conv update -> state update -> gated norm on the in_proj
+    output through column maps, A from A_log in the kernel) against the same block stepping
+    through the naive ops in float64: outputs over 3 tokens, and both caches, whose parts beyond
+    the width's prefix must stay as they were. Widths full and partial, 2 groups, per-channel D,
+    no conv bias, the norm before the gate, a dt limit, a conv of width 3."""
+    import copy
+
+    import torch
+
+    from matmamba.models.block import MatMamba2
+    from matmamba.ops import use_impl
+
+    for width, kw in [(24, dict(ngroups=2, D_has_hdim=True)),
+                      (12, dict(conv_bias=False, norm_before_gate=True, dt_limit=(0.01, 0.5))),
+                      (4, dict(d_conv=3))]:  # widths of d_model 24: 6, 3 and 1 of 6 heads
+        gen = torch.Generator().manual_seed(width)
+        ref_blk = MatMamba2(24, d_state=16, headdim=8, layer_idx=0, **kw).double()  # 6 heads of 8
+        with torch.no_grad():
+            for prm in ref_blk.parameters():  # away from the init's ones and zeros
+                prm.add_(torch.randn(prm.shape, generator=gen, dtype=torch.float64) * 0.1)
+        blk = copy.deepcopy(ref_blk).float()
+        b = 2
+        ref_cache = [torch.randn(t.shape, generator=gen, dtype=torch.float64)
+                     for t in ref_blk.allocate_inference_cache(b)]
+        cache = [t.float() for t in ref_cache]
+        outs, refs = [], []
+        with torch.no_grad():
+            for _ in range(3):
+                u = torch.randn(b, 1, 24, generator=gen, dtype=torch.float64)
+                with use_impl("naive"):
+                    refs.append(ref_blk.step(u, *ref_cache, width=width))
+                with use_impl("triton"):
+                    assert blk._fused_decode(u.float())
+                    outs.append(blk.step(u.float(), *cache, width=width))
+        errors = (rel_err(torch.cat(outs), torch.cat(refs)),
+                  rel_err(cache[0], ref_cache[0]), rel_err(cache[1], ref_cache[1]))
+        ok = max(errors) <= TOL
+        print(f"{'ok  ' if ok else 'FAIL'} block decode step (fused core) width {width} {kw}: "
+              f"out, conv cache, ssm cache {tuple(f'{e:.1e}' for e in errors)}")
+        if not ok:
+            failures.append(f"block decode width {width}")
 
 
 def _mixer_group(failures: list) -> None:

@@ -321,8 +321,21 @@ class MatMamba2(nn.Module):
         rows = self._in_proj_rows(k)
         bias = self.in_proj.bias[:rows] if self.in_proj.bias is not None else None
         zxbcdt = F.linear(u[:, 0], self.in_proj.weight[:rows], bias)
-        z, x, BC, dt = self._split_projection(zxbcdt, k)
         channels = self._conv_channels(k)
+        if self._fused_decode(u):
+            # CUDA: conv update -> state update -> gated norm reading B, C, x, dt and z straight out
+            # of the in_proj output (5 launches a block where the ops composed below take 11)
+            from matmamba.ops.triton_common.mixer import mamba2_decode_core_triton
+
+            y = mamba2_decode_core_triton(
+                zxbcdt, conv_state[:, :channels], ssm_state[:, :k], self.conv_weight[:channels],
+                self.conv_bias[:channels] if self.conv_bias is not None else None,
+                _prefix(self.dt_bias, k), _prefix(self.A_log, k), self._D(k),
+                _prefix(self.norm.weight, k * P), ngroups=self.ngroups, dstate=self.d_state,
+                headdim=P, nheads_total=self.nheads, eps=self.norm.eps,
+                norm_before_gate=self.norm_before_gate, dt_limit=self.dt_limit)
+            return F.linear(y, self.out_proj.weight[:, : k * P], self.out_proj.bias).unsqueeze(1)
+        z, x, BC, dt = self._split_projection(zxbcdt, k)
         xBC = torch.cat([BC, x.reshape(b, k * P)], dim=-1)
         xBC = ops.causal_conv1d_update(
             xBC, conv_state[:, :channels], self.conv_weight[:channels],
@@ -336,6 +349,15 @@ class MatMamba2(nn.Module):
         y = self.norm(y.reshape(b, k * P), z.reshape(b, k * P))
         out = F.linear(y, self.out_proj.weight[:, : k * P], self.out_proj.bias)
         return out.unsqueeze(1)
+
+    def _fused_decode(self, u: torch.Tensor) -> bool:
+        """Whether a decode step takes the fused Triton core: on CUDA (impl "auto" / "triton"),
+        eagerly (torch.compile traces the composed ops, custom ops each), and not differentiated
+        (the core has no backward; a step under autograd takes the ops, which fall back to torch)."""
+        if torch.compiler.is_compiling() or resolve_impl("ssd", "auto", (u,)) != "triton":
+            return False
+        return not (torch.is_grad_enabled() and (u.requires_grad or any(
+            p.requires_grad for p in self.parameters())))
 
     # ------------------------------------------------------------------ export
     def dense_state_dict(self, heads: int) -> dict[str, torch.Tensor]:

@@ -503,15 +503,20 @@ def causal_conv1d_triton(
 
 @triton.jit
 def _conv_update_kernel(
-    x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, dim,
+    x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, col_ptr, dim,
     s_xb, s_xd, s_sb, s_sd, s_sj, s_wd, s_wk, s_yb, s_yd,
     BLOCK_D: tl.constexpr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    HAS_COLMAP: tl.constexpr,
 ):
-    """y = act(bias + sum_{k<w-1} w[:,k] state[:,k] + w[:,w-1] x); state <- [state[:,1:], x]."""
+    """y = act(bias + sum_{k<w-1} w[:,k] state[:,k] + w[:,w-1] x); state <- [state[:,1:], x].
+    HAS_COLMAP: channel c of x is column col[c] of x's rows (the block's in_proj output)."""
     b = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     c_mask = offs_c < dim
-    x_new = tl.load(x_ptr + b * s_xb + offs_c * s_xd, mask=c_mask, other=0.0)
+    x_cols = offs_c
+    if HAS_COLMAP:
+        x_cols = tl.load(col_ptr + offs_c, mask=c_mask, other=0)
+    x_new = tl.load(x_ptr + b * s_xb + x_cols * s_xd, mask=c_mask, other=0.0)
     acc = x_new.to(tl.float32) * tl.load(w_ptr + offs_c * s_wd + (WIDTH - 1) * s_wk,
                                          mask=c_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -531,17 +536,24 @@ def _conv_update_kernel(
     tl.store(y_ptr + b * s_yb + offs_c * s_yd, acc.to(y_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _causal_conv1d_update_impl(x, conv_state, weight, bias, silu):
-    """One decode step; conv_state (b,d,w-1) (any strides) is updated in place. -> y (b,d)."""
-    batch, dim = x.shape
+def conv_update(x, conv_state, weight, bias, silu, colmap=None):
+    """One decode step; conv_state (b,d,w-1) (any strides) is updated in place. -> y (b,d).
+    ``colmap`` (d,) int32: channel c is column colmap[c] of x (b, any); default: x is (b, d)."""
+    batch, dim = x.shape[0], weight.shape[0]
     width = weight.shape[1]
     y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
     block_d = min(1024, next_power_of_2(dim))
     launch(_conv_update_kernel, (batch, cdiv(dim, block_d)),
-        x, conv_state, weight, bias if bias is not None else weight, y, dim,
+        x, conv_state, weight, bias if bias is not None else weight, y,
+        colmap if colmap is not None else weight, dim,
         *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
-        BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, num_warps=4)
+        BLOCK_D=block_d, WIDTH=width, HAS_BIAS=bias is not None, SILU=silu,
+        HAS_COLMAP=colmap is not None, num_warps=4)
     return y
+
+
+def _causal_conv1d_update_impl(x, conv_state, weight, bias, silu):
+    return conv_update(x, conv_state, weight, bias, silu)
 
 
 causal_conv1d_update_op = torch.library.custom_op(

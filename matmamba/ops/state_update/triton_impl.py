@@ -41,7 +41,7 @@ def _state_update_kernel(
     s_yb, s_yh, s_yp,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, A_IS_LOG: tl.constexpr,
 ):
     bh = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -60,7 +60,10 @@ def _state_update_kernel(
     if SOFTPLUS:
         dt = _softplus(dt)
     dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
-    decay = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
+    A = tl.load(A_ptr + h).to(tl.float32)
+    if A_IS_LOG:  # A_ptr holds A_log: A = -exp(A_log), the block's parameterisation
+        A = -tl.exp(A)
+    decay = tl.exp(dt * A)
 
     x = tl.load(x_ptr + b * s_xb + h * s_xh + offs_p * s_xp, mask=p_mask, other=0.0).to(tl.float32)
     B = tl.load(B_ptr + b * s_bb + g * s_bg + offs_n * s_bn, mask=n_mask, other=0.0).to(tl.float32)
@@ -79,8 +82,9 @@ def _state_update_kernel(
              mask=p_mask)
 
 
-def _ssd_state_update_impl(state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_lo, dt_hi):
-    """One decode step; ``state`` (b,h,p,n) (any strides) is updated in place. -> y (b,h,p)."""
+def state_update(state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_lo, dt_hi, a_is_log=False):
+    """One decode step; ``state`` (b,h,p,n) (any strides) is updated in place. -> y (b,h,p).
+    ``a_is_log``: ``A`` holds A_log (the kernel takes A = -exp(A_log))."""
     batch, nheads, headdim = x.shape
     ngroups, dstate = B.shape[1], B.shape[2]
     y = torch.empty(batch, nheads, headdim, device=x.device, dtype=x.dtype)
@@ -93,8 +97,12 @@ def _ssd_state_update_impl(state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_lo
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
         BLOCK_P=block_p, BLOCK_N=block_n, HAS_D=D is not None,
         D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=dt_softplus, num_warps=4)
+        SOFTPLUS=dt_softplus, A_IS_LOG=a_is_log, num_warps=4)
     return y
+
+
+def _ssd_state_update_impl(state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_lo, dt_hi):
+    return state_update(state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_lo, dt_hi)
 
 
 # A torch.library custom op: opaque to torch.compile (no graph break). Eager calls run the

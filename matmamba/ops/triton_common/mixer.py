@@ -31,8 +31,9 @@ import math
 
 import torch
 
-from ..conv1d.triton_impl import conv_backward, conv_forward
+from ..conv1d.triton_impl import conv_backward, conv_forward, conv_update
 from ..rmsnorm.triton_impl import rmsnorm_backward, rmsnorm_forward
+from ..state_update.triton_impl import state_update
 from ..ssd.triton_impl import (_chunk_length, _ssd_backward, _ssd_forward, pack_factor,
                                scan_intermediates_fake)
 from .custom_ops import differentiable_triton_op, segment_ids
@@ -287,6 +288,58 @@ def mamba2_mixer_core_triton(
     return _mamba2_mixer_core(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments, ngroups,
                 dstate, headdim, nheads_total, float(eps), bool(norm_before_gate), dt_lo, dt_hi,
                 chunk, pack)[0]
+
+
+def mamba2_decode_core_triton(
+    zxbcdt: Tensor,
+    conv_state: Tensor,
+    ssm_state: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    dt_bias: Tensor,
+    A_log: Tensor,
+    D: Tensor | None,
+    norm_weight: Tensor,
+    *,
+    ngroups: int,
+    dstate: int,
+    headdim: int,
+    nheads_total: int,
+    eps: float = 1e-5,
+    norm_before_gate: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+) -> Tensor:
+    """One decode step of the same core, from the in_proj output of one token, in three launches:
+    the conv update reads B, C and x out of ``zxbcdt`` through the column map, the state update
+    takes A = -exp(A_log) and reads dt out of ``zxbcdt`` by strides, the gated norm reads z
+    through the column map. Composed from the public ops the step also copies x and z out of
+    the interleaved layout, concatenates the conv input and computes A: 11 launches a block
+    instead of 5 (with the two projections), which bound a graphed decode step at batch 1.
+
+    zxbcdt (b, 2GN + H_total + 2kP) in the interleaved layout, rows contiguous; conv_state
+    (b, 2GN + kP, w - 1) and ssm_state (b, k, P, N), any strides, updated in place (the width's
+    prefixes of the inference cache); the parameters as for ``mamba2_mixer_core_triton``, with
+    A_log (k,) for A. Not differentiable (decoding): returns (b, kP) in zxbcdt.dtype.
+    """
+    batch, width_cols = zxbcdt.shape
+    gn = ngroups * dstate
+    k = dt_bias.shape[0]
+    if width_cols != 2 * gn + nheads_total + 2 * k * headdim or zxbcdt.stride(-1) != 1:
+        raise ValueError(f"zxbcdt must be (batch, 2*G*N + H_total + 2*k*P = "
+                         f"{2 * gn + nheads_total + 2 * k * headdim}) with a contiguous last axis; "
+                         f"got {tuple(zxbcdt.shape)} with strides {zxbcdt.stride()}")
+    conv_cols, z_cols = _column_maps(zxbcdt.device, gn, nheads_total, headdim, k)
+    xBC = conv_update(zxbcdt, conv_state, conv_weight, conv_bias, True, colmap=conv_cols)
+    B = xBC[:, :gn].unflatten(-1, (ngroups, dstate))
+    C = xBC[:, gn:2 * gn].unflatten(-1, (ngroups, dstate))
+    x = xBC[:, 2 * gn:].unflatten(-1, (k, headdim))
+    dt = zxbcdt[:, 2 * gn:2 * gn + k]
+    y = state_update(ssm_state, x, dt, A_log, B, C, D, dt_bias, True, float(dt_limit[0]),
+                     float(dt_limit[1]), a_is_log=True)
+    vec = _map_vector_width(gn, nheads_total, headdim, zxbcdt.stride(0))
+    out, _ = rmsnorm_forward(y.view(batch, k * headdim), zxbcdt, norm_weight, float(eps),
+                             bool(norm_before_gate), k * headdim, z_cols, zmap_vec=vec)
+    return out
 
 
 def mamba2_mixer_core_reference(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, *,
