@@ -44,15 +44,15 @@ def check_width(width, d_model: int, expand: int, headdim: int, max_width: int |
             pass
         if hasattr(width, "item") and getattr(width, "ndim", 1) == 0:
             width = int(width.item())
-    valid = describe_valid_widths(d_model, expand, headdim, max_width)
     if isinstance(width, bool) or not isinstance(width, int):
-        raise ValueError(f"width must be an int, got {width!r} ({type(width).__name__}); "
-                         f"valid widths for d_model={d_model}: {valid}")
+        raise ValueError(f"width must be an int, got {width!r} ({type(width).__name__}); valid widths "
+                         f"for d_model={d_model}: {describe_valid_widths(d_model, expand, headdim, max_width)}")
     limit = d_model if max_width is None else max_width
     if width <= 0 or width > limit or (expand * width) % headdim != 0:
         raise ValueError(
             f"invalid width {width} for d_model={d_model}, expand={expand}, headdim={headdim}: "
-            f"expand*width must be a positive multiple of headdim and width <= {limit}. Valid widths: {valid}")
+            f"expand*width must be a positive multiple of headdim and width <= {limit}. Valid widths: "
+            f"{describe_valid_widths(d_model, expand, headdim, max_width)}")
     return width
 
 
