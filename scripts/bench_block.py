@@ -506,7 +506,12 @@ print('COLD', t1 - t0, t2 - t1, t3 - t2)
 
 
 def case_decode(mamba, batches=(1, 64), n_layer=24, D=768):
-    """One token through an LM-130M-sized stack of blocks (bf16 weights), eager and CUDA graph."""
+    """One token through an LM-130M-sized stack of blocks (bf16 weights), eager and CUDA graph,
+    through the block's fused decode core (its CUDA default) and through the public ops composed
+    (what the block ran before session 22), in the same process."""
+    import contextlib
+    from unittest import mock
+
     from matmamba import MatMamba2
     print("Decode step (24 x MatMamba2 D768, bf16 weights)", flush=True)
     torch.manual_seed(0)
@@ -514,6 +519,8 @@ def case_decode(mamba, batches=(1, 64), n_layer=24, D=768):
               for i in range(n_layer)]
     bw = META.get("copy_GBps", 4300) * 1e9
     weight_bytes = sum(p.numel() * p.element_size() for blk in blocks for p in blk.parameters())
+    paths = {"fused core": contextlib.nullcontext,
+             "ops composed": lambda: mock.patch.object(MatMamba2, "_fused_decode", lambda self, u: False)}
     for batch in batches:
         caches = [blk.allocate_inference_cache(batch, 1, dtype=torch.bfloat16) for blk in blocks]
         state_bytes = sum(c.numel() * c.element_size() for pair in caches for c in pair)
@@ -525,29 +532,31 @@ def case_decode(mamba, batches=(1, 64), n_layer=24, D=768):
                 h = blk.step(h, conv_state, ssm_state)
             return h
         floor_ms = (weight_bytes + 2 * state_bytes) / bw * 1e3
-        with torch.no_grad():
-            t_eager = bench(step, reps=20)
-            graph_ms = None
-            try:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(3):
+        for path, context in paths.items():
+            with torch.no_grad(), context():
+                t_eager = bench(step, reps=20)
+                graph_ms = None
+                try:
+                    stream = torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        for _ in range(3):
+                            step()
+                    torch.cuda.current_stream().wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
                         step()
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    step()
-                graph_ms = bench(graph.replay, reps=50)["ms"]
-            except Exception as error:  # noqa: BLE001
-                print(f"  CUDA graph capture failed: {type(error).__name__}: {error}", flush=True)
-        RESULTS.append(dict(case="decode step 24 layers", shape=f"b{batch} D{D}", ours_ms=t_eager["ms"],
-                            graph_ms=graph_ms, floor_ms=floor_ms, weight_MB=weight_bytes / 2**20,
-                            state_MB=state_bytes / 2**20,
-                            note=f"eager {t_eager['ms']:.3f} ms, graph {fmt(graph_ms)} ms, "
-                                 f"bytes floor {floor_ms:.3f} ms"))
-        print(f"  b{batch}: eager {t_eager['ms']:.3f} ms  graph {fmt(graph_ms)} ms  floor {floor_ms:.3f} ms "
-              f"(weights {weight_bytes / 2**20:.0f} MB, states {state_bytes / 2**20:.1f} MB r+w)", flush=True)
+                    graph_ms = bench(graph.replay, reps=50)["ms"]
+                except Exception as error:  # noqa: BLE001
+                    print(f"  CUDA graph capture failed: {type(error).__name__}: {error}", flush=True)
+            RESULTS.append(dict(case="decode step 24 layers", shape=f"b{batch} D{D} {path}",
+                                ours_ms=t_eager["ms"], graph_ms=graph_ms, floor_ms=floor_ms,
+                                weight_MB=weight_bytes / 2**20, state_MB=state_bytes / 2**20, path=path,
+                                note=f"eager {t_eager['ms']:.3f} ms, graph {fmt(graph_ms)} ms, "
+                                     f"bytes floor {floor_ms:.3f} ms"))
+            print(f"  b{batch} {path}: eager {t_eager['ms']:.3f} ms  graph {fmt(graph_ms)} ms  "
+                  f"floor {floor_ms:.3f} ms (weights {weight_bytes / 2**20:.0f} MB, states "
+                  f"{state_bytes / 2**20:.1f} MB r+w)", flush=True)
         # the state-update op alone against mamba_ssm's
         from matmamba.ops.state_update.triton_impl import ssd_state_update_triton
         h, p, n = 64, 24, 128

@@ -783,13 +783,34 @@ def check_decoding(dev):
                    {"logits": rel_err(stepped, full)}, 1e-4)
         # generate(cuda_graph=True) replays one captured step: greedy tokens must be identical.
         prompt_ids = ids[:, :13]
-        for width in [*model.widths_default, [64, 32] * (model.config.n_layer // 2)]:
+        for width in [*model.widths_default, [64, 32] * (model.config.n_layer // 2)] if dev.type == "cuda" else ():
             with ops.use_impl("triton"):
                 eager = model.generate(prompt_ids, 27, width=width, temperature=0)
                 graphed = model.generate(prompt_ids, 27, width=width, temperature=0, cuda_graph=True)
             mismatch = (eager != graphed).float().mean().item()
             record("generate cuda_graph", "fp32", f"lm_tiny width {width} greedy 27 tokens",
                    {"token_mismatch": mismatch}, 0.0)
+        # bf16 weights: the block's fused decode core against the public ops composed (the
+        # block's path before session 22), 27 steps after a 13-token prompt
+        from unittest import mock
+        model16 = model.to(torch.bfloat16)
+        for width in model.widths_default if dev.type == "cuda" else ():  # (interpreter: no bf16)
+            runs = {}
+            for path in ("fused", "composed"):
+                with torch.no_grad(), ops.use_impl("triton"), (
+                        mock.patch.object(matmamba.MatMamba2, "_fused_decode", lambda self, u: False)
+                        if path == "composed" else contextlib.nullcontext()):
+                    params = InferenceParams(max_seqlen=40, max_batch_size=2)
+                    params.key_value_memory_dict = model16.allocate_inference_cache(2, 40)
+                    model16(ids[:, :13], width=width, inference_params=params)
+                    params.seqlen_offset += 13
+                    steps = []
+                    for t in range(13, 40):
+                        steps.append(model16(ids[:, t:t + 1], width=width, inference_params=params).logits.float())
+                        params.seqlen_offset += 1
+                runs[path] = torch.cat(steps, dim=1)
+            record("decode fused vs ops", "bf16", f"lm_tiny width {width} prompt 13 + 27 steps",
+                   {"logits": rel_err(runs["fused"], runs["composed"])}, 1e-2)
     except Exception as error:  # noqa: BLE001
         record_failure("decode vs forward", "lm_tiny", error)
 
