@@ -216,3 +216,44 @@ def test_host_helpers_match_triton():
     for a in range(0, 70):
         for b in range(1, 17):
             assert launch_mod.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+def test_block_decode_step_launches_five_kernels(monkeypatch):
+    """A decode step of the block on the Triton path (launches recorded, not run): the two
+    projections and the fused core's three kernels, and no copies, casts or concatenations around
+    them (composed from the public ops the step took 11 launches with bf16 weights)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from matmamba.models.block import MatMamba2
+    from matmamba.ops import use_impl
+    from matmamba.ops.conv1d import triton_impl as conv_ti
+    from matmamba.ops.rmsnorm import triton_impl as norm_ti
+    from matmamba.ops.state_update import triton_impl as update_ti
+
+    kernels = []
+    for module in (conv_ti, norm_ti, update_ti):
+        monkeypatch.setattr(module, "launch", lambda kernel, *a, **k: kernels.append(kernel.fn.__name__))
+
+    class TensorOps(TorchDispatchMode):  # the aten ops that compute (views and allocations aside)
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name not in {"view", "unflatten", "slice", "t", "unsqueeze", "select", "empty",
+                            "alias", "detach", "as_strided", "_unsafe_view"}:
+                self.names.append(name)
+            return func(*args, **(kwargs or {}))
+
+    block = MatMamba2(96, d_state=16, headdim=8, layer_idx=0).to(torch.bfloat16).eval()
+    conv_state, ssm_state = block.allocate_inference_cache(2)
+    u = torch.randn(2, 1, 96, dtype=torch.bfloat16)
+    with torch.no_grad(), use_impl("triton"):
+        for width in (96, 48):
+            block.step(u, conv_state, ssm_state, width=width)  # builds the width's column maps once
+            kernels.clear()
+            with TensorOps() as ops_seen:
+                block.step(u, conv_state, ssm_state, width=width)
+            assert ops_seen.names == ["mm", "mm"], ops_seen.names
+            assert kernels == ["_conv_update_kernel", "_state_update_kernel", "_rmsnorm_fwd_kernel"]
