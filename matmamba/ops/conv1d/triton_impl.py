@@ -553,6 +553,7 @@ def conv_update(x, conv_state, weight, bias, silu, colmap=None):
 
 
 def _causal_conv1d_update_impl(x, conv_state, weight, bias, silu):
+    """The custom op's body: the public op's update, x (b, d)."""
     return conv_update(x, conv_state, weight, bias, silu)
 
 

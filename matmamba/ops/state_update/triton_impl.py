@@ -102,6 +102,7 @@ def state_update(state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_lo, dt_hi, a
 
 
 def _ssd_state_update_impl(state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_lo, dt_hi):
+    """The custom op's body: the public op's update, with A itself."""
     return state_update(state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_lo, dt_hi)
 
 
