@@ -17,9 +17,12 @@ All block cases: bf16 autocast, fp32 weights, forward + backward of a random cot
 gradient included. Peak memory is ``max_memory_allocated`` during one call minus what was
 allocated before it. JSON goes to ``--json``; a table is printed last.
 
-Cases beyond the default list (``--cases``): ``variants`` (the scan's state forms x chunk
-lengths), ``profile`` (per-kernel CUDA time), ``pack`` (the scan with k rows packed into one,
-every k against the op's own choice, and the ViT block with packing off and on; ours only).
+``profile`` (in the default list) takes the per-kernel CUDA time of the scan and of the block at
+full width and D/8; with the block's graphed baseline in the same run, the target table then says
+what a 4x block leaves and what the GEMMs, the scan's kernels and the rest take now. Cases beyond
+the default list (``--cases``): ``variants`` (the scan's state forms x chunk lengths), ``pack``
+(the scan with k rows packed into one, every k against the op's own choice, and the ViT block
+with packing off and on; ours only).
 
 mamba_ssm / fla-core are imported from wherever Python finds them (scripts/gpu_visit.sh installs
 the wheels to /tmp/site). ``selective_scan_cuda`` is replaced by an empty module and the
@@ -718,6 +721,15 @@ def case_profile():
         for ms, count, key in rows[:22]:
             print(f"    {ms:8.3f} ms  x{count:<3} {key[:90]}", flush=True)
         META.setdefault("profiles", {})[name] = [(round(ms, 4), c, k[:120]) for ms, c, k in rows[:40]]
+        from bench_train import classify_kernel  # (scripts/: GEMM, ssd_scan, conv1d, ... by name)
+        kinds: dict[str, float] = {}
+        for ms, _, key in rows:
+            kind = classify_kernel(key)
+            kinds[kind] = kinds.get(kind, 0.0) + ms
+        RESULTS.append(dict(case="profile", shape=name, ours_ms=total,
+                            kinds={k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                            note="kernel ms per call by kind: " + ", ".join(
+                                f"{k} {v:.3f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -764,6 +776,9 @@ def targets(results) -> list[dict]:
     speedup("block fwd+bwd >= 4x (D768 b8 l2048)", 4.0,
             [("eager", _row(results, "block D768 b8 l2048 [fused]", block)),
              ("graphed", _row(results, "block D768 b8 l2048 [graph]", block))])
+    bound = _block_bound(results)
+    if bound:
+        out.append(bound)
     shares = []
     for variant in ("fused", "graph"):
         full = _row(results, f"block D768 b8 l2048 [{variant}]", "D768 b8 l2048 width 768")
@@ -791,6 +806,24 @@ def targets(results) -> list[dict]:
     return out
 
 
+def _block_bound(results) -> dict | None:
+    """Where the block's 4x target stands against its parts, from this run's kernel profile of the
+    block at full width (``--cases profile``) and the baseline's graphed time: the time a 4x leaves
+    and what the GEMMs, the scan's kernels and the rest take now (None without both rows)."""
+    graphed = _row(results, "block D768 b8 l2048 [graph]", "D768 b8 l2048 width 768")
+    profile = next((r for r in results if r.get("case") == "profile"
+                    and r.get("shape", "").startswith("fused block D768 b8 l2048 w768")), None)
+    if not graphed or not graphed.get("base_ms") or not profile:
+        return None
+    budget = graphed["base_ms"] / 4
+    kinds = profile["kinds"]
+    gemm, scan = kinds.get("gemm", 0.0), kinds.get("ssd_scan", 0.0)
+    rest = sum(kinds.values()) - gemm - scan
+    return dict(target="  what a 4x block leaves (kernels of one call)",
+                measured=f"{budget:.2f} ms; now GEMMs {gemm:.2f} + scan {scan:.2f} + rest {rest:.2f}",
+                status=f"GEMMs + scan alone {(gemm + scan) / budget:.0%} of it")
+
+
 def print_targets(rows):
     print(f"\n{'issue 3 target':<56} {'measured':<34} status")
     for t in rows:
@@ -800,8 +833,8 @@ def print_targets(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=None)
-    parser.add_argument("--cases", default="ceilings,ssd,block,vit,cold,lengths,decode,ssd32,block1024",
-                        help="comma list; also: variants, profile, pack")
+    parser.add_argument("--cases", default="ceilings,ssd,block,profile,vit,cold,lengths,decode,ssd32,block1024",
+                        help="comma list; also: variants, pack")
     parser.add_argument("--budget-s", type=float, default=1e9,
                         help="skip the remaining cases once this many seconds have passed")
     parser.add_argument("--chunks", default="64", help="SSD chunk lengths to time")

@@ -33,7 +33,7 @@ DEFAULT_JOBS="--only ssd --dtypes bf16
 CHECK_JOBS=${CHECK_JOBS:-$DEFAULT_JOBS}
 BENCH_S=${BENCH_S:-330}          # bench_block time limit (0: skip)
 BENCH_ARGS=${BENCH_ARGS:-}
-BENCH_CASES=${BENCH_CASES:-ceilings,ssd,block,vit,cold,lengths,decode,ssd32,block1024}
+BENCH_CASES=${BENCH_CASES:-ceilings,ssd,block,profile,vit,cold,lengths,decode,ssd32,block1024}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

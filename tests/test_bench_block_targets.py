@@ -53,3 +53,18 @@ def test_targets_without_a_baseline_are_not_run():
     assert status["block fwd+bwd >= 4x"] == "not run"
     assert status["D/8 costs <= 35% of full width"] == "missed"   # 1.0 / 2.6 = 38%
     assert status["cold start < 20 s"] == "not run"
+
+
+def test_block_bound_from_the_profile():
+    """With the block's kernel profile and a graphed baseline in the run, the target table says
+    how much time a 4x leaves and what the GEMMs, the scan and the rest take now."""
+    bench = _bench_block()
+    rows = [_row("block D768 b8 l2048 [graph]", "D768 b8 l2048 width 768", 2.5, 2.3, base_ms=5.76),
+            _row("profile", "fused block D768 b8 l2048 w768", 2.55,
+                 kinds={"ssd_scan": 1.2, "gemm": 0.52, "conv1d": 0.31, "gated_rmsnorm": 0.25,
+                        "elementwise_other": 0.27})]
+    bound = [t for t in bench.targets(rows) if "4x block leaves" in t["target"]]
+    assert bound == [dict(target="  what a 4x block leaves (kernels of one call)",
+                          measured="1.44 ms; now GEMMs 0.52 + scan 1.20 + rest 0.83",
+                          status="GEMMs + scan alone 119% of it")]
+    assert not [t for t in bench.targets(rows[:1]) if "4x block leaves" in t["target"]]
