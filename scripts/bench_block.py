@@ -508,22 +508,50 @@ print('COLD', t1 - t0, t2 - t1, t3 - t2)
           f"process wall {wall:.1f} s", flush=True)
 
 
+def _eager_and_graphed_ms(step):
+    """(eager ms, CUDA-graph ms or None) of ``step()`` (warmed up on a side stream, then captured)."""
+    eager = bench(step, reps=20)["ms"]
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return eager, bench(graph.replay, reps=50)["ms"]
+    except Exception as error:  # noqa: BLE001
+        print(f"  CUDA graph capture failed: {type(error).__name__}: {error}", flush=True)
+        return eager, None
+
+
 def case_decode(mamba, batches=(1, 64), n_layer=24, D=768):
-    """One token through an LM-130M-sized stack of blocks (bf16 weights), eager and CUDA graph,
-    through the block's fused decode core (its CUDA default) and through the public ops composed
-    (what the block ran before session 22), in the same process."""
+    """One token through an LM-130M-sized stack of blocks (bf16 weights), and through the
+    lm_130m model (embedding, residual stream and its norms, LM head), eager and CUDA graph: the
+    decoding paths of session 22 (the block's fused decode core, the residual norms' Triton kernel)
+    and the public ops composed (what ran before), in the same process."""
     import contextlib
     from unittest import mock
 
+    import matmamba
     from matmamba import MatMamba2
-    print("Decode step (24 x MatMamba2 D768, bf16 weights)", flush=True)
+    from matmamba.models import InferenceParams, common
+    print("Decode step (24 x MatMamba2 D768, bf16 weights; lm_130m)", flush=True)
     torch.manual_seed(0)
     blocks = [MatMamba2(d_model=D, d_state=128, layer_idx=i).cuda().to(torch.bfloat16).eval()
               for i in range(n_layer)]
+    lm = matmamba.create_model("lm_130m").cuda().to(torch.bfloat16).eval()
     bw = META.get("copy_GBps", 4300) * 1e9
     weight_bytes = sum(p.numel() * p.element_size() for blk in blocks for p in blk.parameters())
-    paths = {"fused core": contextlib.nullcontext,
-             "ops composed": lambda: mock.patch.object(MatMamba2, "_fused_decode", lambda self, u: False)}
+
+    @contextlib.contextmanager
+    def composed():
+        with mock.patch.object(MatMamba2, "_fused_decode", lambda self, u: False), \
+                mock.patch.object(common, "_triton_inference", lambda x, weight: False):
+            yield
+    paths = {"fused core": contextlib.nullcontext, "ops composed": composed}
     for batch in batches:
         caches = [blk.allocate_inference_cache(batch, 1, dtype=torch.bfloat16) for blk in blocks]
         state_bytes = sum(c.numel() * c.element_size() for pair in caches for c in pair)
@@ -534,32 +562,30 @@ def case_decode(mamba, batches=(1, 64), n_layer=24, D=768):
             for blk, (conv_state, ssm_state) in zip(blocks, caches):
                 h = blk.step(h, conv_state, ssm_state)
             return h
+        params = InferenceParams(max_seqlen=2, max_batch_size=batch)
+        params.key_value_memory_dict = lm.allocate_inference_cache(batch, 2)
+        params.seqlen_offset = 1  # past the prompt: one token a call, the states updated in place
+        tokens = torch.randint(0, lm.config.vocab_size, (batch, 1), device="cuda")
+
+        def lm_step():
+            return lm(tokens, inference_params=params, num_last_tokens=1).logits
         floor_ms = (weight_bytes + 2 * state_bytes) / bw * 1e3
         for path, context in paths.items():
             with torch.no_grad(), context():
-                t_eager = bench(step, reps=20)
-                graph_ms = None
-                try:
-                    stream = torch.cuda.Stream()
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        for _ in range(3):
-                            step()
-                    torch.cuda.current_stream().wait_stream(stream)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        step()
-                    graph_ms = bench(graph.replay, reps=50)["ms"]
-                except Exception as error:  # noqa: BLE001
-                    print(f"  CUDA graph capture failed: {type(error).__name__}: {error}", flush=True)
+                eager_ms, graph_ms = _eager_and_graphed_ms(step)
+                lm_eager_ms, lm_graph_ms = _eager_and_graphed_ms(lm_step)
             RESULTS.append(dict(case="decode step 24 layers", shape=f"b{batch} D{D} {path}",
-                                ours_ms=t_eager["ms"], graph_ms=graph_ms, floor_ms=floor_ms,
+                                ours_ms=eager_ms, graph_ms=graph_ms, floor_ms=floor_ms,
                                 weight_MB=weight_bytes / 2**20, state_MB=state_bytes / 2**20, path=path,
-                                note=f"eager {t_eager['ms']:.3f} ms, graph {fmt(graph_ms)} ms, "
+                                note=f"eager {eager_ms:.3f} ms, graph {fmt(graph_ms)} ms, "
                                      f"bytes floor {floor_ms:.3f} ms"))
-            print(f"  b{batch} {path}: eager {t_eager['ms']:.3f} ms  graph {fmt(graph_ms)} ms  "
+            RESULTS.append(dict(case="decode step lm_130m", shape=f"b{batch} {path}", ours_ms=lm_eager_ms,
+                                graph_ms=lm_graph_ms, path=path,
+                                note=f"eager {lm_eager_ms:.3f} ms, graph {fmt(lm_graph_ms)} ms"))
+            print(f"  b{batch} {path}: 24 blocks eager {eager_ms:.3f} ms  graph {fmt(graph_ms)} ms  "
                   f"floor {floor_ms:.3f} ms (weights {weight_bytes / 2**20:.0f} MB, states "
-                  f"{state_bytes / 2**20:.1f} MB r+w)", flush=True)
+                  f"{state_bytes / 2**20:.1f} MB r+w); lm_130m eager {lm_eager_ms:.3f} ms  "
+                  f"graph {fmt(lm_graph_ms)} ms", flush=True)
         # the state-update op alone against mamba_ssm's
         from matmamba.ops.state_update.triton_impl import ssd_state_update_triton
         h, p, n = 64, 24, 128

@@ -460,6 +460,37 @@ def _rmsnorm_group(failures: list) -> None:
                          f"{rows} rows a program", gated_rmsnorm_triton, gated_rmsnorm_naive,
                          inputs, failures)
                 triton_impl.LAUNCH_OVERRIDES.clear()
+    _rmsnorm_module_cases(failures)
+
+
+def _rmsnorm_module_cases(failures: list) -> None:
+    """The models' RMSNorm (residual stream) outside autograd on the Triton path takes the norm
+    kernel; its result matches the module's torch ops in float64 (fp32 in, residual-sized and
+    wide rows). Under autograd it keeps the torch ops."""
+    import torch
+
+    from matmamba.models.common import RMSNorm, _triton_inference
+    from matmamba.ops import use_impl
+
+    for shape in [(2, 5, 40), (3, 1100)]:
+        gen = torch.Generator().manual_seed(shape[-1])
+        norm = RMSNorm(shape[-1], eps=1e-5)
+        with torch.no_grad():
+            norm.weight.add_(0.2 * torch.randn(shape[-1], generator=gen))
+        x = torch.randn(*shape, generator=gen) * 3
+        with torch.no_grad(), use_impl("torch"):
+            ref = norm.double()(x.double())
+        norm.float()
+        with use_impl("triton"):
+            assert not _triton_inference(x.requires_grad_(), norm.weight)  # autograd: the ops
+            with torch.no_grad():
+                assert _triton_inference(x, norm.weight)
+                out = norm(x)
+        error = rel_err(out, ref)
+        ok = error <= TOL
+        print(f"{'ok  ' if ok else 'FAIL'} RMSNorm module {shape} outside autograd (Triton): {error:.1e}")
+        if not ok:
+            failures.append(f"RMSNorm module {shape}")
 
 
 def _decode_group(failures: list) -> None:

@@ -13,7 +13,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from matmamba import ops
 from matmamba.models.block import MatMamba2
+from matmamba.ops._dispatch import resolve_impl
 from matmamba.models.widths import check_width, per_layer_widths, valid_widths
 
 CONFIG_NAME = "config.json"
@@ -26,6 +28,16 @@ SSM_KEYS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "
             "norm_before_gate")
 
 
+def _triton_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a norm takes the Triton kernel: on CUDA (impl "auto" / "triton"), eagerly (under
+    torch.compile inductor fuses the torch ops), and outside autograd (training keeps the ops)."""
+    if torch.compiler.is_compiling() or x.dtype == torch.float64:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return resolve_impl("rmsnorm", "auto", (x, weight)) == "triton"
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, statistic in float32 (or wider)."""
 
@@ -35,6 +47,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _triton_inference(x, self.weight):
+            # one kernel (the gated norm's, without a gate) where the lines below launch about eight:
+            # what bounds a decoding step at small batch is the number of launches
+            return ops.gated_rmsnorm(x, None, self.weight, eps=self.eps)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 statistics for half inputs
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.to(xf.dtype)).to(x.dtype)
