@@ -533,11 +533,10 @@ def case_decode(mamba, batches=(1, 64), n_layer=24, D=768):
     decoding paths of session 22 (the block's fused decode core, the residual norms' Triton kernel)
     and the public ops composed (what ran before), in the same process."""
     import contextlib
-    from unittest import mock
 
     import matmamba
-    from matmamba import MatMamba2
-    from matmamba.models import InferenceParams, common
+    from matmamba import MatMamba2, ops
+    from matmamba.models import InferenceParams
     print("Decode step (24 x MatMamba2 D768, bf16 weights; lm_130m)", flush=True)
     torch.manual_seed(0)
     blocks = [MatMamba2(d_model=D, d_state=128, layer_idx=i).cuda().to(torch.bfloat16).eval()
@@ -546,12 +545,7 @@ def case_decode(mamba, batches=(1, 64), n_layer=24, D=768):
     bw = META.get("copy_GBps", 4300) * 1e9
     weight_bytes = sum(p.numel() * p.element_size() for blk in blocks for p in blk.parameters())
 
-    @contextlib.contextmanager
-    def composed():
-        with mock.patch.object(MatMamba2, "_fused_decode", lambda self, u: False), \
-                mock.patch.object(common, "_triton_inference", lambda x, weight: False):
-            yield
-    paths = {"fused core": contextlib.nullcontext, "ops composed": composed}
+    paths = {"fused core": contextlib.nullcontext, "ops composed": lambda: ops.use_fused_inference(False)}
     for batch in batches:
         caches = [blk.allocate_inference_cache(batch, 1, dtype=torch.bfloat16) for blk in blocks]
         state_bytes = sum(c.numel() * c.element_size() for pair in caches for c in pair)

@@ -793,21 +793,11 @@ def check_decoding(dev):
         # bf16 weights: the decoding paths of session 22 (the block's fused decode core, the
         # residual norms' Triton kernel) against the public ops composed (what ran before), 27
         # steps after a 13-token prompt
-        from unittest import mock
-
-        from matmamba.models import common
-
-        @contextlib.contextmanager
-        def composed():
-            with mock.patch.object(matmamba.MatMamba2, "_fused_decode", lambda self, u: False), \
-                    mock.patch.object(common, "_triton_inference", lambda x, weight: False):
-                yield
         model16 = model.to(torch.bfloat16)
         for width in model.widths_default if dev.type == "cuda" else ():  # (interpreter: no bf16)
             runs = {}
             for path in ("fused", "composed"):
-                with torch.no_grad(), ops.use_impl("triton"), (
-                        composed() if path == "composed" else contextlib.nullcontext()):
+                with torch.no_grad(), ops.use_impl("triton"), ops.use_fused_inference(path == "fused"):
                     params = InferenceParams(max_seqlen=40, max_batch_size=2)
                     params.key_value_memory_dict = model16.allocate_inference_cache(2, 40)
                     model16(ids[:, :13], width=width, inference_params=params)

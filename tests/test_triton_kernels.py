@@ -466,11 +466,11 @@ def _rmsnorm_group(failures: list) -> None:
 def _rmsnorm_module_cases(failures: list) -> None:
     """The models' RMSNorm (residual stream) outside autograd on the Triton path takes the norm
     kernel; its result matches the module's torch ops in float64 (fp32 in, residual-sized and
-    wide rows). Under autograd it keeps the torch ops."""
+    wide rows). Under autograd, or with use_fused_inference(False), it keeps the torch ops."""
     import torch
 
     from matmamba.models.common import RMSNorm, _triton_inference
-    from matmamba.ops import use_impl
+    from matmamba.ops import use_fused_inference, use_impl
 
     for shape in [(2, 5, 40), (3, 1100)]:
         gen = torch.Generator().manual_seed(shape[-1])
@@ -485,6 +485,8 @@ def _rmsnorm_module_cases(failures: list) -> None:
             assert not _triton_inference(x.requires_grad_(), norm.weight)  # autograd: the ops
             with torch.no_grad():
                 assert _triton_inference(x, norm.weight)
+                with use_fused_inference(False):  # turned off: the ops
+                    assert not _triton_inference(x, norm.weight)
                 out = norm(x)
         error = rel_err(out, ref)
         ok = error <= TOL

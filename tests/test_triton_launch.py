@@ -257,3 +257,24 @@ def test_block_decode_step_launches_five_kernels(monkeypatch):
                 block.step(u, conv_state, ssm_state, width=width)
             assert ops_seen.names == ["mm", "mm"], ops_seen.names
             assert kernels == ["_conv_update_kernel", "_state_update_kernel", "_rmsnorm_fwd_kernel"]
+    # turned off, the step composes the public ops: copies of x and z, the cat, A's three ops
+    from matmamba.ops import use_fused_inference
+    for off in (use_fused_inference(False), _env("MATMAMBA_FUSED_INFERENCE", "0", monkeypatch)):
+        with torch.no_grad(), use_impl("triton"), off:
+            kernels.clear()
+            with TensorOps() as ops_seen:
+                block.step(u, conv_state, ssm_state, width=48)
+        assert ops_seen.names == ["mm", "clone", "cat", "_to_copy", "exp", "neg", "clone", "mm"], ops_seen.names
+        assert kernels == ["_conv_update_kernel", "_state_update_kernel", "_rmsnorm_fwd_kernel"]
+
+
+def _env(name, value, monkeypatch):
+    """A context in which the environment variable ``name`` is ``value``."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def context():
+        with monkeypatch.context() as patch:
+            patch.setenv(name, value)
+            yield
+    return context()

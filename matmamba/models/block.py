@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from matmamba import ops
 from matmamba.models.widths import check_width, valid_widths, width_from_mrl_level
-from matmamba.ops._dispatch import resolve_impl
+from matmamba.ops._dispatch import fused_inference_enabled, resolve_impl
 
 CPU_CHUNK_SIZE = 64
 
@@ -352,9 +352,12 @@ class MatMamba2(nn.Module):
 
     def _fused_decode(self, u: torch.Tensor) -> bool:
         """Whether a decode step takes the fused Triton core: on CUDA (impl "auto" / "triton"),
-        eagerly (torch.compile traces the composed ops, custom ops each), and not differentiated
-        (the core has no backward; a step under autograd takes the ops, which fall back to torch)."""
-        if torch.compiler.is_compiling() or resolve_impl("ssd", "auto", (u,)) != "triton":
+        eagerly (torch.compile traces the composed ops, custom ops each), not differentiated (the
+        core has no backward; a step under autograd takes the ops, which fall back to torch), and
+        unless turned off (``ops.use_fused_inference(False)``, ``MATMAMBA_FUSED_INFERENCE=0``)."""
+        if torch.compiler.is_compiling() or not fused_inference_enabled():
+            return False
+        if resolve_impl("ssd", "auto", (u,)) != "triton":
             return False
         return not (torch.is_grad_enabled() and (u.requires_grad or any(
             p.requires_grad for p in self.parameters())))

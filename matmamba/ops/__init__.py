@@ -11,11 +11,13 @@
 Each takes ``impl="auto" | "naive" | "torch" | "triton"``; :func:`use_impl` overrides "auto"
 within a ``with`` block (the environment variable ``MATMAMBA_IMPL`` does the same globally), and
 :func:`get_default_impl` says what "auto" currently means. See :mod:`matmamba.ops._dispatch`.
+:func:`use_fused_inference` (or ``MATMAMBA_FUSED_INFERENCE=0``) turns off the fused inference
+paths on CUDA (the block's decode core, the residual norm's kernel) in favour of the ops composed.
 The individual implementations live in ``matmamba.ops.<op>.naive``, ``.chunked`` /
 ``.torch_impl`` and ``.triton_impl``; the exact contracts are in docs/CONTRACTS.md.
 """
 
-from ._dispatch import VALID_IMPLS, get_default_impl, use_impl
+from ._dispatch import VALID_IMPLS, fused_inference_enabled, get_default_impl, use_fused_inference, use_impl
 from .conv1d import causal_conv1d, causal_conv1d_update
 from .rmsnorm import gated_rmsnorm
 from .ssd import ssd_scan
@@ -29,5 +31,7 @@ __all__ = [
     "ssd_state_update",
     "use_impl",
     "get_default_impl",
+    "use_fused_inference",
+    "fused_inference_enabled",
     "VALID_IMPLS",
 ]

@@ -114,6 +114,37 @@ def _impl_from_env() -> str:
     return os.environ.get(ENV_VAR, "").strip()
 
 
+# Inference paths beyond the ops: outside autograd on CUDA, the block's decode step runs a fused
+# core (conv update -> state update -> gated norm on the in_proj output, 3 launches) and the
+# models' residual-stream RMSNorm a Triton kernel, where the ops composed launch several times as
+# many kernels (decoding at small batch is bound by launches). On by default; use_fused_inference
+# (False) or MATMAMBA_FUSED_INFERENCE=0 runs the composed ops instead (same results up to rounding).
+FUSED_INFERENCE_ENV_VAR = "MATMAMBA_FUSED_INFERENCE"
+_fused_inference_override: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "matmamba_fused_inference_override", default=None
+)
+
+
+@contextlib.contextmanager
+def use_fused_inference(enabled: bool) -> Iterator[None]:
+    """Within the ``with`` block, inference (outside autograd, on CUDA) takes the fused decode
+    core and the residual norm's kernel if ``enabled``, else the public ops composed."""
+    token = _fused_inference_override.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _fused_inference_override.reset(token)
+
+
+def fused_inference_enabled() -> bool:
+    """The use_fused_inference() override, else MATMAMBA_FUSED_INFERENCE (default on; "0",
+    "false", "no" or "off" turn it off). Eager only: compiled code never asks."""
+    override = _fused_inference_override.get()
+    if override is not None:
+        return override
+    return os.environ.get(FUSED_INFERENCE_ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def triton_module_name(op: str) -> str:
     return f"matmamba.ops.{op}.triton_impl"
 
