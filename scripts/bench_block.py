@@ -746,10 +746,11 @@ def case_profile():
         for ms, _, key in rows:
             kind = classify_kernel(key)
             kinds[kind] = kinds.get(kind, 0.0) + ms
+        kinds = dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
         RESULTS.append(dict(case="profile", shape=name, ours_ms=total,
-                            kinds={k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                            kinds={k: round(v, 4) for k, v in kinds.items()},
                             note="kernel ms per call by kind: " + ", ".join(
-                                f"{k} {v:.3f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))))
+                                f"{k} {v:.3f}" for k, v in kinds.items())))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from matmamba import ops
 from matmamba.models.widths import check_width, valid_widths, width_from_mrl_level
-from matmamba.ops._dispatch import fused_inference_enabled, resolve_impl
+from matmamba.ops._dispatch import fused_inference_applies, resolve_impl
 
 CPU_CHUNK_SIZE = 64
 
@@ -351,16 +351,10 @@ class MatMamba2(nn.Module):
         return out.unsqueeze(1)
 
     def _fused_decode(self, u: torch.Tensor) -> bool:
-        """Whether a decode step takes the fused Triton core: on CUDA (impl "auto" / "triton"),
-        eagerly (torch.compile traces the composed ops, custom ops each), not differentiated (the
-        core has no backward; a step under autograd takes the ops, which fall back to torch), and
-        unless turned off (``ops.use_fused_inference(False)``, ``MATMAMBA_FUSED_INFERENCE=0``)."""
-        if torch.compiler.is_compiling() or not fused_inference_enabled():
-            return False
-        if resolve_impl("ssd", "auto", (u,)) != "triton":
-            return False
-        return not (torch.is_grad_enabled() and (u.requires_grad or any(
-            p.requires_grad for p in self.parameters())))
+        """Whether a decode step takes the fused Triton core (``fused_inference_applies``: on CUDA,
+        eagerly, outside autograd, unless ``ops.use_fused_inference(False)`` or
+        ``MATMAMBA_FUSED_INFERENCE=0``); otherwise it composes the ops."""
+        return fused_inference_applies("ssd", (u,), self.parameters())
 
     # ------------------------------------------------------------------ export
     def dense_state_dict(self, heads: int) -> dict[str, torch.Tensor]:

@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from matmamba import ops
 from matmamba.models.block import MatMamba2
-from matmamba.ops._dispatch import fused_inference_enabled, resolve_impl
 from matmamba.models.widths import check_width, per_layer_widths, valid_widths
+from matmamba.ops._dispatch import fused_inference_applies
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -29,14 +29,9 @@ SSM_KEYS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "
 
 
 def _triton_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a norm takes the Triton kernel: on CUDA (impl "auto" / "triton"), eagerly (under
-    torch.compile inductor fuses the torch ops), outside autograd (training keeps the ops), and
-    unless turned off (``ops.use_fused_inference(False)``, ``MATMAMBA_FUSED_INFERENCE=0``)."""
-    if torch.compiler.is_compiling() or x.dtype == torch.float64 or not fused_inference_enabled():
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False
-    return resolve_impl("rmsnorm", "auto", (x, weight)) == "triton"
+    """Whether a norm takes the Triton kernel (``fused_inference_applies``: on CUDA, eagerly,
+    outside autograd, unless turned off; the kernel has no float64)."""
+    return x.dtype != torch.float64 and fused_inference_applies("rmsnorm", (x, weight))
 
 
 class RMSNorm(nn.Module):

@@ -145,6 +145,20 @@ def fused_inference_enabled() -> bool:
     return os.environ.get(FUSED_INFERENCE_ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def fused_inference_applies(op: str, inputs: Iterable[torch.Tensor],
+                            parameters: Iterable[torch.Tensor] = ()) -> bool:
+    """Whether a fused inference path runs for this call: eagerly (under torch.compile the ops are
+    traced and inductor fuses them), turned on (``fused_inference_enabled``), outside autograd
+    (the paths have no backward: a call that autograd would record, through ``inputs`` or
+    ``parameters``, takes the ops; ``parameters`` is only read while grad mode is on) and where
+    ``op`` resolves to Triton for ``inputs``."""
+    if torch.compiler.is_compiling() or not fused_inference_enabled():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *parameters)):
+        return False
+    return resolve_impl(op, "auto", inputs) == "triton"
+
+
 def triton_module_name(op: str) -> str:
     return f"matmamba.ops.{op}.triton_impl"
 

@@ -147,16 +147,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _form_setting(variable: str, default: str, forms: tuple) -> str:
-    value = os.environ.get(variable, default).strip().lower() or default
-    if value not in forms:
-        raise ValueError(f"{variable} must be one of {', '.join(forms)}; got {value!r}")
-    return value
-
-
 @torch.compiler.assume_constant_result  # under torch.compile: read once per trace
 def _bwd_dbdc_setting() -> str:
-    return _form_setting("MATMAMBA_SSD_BWD_DBDC", "auto", _BWD_DBDC_FORMS)
+    value = os.environ.get("MATMAMBA_SSD_BWD_DBDC", "auto").strip().lower() or "auto"
+    if value not in _BWD_DBDC_FORMS:
+        raise ValueError(f"MATMAMBA_SSD_BWD_DBDC must be one of {', '.join(_BWD_DBDC_FORMS)}; "
+                         f"got {value!r}")
+    return value
 
 
 def _bwd_dbdc_form(dot_dtype) -> str:
@@ -1657,17 +1654,16 @@ def _ssd_backward(dy, d_final, saved, dt_softplus, dt_lo, dt_hi, Q, needs, out=N
     dD_part = torch.empty(batch, nheads, nchunks, *((headdim,) if per_channel else ()),
                           device=dev, dtype=torch.float32)
     dbias_part = torch.empty(batch, nheads, nchunks, device=dev, dtype=torch.float32)
-    b3_args = (
-        x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A,
-        seq_arg, dy, CB, entering, leaving_grad, dtp, lam,
-        dx, ddt, dA_part, dD_part, dbias_part,
-        seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, dt_lo, dt_hi,
-        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(),
-        *ddt.stride(), *s_seq)
-    b3_flags = dict(Q=Q, BLOCK_P=block_p, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-                    HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None,
-                    DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec)
-    launch(_chunk_bwd_dx_kernel, (batch * nheads, nchunks), *b3_args, **b3_flags,
+    launch(_chunk_bwd_dx_kernel, (batch * nheads, nchunks),
+           x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A,
+           seq_arg, dy, CB, entering, leaving_grad, dtp, lam,
+           dx, ddt, dA_part, dD_part, dbias_part,
+           seqlen, nheads, heads_per_group, ngroups, headdim, dstate, padded_len, dt_lo, dt_hi,
+           *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(),
+           *ddt.stride(), *s_seq,
+           Q=Q, BLOCK_P=block_p, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+           HAS_D=D is not None, D_PER_CHANNEL=per_channel, HAS_SEQ=seq_idx is not None,
+           DOT_DTYPE=dot_dtype, DOT_PREC=dot_prec,
            **_launch("bwd_dx", **_bwd_dx_options(Q, block_p, block_n_full, dot_dtype)))
 
     # B4: per group
