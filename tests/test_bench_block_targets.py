@@ -68,3 +68,26 @@ def test_block_bound_from_the_profile():
                           measured="1.44 ms; now GEMMs 0.52 + scan 1.20 + rest 0.83",
                           status="GEMMs + scan alone 119% of it")]
     assert not [t for t in bench.targets(rows[:1]) if "4x block leaves" in t["target"]]
+
+
+def test_scan_and_vit_bounds_from_the_profile():
+    """The scan's bound names its two largest kernels (short names); the ViT block's is measured
+    against the 3x its target asks."""
+    bench = _bench_block()
+    ssd = "b8 l2048 h64 p24 n128 Q64"
+    rows = [_row("ssd fwd+bwd, CUDA graph", ssd, 1.26, 2.05, base_ms=2.6),
+            _row("profile", "ssd b8 l2048 h64 p24 n128 fwd+bwd", 1.3, kinds={"ssd_scan": 1.3},
+                 top=[(0.49, "_chunk_bwd_dx_kernel"), (0.32, "_chunk_bwd_dbdc_flat_kernel"),
+                      (0.15, "_chunk_out_kernel")]),
+            _row("block ViT tokens [graph]", "D768 b64 l197 width 768", 2.15, 2.55, base_ms=5.4),
+            _row("profile", "fused block ViT D768 b64 l197 w768", 2.2,
+                 kinds={"ssd_scan": 1.0, "gemm": 0.5, "conv1d": 0.4, "gated_rmsnorm": 0.3})]
+    bounds = {t["target"].strip(): (t["measured"], t["status"]) for t in bench.targets(rows)
+              if "leaves" in t["target"]}
+    assert bounds == {
+        "what a 4x scan leaves (kernels of one call)":
+            ("0.65 ms; now bwd_dx 0.49 + bwd_dbdc_flat 0.32 + rest 0.49",
+             "its two largest kernels alone 125% of it"),
+        "what a 3x ViT block leaves (kernels of one call)":
+            ("1.80 ms; now GEMMs 0.50 + scan 1.00 + rest 0.70", "GEMMs + scan alone 83% of it"),
+    }
