@@ -656,7 +656,7 @@ def case_pack(shapes, factors=(2, 4, 8, 16)):
         variants += [(f"k{k}", k, "pack") for k in factors if k > 1 and b % k == 0]
         Q = triton_impl._chunk_length()
         if hasattr(triton_impl, "pack_factor"):
-            variants.append((f"auto (k{triton_impl.pack_factor(b, l, Q)})", 1, "auto"))
+            variants.append((f"auto (k{triton_impl.pack_factor(b, l, Q, h)})", 1, "auto"))
         base_ms = None
         for label, k, ids in variants:
             os.environ["MATMAMBA_SSD_PACK"] = "auto" if ids == "auto" else "0"
@@ -693,17 +693,20 @@ def case_pack(shapes, factors=(2, 4, 8, 16)):
         torch.cuda.empty_cache()
     if not hasattr(triton_impl, "pack_factor"):
         return
-    # the ViT block (fused path, in a CUDA graph) with the scan's packing off and on
+    # the ViT block (fused path, in a CUDA graph) at each width: the scan's packing off, forced to
+    # 8 and 16 rows a row, and the rule's choice
     block, _ = make_blocks(768, None)
-    for width in (768, 96):
+    for width in (768, 384, 192, 96):
         times = {}
-        for setting in ("0", "auto"):
+        for setting in ("0", "8", "16", "auto"):
             os.environ["MATMAMBA_SSD_PACK"] = setting
             ours, _, _ = block_step_fns(block, None, 64, 197, 768, width, fused=True, graphed=True)
             times[setting] = bench(ours)
+        heads = block.expand * width // block.headdim
         add("block ViT, packing on vs off, graphed", f"D768 b64 l197 width {width}", times["auto"],
-            times["0"], "packing off", f"k{triton_impl.pack_factor(64, 197, triton_impl._chunk_length())}",
-            width=width)
+            times["0"], "packing off",
+            f"rule k{triton_impl.pack_factor(64, 197, triton_impl._chunk_length(), heads)}; "
+            f"k8 {times['8']['ms']:.3f} ms, k16 {times['16']['ms']:.3f} ms", width=width)
     os.environ.pop("MATMAMBA_SSD_PACK", None)
     del block
     torch.cuda.empty_cache()

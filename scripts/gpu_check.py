@@ -101,6 +101,25 @@ def record_failure(op, case, error: BaseException):
 
 
 @contextlib.contextmanager
+def rows_packed(k: int | None):
+    """The SSD scan packs k rows of the batch into one (MATMAMBA_SSD_PACK=k) inside, where k is
+    given: the checks' short-row cases are too small for pack_factor's rule to pack on its own
+    (it keeps enough (row, head) state walks for a GPU), so the packed path is asked for."""
+    if k is None:
+        yield
+        return
+    before = os.environ.get("MATMAMBA_SSD_PACK")
+    os.environ["MATMAMBA_SSD_PACK"] = str(k)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MATMAMBA_SSD_PACK")
+        else:
+            os.environ["MATMAMBA_SSD_PACK"] = before
+
+
+@contextlib.contextmanager
 def poisoned_allocations():
     """torch.empty / torch.empty_like return NaN-filled (float) or -7-filled (int) tensors."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
@@ -430,9 +449,9 @@ def check_ssd(dtypes, dev, quick):
              limit=None),
         dict(b=3, l=129, h=7, p=8, g=7, n=16, D="h", init=True, seq=False, softplus=True,
              limit=None),
-        # no final state asked for: the 6 rows of 197 are scanned as one (triton_impl.pack_factor)
+        # no final state asked for: the 6 rows of 197 are scanned as one (rows_packed)
         dict(b=6, l=197, h=5, p=24, g=1, n=128, D="h", init=False, seq=False, softplus=True,
-             limit=None, final=False),
+             limit=None, final=False, pack=6),
     ]
     if quick:
         cases = cases[:2] + cases[-1:]
@@ -465,8 +484,9 @@ def check_ssd(dtypes, dev, quick):
             name = (f"b{b} l{l} h{h} p{p} g{g} n{n}" + (" D" + cfg["D"] if cfg["D"] else "")
                     + (" init" if cfg["init"] else "") + (" seq" if cfg["seq"] else "")
                     + (" lim" if cfg["limit"] else "") + ("" if cfg.get("final", True) else " packed"))
-            compare_op("ssd_scan", dtype, name, ssd_scan_triton, ssd_scan_naive, inputs,
-                       lambda outs: [torch.randn_like(o.double()) for o in outs], baselines=baselines)
+            with rows_packed(cfg.get("pack")):
+                compare_op("ssd_scan", dtype, name, ssd_scan_triton, ssd_scan_naive, inputs,
+                           lambda outs: [torch.randn_like(o.double()) for o in outs], baselines=baselines)
 
 
 def check_conv(dtypes, dev, quick):
@@ -649,7 +669,7 @@ def check_mixer(dtypes, dev, quick):
     G, N, P, H, W = 1, 128, 24, 16, 4
     baselines = {"mamba_ssm": mamba_ssm_baseline(mixer_core_on_mamba_ssm, dev),
                  "torch": Baseline(functools.partial(mamba2_mixer_core_reference, impl="torch"))}
-    # (heads used, seq_idx, seed, b, l); b4 l197: the 4 rows are scanned as one (pack_factor)
+    # (heads used, seq_idx, seed, b, l); b4 l197: the 4 rows are scanned as one (rows_packed)
     cases = [(16, False, 16, 2, 300), (5, True, 5, 2, 300), (7, False, 7, 4, 197)]
     cases += [] if quick else [(1, False, 1, 2, 300), (1, False, 101, 2, 300)]
     for k, seq, seed, b, l in cases:
@@ -673,11 +693,12 @@ def check_mixer(dtypes, dev, quick):
                 sq[:, 100:] = 1
                 sq[1, 250:] = 2
                 inputs["seq_idx"] = sq
-            compare_op("mixer core (fused)", dtype,
-                       f"b{b} l{l} k{k}/{H} P{P} N{N} seed {seed}" + (" seq" if seq else ""),
-                       mamba2_mixer_core_triton, mamba2_mixer_core_reference, inputs,
-                       lambda outs: [torch.randn_like(o.double()) for o in outs],
-                       baselines=baselines, draws=ONE_HEAD_DRAWS if k == 1 else 1)
+            with rows_packed(b if l == 197 else None):
+                compare_op("mixer core (fused)", dtype,
+                           f"b{b} l{l} k{k}/{H} P{P} N{N} seed {seed}" + (" seq" if seq else ""),
+                           mamba2_mixer_core_triton, mamba2_mixer_core_reference, inputs,
+                           lambda outs: [torch.randn_like(o.double()) for o in outs],
+                           baselines=baselines, draws=ONE_HEAD_DRAWS if k == 1 else 1)
 
 
 def _block_grads(block, u, impl, autocast_dtype, width, fused=False, fn=None):
@@ -708,7 +729,7 @@ def check_block(dev, quick, autocasts):
         torch.manual_seed(0)
         block = MatMamba2(d_model=D, d_state=128, layer_idx=0).to(dev)
         u = torch.randn(2, 300 if dev.type == "cuda" else 70, D, device=dev)
-        # and ViT-like rows, short enough that the scan packs them (triton_impl.pack_factor)
+        # and ViT-like rows, the 4 scanned as one (rows_packed)
         u_short = torch.randn(4, 197 if dev.type == "cuda" else 21, D, device=dev)
         for u, width in [(u, w) for w in (D, D // 2, D // 4, D // 8)] + [(u_short, D), (u_short, D // 8)]:
             out_r, grads_r = _block_grads(block, u, "torch", None, width)
@@ -716,7 +737,8 @@ def check_block(dev, quick, autocasts):
                 for fused in (False, True):
                     label = "fused block vs torch" if fused else "block vs torch"
                     try:
-                        out_t, grads_t = _block_grads(block, u, "triton", autocast, width, fused=fused)
+                        with rows_packed(u.shape[0] if u is u_short else None):
+                            out_t, grads_t = _block_grads(block, u, "triton", autocast, width, fused=fused)
                         errors = {"out": rel_err(out_t, out_r)}
                         errors.update({k: rel_err(grads_t.get(k), v) for k, v in grads_r.items()})
                         dname = "fp32" if autocast is None else "bf16"

@@ -204,6 +204,9 @@ def _ssd_packed_group(failures: list) -> None:
     triton_impl._ssd_forward = recording_forward
     os.environ["MATMAMBA_SSD_STATE"] = "parallel"
     os.environ["MATMAMBA_SSD_CHUNK"] = "16"
+    # the rule's floor on state walks is for GPUs (test_ssd_pack_factor_...): one head may pack here
+    min_row_heads, triton_impl._PACK_MIN_ROW_HEADS = triton_impl._PACK_MIN_ROW_HEADS, 1
+    triton_impl._PACK_FACTORS.clear()
     try:
         for b, l, h, p, force, rows_apart, final, expect in [
                 (4, 13, 3, 24, "2", False, False, 2), (4, 13, 3, 24, "4", False, False, 4),
@@ -227,6 +230,8 @@ def _ssd_packed_group(failures: list) -> None:
                 failures.append(name + " (pack)")
     finally:
         triton_impl._ssd_forward = forward
+        triton_impl._PACK_MIN_ROW_HEADS = min_row_heads
+        triton_impl._PACK_FACTORS.clear()
         os.environ.pop("MATMAMBA_SSD_PACK", None)
 
 
@@ -641,26 +646,32 @@ def _dispatch_group(failures: list) -> None:
 
 
 def test_ssd_pack_factor_packs_only_where_padding_is_large(monkeypatch):
-    """Which rows the scan packs (chunk 64): ViT-B/16's 197 tokens (4 chunks, 23% padding) 16 to a
-    row; 577 tokens (10% padding) and whole chunks not at all; rows of at most 4096 tokens; a
-    prime batch as one row when short enough; MATMAMBA_SSD_PACK forces a k or turns it off."""
+    """Which rows the scan packs (chunk 64): ViT-B/16's 197 tokens (4 chunks, 23% padding) 8 to a
+    row at 64 heads (16 pad as little, but leave 4 rows x 64 heads of state walks), not at all at 8
+    heads; 577 tokens (10% padding) and whole chunks not at all; rows of at most 4096 tokens; a
+    prime batch as one row when short enough and the heads many; MATMAMBA_SSD_PACK forces a k or
+    turns it off."""
     from matmamba.ops.ssd import triton_impl
 
     monkeypatch.delenv("MATMAMBA_SSD_PACK", raising=False)
-    assert triton_impl.pack_factor(64, 197, 64) == 16
-    assert triton_impl.pack_factor(256, 197, 64) == 16
-    assert triton_impl.pack_factor(16, 577, 64) == 1
-    assert triton_impl.pack_factor(8, 2048, 64) == 1
-    assert triton_impl.pack_factor(64, 1000, 64) == 1
-    assert triton_impl.pack_factor(1, 197, 64) == 1
-    assert triton_impl.pack_factor(7, 197, 64) == 7  # 1379 tokens: 22 chunks instead of 28
-    assert triton_impl.pack_factor(64, 50, 64) * 50 <= 4096
+    assert triton_impl.pack_factor(64, 197, 64, 64) == 8
+    assert triton_impl.pack_factor(64, 197, 64, 32) == 4    # 16 rows x 32 heads; pads 18.8% less
+    assert triton_impl.pack_factor(64, 197, 64, 16) == 1    # k = 2 removes only 12.5%
+    assert triton_impl.pack_factor(64, 197, 64, 8) == 1
+    assert triton_impl.pack_factor(256, 197, 64, 64) == 16
+    assert triton_impl.pack_factor(16, 577, 64, 512) == 1
+    assert triton_impl.pack_factor(8, 2048, 64, 512) == 1
+    assert triton_impl.pack_factor(64, 1000, 64, 512) == 1
+    assert triton_impl.pack_factor(1, 197, 64, 512) == 1
+    assert triton_impl.pack_factor(7, 197, 64, 512) == 7  # 1379 tokens: 22 chunks instead of 28
+    assert triton_impl.pack_factor(7, 197, 64, 64) == 1   # 64 walks would be too few
+    assert triton_impl.pack_factor(64, 50, 64, 512) * 50 <= 4096
     for setting, expect in (("0", 1), ("1", 1), ("4", 4), ("3", 1)):  # 3 does not divide 64
         monkeypatch.setenv("MATMAMBA_SSD_PACK", setting)
-        assert triton_impl.pack_factor(64, 197, 64) == expect
+        assert triton_impl.pack_factor(64, 197, 64, 64) == expect
     monkeypatch.setenv("MATMAMBA_SSD_PACK", "yes")
     with pytest.raises(ValueError, match="MATMAMBA_SSD_PACK must be"):
-        triton_impl.pack_factor(64, 197, 64)
+        triton_impl.pack_factor(64, 197, 64, 64)
     # what the packed launches refuse (the custom ops can be called with any pack)
     with pytest.raises(ValueError, match="must divide the batch"):
         triton_impl._check_pack(3, 64, None, None)

@@ -110,14 +110,21 @@ def _chunk_length() -> int:
 
 # Packing short rows (module docstring). Measured on an H200, bf16, fwd+bwd in a CUDA graph,
 # h64 p24 n128 (session 13): b64 l197 (29.9% of the padded tokens padding) 1.424 ms as is, packed
-# 2 / 4 / 8 / 16 / 32 / 64 rows to a row 1.390 / 1.323 / 1.292 / 1.225 / 1.258 / 1.349 ms, this
-# rule's choice (16) 1.207; the ViT block D768 graphed 2.440 -> 2.227 ms. The segment ids cost 3-8% on
+# 2 / 4 / 8 / 16 / 32 / 64 rows to a row 1.390 / 1.323 / 1.292 / 1.225 / 1.258 / 1.349 ms, the
+# rule's choice then (16) 1.207; the ViT block D768 graphed 2.440 -> 2.227 ms. The segment ids cost 3-8% on
 # their own (b8 l2048: 1.445 -> 1.484 ms; b16 l577: 0.961 -> 1.035, where packing 4 rows, padding
 # 10.9% -> 2.6%, still lost: 0.983), and rows of many chunks cost their state pass (b8 l2048 as
 # one row: 1.662). So rows are packed only where that removes at least _PACK_MIN_SAVING of the
 # padded tokens, into rows of at most _PACK_MAX_TOKENS.
 _PACK_MIN_SAVING = 0.15
 _PACK_MAX_TOKENS = 4096
+# Packing trades rows for length, and the state walks run one per (row, head): with too few of them
+# the GPU idles. On the H100 (session 23, graphed fwd+bwd, b64 l197 p24 n128, h64): packed 8 to a
+# row 1.070 ms, 16 to a row 1.135, unpacked 1.182. The ViT block D768 b64 l197 graphed at widths
+# 768 / 384 / 192 / 96 (h64 / 32 / 16 / 8), this rule (k8 / k4 / k1 / k1) against 16 to a row:
+# 2.101 / 1.287 / 0.881 / 0.632 ms against 2.176 / 1.359 / 0.923 / 0.664 (unpacked 2.234 / 1.321 /
+# 0.880 / 0.640). So packed rows x heads stays at least this.
+_PACK_MIN_ROW_HEADS = 512
 
 
 # B4's two forms, MATMAMBA_SSD_BWD_DBDC = "auto" (default: flat for 16-bit inputs, per-head for
@@ -181,30 +188,32 @@ def _padded_tokens(batch: int, seqlen: int, k: int, Q: int) -> int:
     return (batch // k) * max(1, cdiv(k * seqlen, Q)) * Q
 
 
-def pack_factor(batch: int, seqlen: int, Q: int) -> int:
+def pack_factor(batch: int, seqlen: int, Q: int, nheads: int) -> int:
     """How many rows of the batch the scan packs into one row (1: none). Rows are packed where
     that removes at least _PACK_MIN_SAVING of the padded tokens; k divides the batch, packed rows
-    hold at most _PACK_MAX_TOKENS, and of the k that pad least the largest is taken (b64 l197:
-    k = 8 and 16 both pad 1.5%; 16 measured 1.05x faster). MATMAMBA_SSD_PACK overrides."""
+    hold at most _PACK_MAX_TOKENS, (batch / k) * nheads stays at least _PACK_MIN_ROW_HEADS (where
+    the batch is that large), and of the k that pad least the largest is taken (b64 l197 h64:
+    k = 8, 1.5% padding). MATMAMBA_SSD_PACK overrides."""
     setting = _pack_setting()
     if setting >= 0:
         return setting if setting >= 1 and batch % setting == 0 else 1
     if torch.compiler.is_compiling():  # traced once per shape: no need for the memo
-        return _best_pack_factor(batch, seqlen, Q)
-    key = (batch, seqlen, Q)
+        return _best_pack_factor(batch, seqlen, Q, nheads)
+    key = (batch, seqlen, Q, nheads)
     if key not in _PACK_FACTORS:  # (the search is a loop over the batch's divisors: ~10 us)
-        _PACK_FACTORS[key] = _best_pack_factor(batch, seqlen, Q)
+        _PACK_FACTORS[key] = _best_pack_factor(batch, seqlen, Q, nheads)
     return _PACK_FACTORS[key]
 
 
 _PACK_FACTORS: dict = {}
 
 
-def _best_pack_factor(batch: int, seqlen: int, Q: int) -> int:
+def _best_pack_factor(batch: int, seqlen: int, Q: int, nheads: int) -> int:
     unpacked = _padded_tokens(batch, seqlen, 1, Q)
     best, best_tokens = 1, unpacked
+    min_rows = cdiv(_PACK_MIN_ROW_HEADS, nheads)
     for k in range(2, batch + 1):
-        if k * seqlen > _PACK_MAX_TOKENS:
+        if k * seqlen > _PACK_MAX_TOKENS or batch // k < min_rows:
             break
         if batch % k:
             continue
@@ -1840,7 +1849,7 @@ def ssd_scan_triton(
     chunk, pack = _chunk_length(), 1
     if (initial_state is None and seq_idx is None and not return_final_state
             and all(_packable(t) for t in (x, dt, B, C))):
-        pack = pack_factor(x.shape[0], x.shape[1], chunk)
+        pack = pack_factor(x.shape[0], x.shape[1], chunk, x.shape[2])
     y, final_state, *_ = _ssd_scan(x, dt, A, B, C, D, dt_bias, initial_state, seq_idx,
                               bool(dt_softplus), dt_lo, dt_hi, chunk, pack)
     return (y, final_state) if return_final_state else y

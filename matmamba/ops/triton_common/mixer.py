@@ -284,7 +284,7 @@ def mamba2_mixer_core_triton(
     chunk = _chunk_length()
     # the scan reads x, B, C in the conv's (contiguous) output and dt in zxbcdt, whose rows follow
     # each other (made so above), so short rows can be packed (ssd.triton_impl.pack_factor)
-    pack = pack_factor(batch, seqlen, chunk) if segments is None else 1
+    pack = pack_factor(batch, seqlen, chunk, k) if segments is None else 1
     return _mamba2_mixer_core(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, segments, ngroups,
                 dstate, headdim, nheads_total, float(eps), bool(norm_before_gate), dt_lo, dt_hi,
                 chunk, pack)[0]
