@@ -268,6 +268,46 @@ def test_block_decode_step_launches_five_kernels(monkeypatch):
         assert kernels == ["_conv_update_kernel", "_state_update_kernel", "_rmsnorm_fwd_kernel"]
 
 
+def test_residual_norm_outside_autograd_is_one_launch(monkeypatch):
+    """The models' residual RMSNorm, eagerly outside autograd on the Triton path: the norm kernel's
+    one launch and no ATen op that computes (its torch form takes about eight); under autograd the
+    torch ops; an input of the wrong size an error from them, not a kernel reading past the
+    weight."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from matmamba.models.common import RMSNorm
+    from matmamba.ops import use_impl
+    from matmamba.ops.rmsnorm import triton_impl as norm_ti
+
+    kernels = []
+    monkeypatch.setattr(norm_ti, "launch", lambda kernel, *a, **k: kernels.append(kernel.fn.__name__))
+
+    class ComputingOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name not in {"view", "_unsafe_view", "empty", "alias", "detach", "as_strided"}:
+                self.names.append(name)
+            return func(*args, **(kwargs or {}))
+
+    norm = RMSNorm(96).to(torch.bfloat16)
+    x = torch.randn(2, 1, 96, dtype=torch.bfloat16)
+    with use_impl("triton"):
+        with torch.no_grad(), ComputingOps() as seen:
+            out = norm(x)
+        assert (kernels, seen.names) == (["_rmsnorm_fwd_kernel"], [])
+        assert out.shape == x.shape and out.dtype == x.dtype
+        kernels.clear()
+        norm(x)  # grad mode, weight requires grad: autograd records the torch ops
+        assert kernels == []
+        with torch.no_grad(), pytest.raises(RuntimeError):
+            RMSNorm(48).to(torch.bfloat16)(x)
+        assert kernels == []
+
+
 def _env(name, value, monkeypatch):
     """A context in which the environment variable ``name`` is ``value``."""
     import contextlib
