@@ -191,9 +191,9 @@ def _padded_tokens(batch: int, seqlen: int, k: int, Q: int) -> int:
 def pack_factor(batch: int, seqlen: int, Q: int, nheads: int) -> int:
     """How many rows of the batch the scan packs into one row (1: none). Rows are packed where
     that removes at least _PACK_MIN_SAVING of the padded tokens; k divides the batch, packed rows
-    hold at most _PACK_MAX_TOKENS, (batch / k) * nheads stays at least _PACK_MIN_ROW_HEADS (where
-    the batch is that large), and of the k that pad least the largest is taken (b64 l197 h64:
-    k = 8, 1.5% padding). MATMAMBA_SSD_PACK overrides."""
+    hold at most _PACK_MAX_TOKENS, the packed rows times nheads (the state walks) stay at least
+    _PACK_MIN_ROW_HEADS, and of the k that pad least the largest is taken (b64 l197 h64: k = 8,
+    1.5% padding). MATMAMBA_SSD_PACK overrides."""
     setting = _pack_setting()
     if setting >= 0:
         return setting if setting >= 1 and batch % setting == 0 else 1
