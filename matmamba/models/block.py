@@ -308,7 +308,7 @@ class MatMamba2(nn.Module):
         conv_state, ssm_state = cache[self.layer_idx]
         if conv_state.shape[0] < batch_size:
             raise ValueError(f"inference cache holds batch {conv_state.shape[0]}, got a batch of {batch_size}")
-        return conv_state[:batch_size], ssm_state[:batch_size]
+        return _prefix(conv_state, batch_size), _prefix(ssm_state, batch_size)
 
     def step(self, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
              width: int | None = None, mrl_level: int | None = None) -> torch.Tensor:
@@ -319,35 +319,36 @@ class MatMamba2(nn.Module):
         b = u.shape[0]
         P, gn = self.headdim, self._gn
         rows = self._in_proj_rows(k)
-        bias = self.in_proj.bias[:rows] if self.in_proj.bias is not None else None
-        zxbcdt = F.linear(u[:, 0], self.in_proj.weight[:rows], bias)
+        bias = _prefix(self.in_proj.bias, rows) if self.in_proj.bias is not None else None
+        zxbcdt = F.linear(u[:, 0], _prefix(self.in_proj.weight, rows), bias)
         channels = self._conv_channels(k)
+        conv_bias = _prefix(self.conv_bias, channels) if self.conv_bias is not None else None
         if self._fused_decode(u):
             # CUDA: conv update -> state update -> gated norm reading B, C, x, dt and z straight out
             # of the in_proj output (5 launches a block where the ops composed below take 11)
             from matmamba.ops.triton_common.mixer import mamba2_decode_core_triton
 
             y = mamba2_decode_core_triton(
-                zxbcdt, conv_state[:, :channels], ssm_state[:, :k], self.conv_weight[:channels],
-                self.conv_bias[:channels] if self.conv_bias is not None else None,
+                zxbcdt, _prefix(conv_state, channels, 1), _prefix(ssm_state, k, 1),
+                _prefix(self.conv_weight, channels), conv_bias,
                 _prefix(self.dt_bias, k), _prefix(self.A_log, k), self._D(k),
                 _prefix(self.norm.weight, k * P), ngroups=self.ngroups, dstate=self.d_state,
                 headdim=P, nheads_total=self.nheads, eps=self.norm.eps,
                 norm_before_gate=self.norm_before_gate, dt_limit=self.dt_limit)
-            return F.linear(y, self.out_proj.weight[:, : k * P], self.out_proj.bias).unsqueeze(1)
+            return F.linear(y, _prefix(self.out_proj.weight, k * P, 1), self.out_proj.bias).unsqueeze(1)
         z, x, BC, dt = self._split_projection(zxbcdt, k)
         xBC = torch.cat([BC, x.reshape(b, k * P)], dim=-1)
         xBC = ops.causal_conv1d_update(
-            xBC, conv_state[:, :channels], self.conv_weight[:channels],
-            self.conv_bias[:channels] if self.conv_bias is not None else None, activation="silu")
+            xBC, _prefix(conv_state, channels, 1), _prefix(self.conv_weight, channels), conv_bias,
+            activation="silu")
         B = xBC[:, :gn].unflatten(-1, (self.ngroups, self.d_state))
         C = xBC[:, gn : 2 * gn].unflatten(-1, (self.ngroups, self.d_state))
         x = xBC[:, 2 * gn :].unflatten(-1, (k, P))
         A = -torch.exp(self.A_log[:k].float())
-        y = ops.ssd_state_update(ssm_state[:, :k], x, dt, A, B, C, D=self._D(k),
+        y = ops.ssd_state_update(_prefix(ssm_state, k, 1), x, dt, A, B, C, D=self._D(k),
                                  dt_bias=_prefix(self.dt_bias, k), dt_softplus=True, dt_limit=self.dt_limit)
         y = self.norm(y.reshape(b, k * P), z.reshape(b, k * P))
-        out = F.linear(y, self.out_proj.weight[:, : k * P], self.out_proj.bias)
+        out = F.linear(y, _prefix(self.out_proj.weight, k * P, 1), self.out_proj.bias)
         return out.unsqueeze(1)
 
     def _fused_decode(self, u: torch.Tensor) -> bool:
