@@ -40,6 +40,7 @@ import sys
 import time
 import traceback
 import types
+import unittest.mock
 from collections.abc import Callable
 
 import torch
@@ -100,23 +101,13 @@ def record_failure(op, case, error: BaseException):
     traceback.print_exc()
 
 
-@contextlib.contextmanager
 def rows_packed(k: int | None):
-    """The SSD scan packs k rows of the batch into one (MATMAMBA_SSD_PACK=k) inside, where k is
-    given: the checks' short-row cases are too small for pack_factor's rule to pack on its own
-    (it keeps enough (row, head) state walks for a GPU), so the packed path is asked for."""
+    """A context in which the SSD scan packs k rows of the batch into one (MATMAMBA_SSD_PACK=k),
+    where k is given: the checks' short-row cases are too small for pack_factor's rule to pack on
+    its own (it keeps enough (row, head) state walks for a GPU), so the packed path is asked for."""
     if k is None:
-        yield
-        return
-    before = os.environ.get("MATMAMBA_SSD_PACK")
-    os.environ["MATMAMBA_SSD_PACK"] = str(k)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("MATMAMBA_SSD_PACK")
-        else:
-            os.environ["MATMAMBA_SSD_PACK"] = before
+        return contextlib.nullcontext()
+    return unittest.mock.patch.dict(os.environ, {"MATMAMBA_SSD_PACK": str(k)})
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from matmamba import ops
 from matmamba.models.block import MatMamba2
 from matmamba.models.widths import check_width, per_layer_widths, valid_widths
 from matmamba.ops._dispatch import fused_inference_applies
