@@ -539,3 +539,61 @@ def test_gpu_check_names_the_valid_dtypes():
     assert gpu_check.parse_dtypes("bfloat16") == [torch.bfloat16]
     with pytest.raises(SystemExit, match="unknown dtype.*'fp64'.*valid: bf16, bfloat16"):
         gpu_check.parse_dtypes("fp16,fp64")
+
+
+def test_gpu_check_refuses_no_one_head_draws():
+    """--one-head-draws 0 would judge the one-head rows on no draws at all: an error that says so."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu-dry-run",
+                           "--one-head-draws", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--one-head-draws must be at least 1; got 0" in proc.stderr
+
+
+def test_bench_block_times_fla_backward_past_its_triton_refusal(monkeypatch):
+    """fla refuses its gated backward on Hopper with Triton < 3.7.1: bench_block times it with the
+    refusal lifted (and restored after), says so in the row's note, and gives up on other errors."""
+    import types
+
+    import bench_block
+
+    chunk_o = types.ModuleType("fla.ops.common.chunk_o")
+    chunk_o.TRITON_ABOVE_3_7_1 = False
+    for name in ("fla", "fla.ops", "fla.ops.common"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "fla.ops.common.chunk_o", chunk_o)
+    calls = []
+
+    def fake_fla(q, k, v, g, scale):
+        calls.append(chunk_o.TRITON_ABOVE_3_7_1)
+        out = (q * k).sum(-1, keepdim=True) * v * g[..., None].exp()
+
+        class Guarded(torch.autograd.Function):  # fla raises in its backward, as chunk_bwd_dqkwg does
+            @staticmethod
+            def forward(ctx, x):
+                return x.view_as(x)
+
+            @staticmethod
+            def backward(ctx, grad):
+                if not chunk_o.TRITON_ABOVE_3_7_1:
+                    raise RuntimeError("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results")
+                return grad
+        return Guarded.apply(out), None
+
+    monkeypatch.setattr(bench_block, "bench", lambda fn, **kw: (fn(), dict(ms=2.0, spread=0.0))[1])
+    monkeypatch.setattr(bench_block, "RESULTS", [dict(case="ssd fwd+bwd", shape="b1 l8 h2 p3 n4 Q64",
+                                                      ours_ms=1.0, ours_spread=0.0)])
+    monkeypatch.setattr(bench_block, "META", {})
+    inputs = (torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 3),
+              -torch.rand(1, 8, 2))
+    bench_block.fla_fwdbwd(fake_fla, "b1 l8 h2 p3 n4", inputs)
+    row = bench_block.RESULTS[-1]
+    assert row["case"] == "fla chunk_simple_gla fwd+bwd" and row["speedup"] == 2.0
+    assert "refusal lifted" in row["note"] and "b1 l8 h2 p3 n4" in bench_block.META["fla_fwdbwd_guard_lifted"]
+    assert calls == [False, True] and chunk_o.TRITON_ABOVE_3_7_1 is False  # restored
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resources")
+    bench_block.fla_fwdbwd(broken, "b1 l8 h2 p3 n4", inputs)
+    assert len(bench_block.RESULTS) == 2 and "out of resources" in bench_block.META["fla_fwdbwd_refused"]["b1 l8 h2 p3 n4"]

@@ -165,6 +165,42 @@ def test_drawn_fp32_rows_take_the_baseline_allowance():
     assert not row["ok"] and row["tol"] == 1e-4
 
 
+def counting(fn, calls):
+    def counted(x, w):
+        calls.append(1)
+        return fn(x, w)
+    return counted
+
+
+@pytest.mark.parametrize("agrees", [True, False])
+def test_drawn_rows_take_the_second_reference_after_the_first_draw_only_if_it_agrees(agrees):
+    """The sequential reference runs on the first draw beside the fast one; the later draws use
+    the fast one only if it gave the same outputs and gradients there."""
+    naive_calls, fast_calls = [], []
+    def off_by_1e6(x, w):  # dw off by 1e-6 relative: far beyond float64 rounding
+        return x * (w + 1e-6 * (w - w.detach()))
+    fast = product if agrees else off_by_1e6
+    gpu_check.RESULTS.clear()
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(x=torch.randn(4, 64, dtype=torch.float64, generator=gen).requires_grad_(),
+                  w=torch.randn(64, dtype=torch.float64, generator=gen).requires_grad_(), _fp32=("w",))
+    gpu_check.compare_op("toy", torch.bfloat16, "case", product_with_dw_error(0.01),
+                         counting(product, naive_calls), inputs,
+                         lambda outs: [torch.randn_like(o) for o in outs],
+                         baselines={"mamba_ssm": stand_in(0.01)}, draws=4,
+                         fast_reference=counting(fast, fast_calls))
+    (row,) = gpu_check.RESULTS
+    assert row["ok"], row["note"]
+    # naive: once for the cotangents' shape, then per draw that uses it
+    assert (len(naive_calls), len(fast_calls)) == ((2, 4) if agrees else (5, 1))
+    if agrees:
+        assert row["fast_reference_agreement"] == 0.0 and "it agreed to 0e+00" in row["note"]
+    else:
+        assert row["fast_reference_agreement"] == pytest.approx(1e-6, rel=0.01)
+        assert "disagreed" in row["note"]
+    assert row["errors"]["dw"] == pytest.approx(0.01, rel=0.05)  # (bf16 rounding around it)
+
+
 def test_geometric_mean_errors_keeps_a_nan_or_inf_draw():
     means = gpu_check.geometric_mean_errors([{"a": 1e-2, "b": 1e-3}, {"a": float("inf"), "b": 1e-1}])
     assert means["a"] == float("inf") and means["b"] == pytest.approx(1e-2)
