@@ -540,19 +540,10 @@ print('COLD', t1 - t0, t2 - t1, t3 - t2)
 
 
 def _eager_and_graphed_ms(step):
-    """(eager ms, CUDA-graph ms or None) of ``step()`` (warmed up on a side stream, then captured)."""
+    """(eager ms, CUDA-graph ms or None) of ``step()`` (captured by ``cuda_graphed``)."""
     eager = bench(step, reps=20)["ms"]
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        return eager, bench(graph.replay, reps=50)["ms"]
+        return eager, bench(cuda_graphed(step), reps=50)["ms"]
     except Exception as error:  # noqa: BLE001
         print(f"  CUDA graph capture failed: {type(error).__name__}: {error}", flush=True)
         return eager, None
@@ -744,7 +735,9 @@ def case_pack(shapes, factors=(2, 4, 8, 16)):
 
 def case_profile():
     """Per-kernel CUDA time of the SSD fwd+bwd and of the block fwd+bwd (ours)."""
+    from bench_train import classify_kernel  # (scripts/: GEMM, ssd_scan, conv1d, ... by name)
     from torch.profiler import ProfilerActivity, profile
+
     from matmamba.ops.ssd.triton_impl import ssd_scan_triton
     tensors = ssd_inputs(8, 2048, 64, 24, 128)
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
@@ -776,7 +769,6 @@ def case_profile():
         for ms, count, key in rows[:22]:
             print(f"    {ms:8.3f} ms  x{count:<3} {key[:90]}", flush=True)
         META.setdefault("profiles", {})[name] = [(round(ms, 4), c, k[:120]) for ms, c, k in rows[:40]]
-        from bench_train import classify_kernel  # (scripts/: GEMM, ssd_scan, conv1d, ... by name)
         kinds: dict[str, float] = {}
         for ms, _, key in rows:
             kind = classify_kernel(key)

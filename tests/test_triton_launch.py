@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
@@ -218,11 +219,28 @@ def test_host_helpers_match_triton():
             assert launch_mod.cdiv(a, b) == triton.cdiv(a, b), (a, b)
 
 
+class _ComputingOps(TorchDispatchMode):
+    """Records the names of the aten ops run inside it, except those in ``ignore`` (views and
+    allocations: ops that compute nothing)."""
+
+    def __init__(self, ignore: set[str]):
+        super().__init__()
+        self.ignore = ignore
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name not in self.ignore:
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
 def test_block_decode_step_launches_five_kernels(monkeypatch):
     """A decode step of the block on the Triton path (launches recorded, not run): the two
     projections and the fused core's three kernels, and no copies, casts or concatenations around
     them (composed from the public ops the step took 11 launches with bf16 weights)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    import os
+    from unittest import mock
 
     from matmamba.models.block import MatMamba2
     from matmamba.ops import use_impl
@@ -234,17 +252,8 @@ def test_block_decode_step_launches_five_kernels(monkeypatch):
     for module in (conv_ti, norm_ti, update_ti):
         monkeypatch.setattr(module, "launch", lambda kernel, *a, **k: kernels.append(kernel.fn.__name__))
 
-    class TensorOps(TorchDispatchMode):  # the aten ops that compute (views and allocations aside)
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.__name__.split(".")[0]
-            if name not in {"view", "unflatten", "slice", "t", "unsqueeze", "select", "empty",
-                            "alias", "detach", "as_strided", "_unsafe_view"}:
-                self.names.append(name)
-            return func(*args, **(kwargs or {}))
+    views = {"view", "unflatten", "slice", "t", "unsqueeze", "select", "empty", "alias", "detach",
+             "as_strided", "_unsafe_view"}  # aten ops that compute nothing: not recorded
 
     block = MatMamba2(96, d_state=16, headdim=8, layer_idx=0).to(torch.bfloat16).eval()
     conv_state, ssm_state = block.allocate_inference_cache(2)
@@ -253,16 +262,16 @@ def test_block_decode_step_launches_five_kernels(monkeypatch):
         for width in (96, 48):
             block.step(u, conv_state, ssm_state, width=width)  # builds the width's column maps once
             kernels.clear()
-            with TensorOps() as ops_seen:
+            with _ComputingOps(views) as ops_seen:
                 block.step(u, conv_state, ssm_state, width=width)
             assert ops_seen.names == ["mm", "mm"], ops_seen.names
             assert kernels == ["_conv_update_kernel", "_state_update_kernel", "_rmsnorm_fwd_kernel"]
     # turned off, the step composes the public ops: copies of x and z, the cat, A's three ops
     from matmamba.ops import use_fused_inference
-    for off in (use_fused_inference(False), _env("MATMAMBA_FUSED_INFERENCE", "0", monkeypatch)):
+    for off in (use_fused_inference(False), mock.patch.dict(os.environ, {"MATMAMBA_FUSED_INFERENCE": "0"})):
         with torch.no_grad(), use_impl("triton"), off:
             kernels.clear()
-            with TensorOps() as ops_seen:
+            with _ComputingOps(views) as ops_seen:
                 block.step(u, conv_state, ssm_state, width=48)
         assert ops_seen.names == ["mm", "clone", "cat", "_to_copy", "exp", "neg", "clone", "mm"], ops_seen.names
         assert kernels == ["_conv_update_kernel", "_state_update_kernel", "_rmsnorm_fwd_kernel"]
@@ -273,8 +282,6 @@ def test_residual_norm_outside_autograd_is_one_launch(monkeypatch):
     one launch and no ATen op that computes (its torch form takes about eight); under autograd the
     torch ops; an input of the wrong size an error from them, not a kernel reading past the
     weight."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from matmamba.models.common import RMSNorm
     from matmamba.ops import use_impl
     from matmamba.ops.rmsnorm import triton_impl as norm_ti
@@ -282,21 +289,11 @@ def test_residual_norm_outside_autograd_is_one_launch(monkeypatch):
     kernels = []
     monkeypatch.setattr(norm_ti, "launch", lambda kernel, *a, **k: kernels.append(kernel.fn.__name__))
 
-    class ComputingOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.__name__.split(".")[0]
-            if name not in {"view", "_unsafe_view", "empty", "alias", "detach", "as_strided"}:
-                self.names.append(name)
-            return func(*args, **(kwargs or {}))
-
     norm = RMSNorm(96).to(torch.bfloat16)
     x = torch.randn(2, 1, 96, dtype=torch.bfloat16)
     with use_impl("triton"):
-        with torch.no_grad(), ComputingOps() as seen:
+        with torch.no_grad(), _ComputingOps({"view", "_unsafe_view", "empty", "alias", "detach",
+                                               "as_strided"}) as seen:
             out = norm(x)
         assert (kernels, seen.names) == (["_rmsnorm_fwd_kernel"], [])
         assert out.shape == x.shape and out.dtype == x.dtype
@@ -307,14 +304,3 @@ def test_residual_norm_outside_autograd_is_one_launch(monkeypatch):
             RMSNorm(48).to(torch.bfloat16)(x)
         assert kernels == []
 
-
-def _env(name, value, monkeypatch):
-    """A context in which the environment variable ``name`` is ``value``."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def context():
-        with monkeypatch.context() as patch:
-            patch.setenv(name, value)
-            yield
-    return context()
