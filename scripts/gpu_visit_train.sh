@@ -205,7 +205,7 @@ for stage in $STAGES; do
                     ${AB_ARGS:---cases block} --no-baseline --json "$OUT/ab_${tag}_$round.json") \
                     > "$OUT/ab_${tag}_$round.log" 2>&1
                 echo "=== A/B round $round, $tag tree ($tree)"
-                sed -n '/^=====/,$p' "$OUT/ab_${tag}_$round.log" | grep -E "^(block|lengths)"
+                sed -n '/^=====/,$p' "$OUT/ab_${tag}_$round.log" | grep -E "^(block|lengths|ssd)"
             done
         done
         ;;
