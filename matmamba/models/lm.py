@@ -140,8 +140,8 @@ class MatMambaLMHeadModel(NestedModelMixin, nn.Module):
 
         ``cuda_graph=True`` (CUDA only) captures the one-token step once after the prompt and
         replays it for every new token. A step is ~7 small launches per layer, so in eager mode
-        the host, not the GPU, sets the pace (LM-130M at batch 1 on an H100: 8.7 ms eager, 0.67 ms
-        replayed).
+        the host, not the GPU, sets the pace (LM-130M at batch 1 on an H100: 7.8 ms eager, 0.67 ms
+        replayed; docs/performance.md, session 24).
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
