@@ -597,3 +597,33 @@ def test_bench_block_times_fla_backward_past_its_triton_refusal(monkeypatch):
         raise RuntimeError("out of resources")
     bench_block.fla_fwdbwd(broken, "b1 l8 h2 p3 n4", inputs)
     assert len(bench_block.RESULTS) == 2 and "out of resources" in bench_block.META["fla_fwdbwd_refused"]["b1 l8 h2 p3 n4"]
+
+
+def test_step_aten_ops_lists_the_ops_around_the_kernels():
+    """scripts/step_aten_ops.py on a small block: the training step's GEMMs, autocast's casts and
+    the gradients' accumulation, every Triton kernel once in order (recorded, not run), and no
+    copy or concatenation of activations around the kernels."""
+    import step_aten_ops
+
+    from matmamba import MatMamba2
+
+    kernels_in_order = ["_conv_fwd_kernel", "_cb_kernel", "_state_walk_kernel", "_chunk_out_fwd_kernel",
+                        "_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel", "_state_walk_kernel",
+                        "_chunk_bwd_dx_kernel", "_chunk_bwd_dbdc_flat_kernel", "_finalize_grads_kernel",
+                        "_conv_bwd_du_kernel", "_conv_bwd_dx_kernel", "_conv_wgrad_sum_kernel"]
+    shape = MatMamba2(96, d_state=16, headdim=8, layer_idx=0)
+    for width in (96, 48):
+        ops, kernels = step_aten_ops.record_step(96, batch=2, seqlen=40, width=width, d_state=16, headdim=8)
+        names = [name for name, _, _ in ops]
+        assert kernels == kernels_in_order
+        assert names.count("mm") == 6  # in_proj and out_proj: forward, input and weight gradients
+        assert not {"cat", "clone", "copy_", "contiguous"} & set(names), names
+        # forward: u and the two weights' rows / columns to bf16; backward: their gradients to fp32
+        in_rows = (shape._in_proj_rows(shape.heads_for_width(width)), 96)
+        out_cols = (96, 2 * width)
+        casts = sorted(inputs[0] for name, inputs, _ in ops if name == "_to_copy")
+        assert casts == sorted((s, dtype) for s in ((2, 40, 96), in_rows, out_cols)
+                               for dtype in ("float32", "bfloat16"))
+        assert names.count("add_") == 9  # into the existing .grad of u and the eight parameters
+    out = step_aten_ops.main(["--d-model", "96", "--b", "1", "--l", "16"])
+    assert out["kernels"] == kernels_in_order and out["counts"]["mm"] == 6
