@@ -611,7 +611,7 @@ def test_step_aten_ops_lists_the_ops_around_the_kernels():
                         "_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel", "_state_walk_kernel",
                         "_chunk_bwd_dx_kernel", "_chunk_bwd_dbdc_flat_kernel", "_finalize_grads_kernel",
                         "_conv_bwd_du_kernel", "_conv_bwd_dx_kernel", "_conv_wgrad_sum_kernel"]
-    shape = MatMamba2(96, d_state=16, headdim=8, layer_idx=0)
+    sizes = MatMamba2(96, d_state=16, headdim=8, layer_idx=0)  # read for its in_proj rows per width
     for width in (96, 48):
         ops, kernels = step_aten_ops.record_step(96, batch=2, seqlen=40, width=width, d_state=16, headdim=8)
         names = [name for name, _, _ in ops]
@@ -619,7 +619,7 @@ def test_step_aten_ops_lists_the_ops_around_the_kernels():
         assert names.count("mm") == 6  # in_proj and out_proj: forward, input and weight gradients
         assert not {"cat", "clone", "copy_", "contiguous"} & set(names), names
         # forward: u and the two weights' rows / columns to bf16; backward: their gradients to fp32
-        in_rows = (shape._in_proj_rows(shape.heads_for_width(width)), 96)
+        in_rows = (sizes._in_proj_rows(sizes.heads_for_width(width)), 96)
         out_cols = (96, 2 * width)
         casts = sorted(inputs[0] for name, inputs, _ in ops if name == "_to_copy")
         assert casts == sorted((s, dtype) for s in ((2, 40, 96), in_rows, out_cols)
