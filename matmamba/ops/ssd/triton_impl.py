@@ -788,7 +788,7 @@ def _chunk_bwd_dx_kernel(
     Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_SEQ: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, CB_INLINE: tl.constexpr = False,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     c = tl.program_id(1)
     bh = tl.program_id(0)
@@ -826,11 +826,6 @@ def _chunk_bwd_dx_kernel(
     bg_acc = tl.zeros((Q, BLOCK_P), dtype=tl.float32)
     ch_acc = tl.zeros((Q, BLOCK_P), dtype=tl.float32)
     g_dot_h0 = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
-    # CB_INLINE (a launch option, off by default: prepared in session 25, not yet timed on a GPU):
-    # CB = C B^T formed here from the B and C tiles this loop reads anyway, instead of loading K0's
-    # fp32 Q x Q copy after it (16 KB a program from L2, re-read by each of a group's heads), for a
-    # Q x Q accumulator live across the loop (offline, cap 128: 432 B of spills a thread, not 176)
-    cb = tl.zeros((Q, Q), dtype=tl.float32)
     for n0 in range(0, dstate, BLOCK_N):
         n_mask = (n0 + offs_n) < dstate
         qn_mask = valid[:, None] & n_mask[None, :]
@@ -845,9 +840,6 @@ def _chunk_bwd_dx_kernel(
         bg_acc += tl.dot(b_tile.to(DOT_DTYPE), g_t.to(DOT_DTYPE), input_precision=DOT_PREC)
         ch_acc += tl.dot(c_tile.to(DOT_DTYPE), h0_t.to(DOT_DTYPE), input_precision=DOT_PREC)
         g_dot_h0 += g_t.to(tl.float32) * h0_t.to(tl.float32)
-        if CB_INLINE:
-            cb = tl.dot(c_tile.to(DOT_DTYPE), tl.trans(b_tile.to(DOT_DTYPE)), acc=cb,
-                        input_precision=DOT_PREC)
     dxt_state = bg_acc * to_end[:, None]
     y_inter = ch_acc * from_start[:, None]
 
@@ -866,12 +858,8 @@ def _chunk_bwd_dx_kernel(
     # Intra-chunk: the one Q x Q tile, scores = CB o L, feeds two products, each accumulated
     # onto its state term: dxt = scores^T dy + dxt_state and the scan's own output
     # y' = (scores o dt') x + y_inter (without D x).
-    if CB_INLINE:
-        if HAS_SEQ:
-            cb = tl.where(seq_t[:, None] == seq_t[None, :], cb, 0.0)
-    else:
-        cb = tl.load(CB_ptr + ((b * nchunks + c) * ngroups + g) * Q * Q
-                     + offs_q[:, None] * Q + offs_q[None, :])
+    cb = tl.load(CB_ptr + ((b * nchunks + c) * ngroups + g) * Q * Q
+                 + offs_q[:, None] * Q + offs_q[None, :])
     seg = tl.where(pair_ok, lam[:, None] - lam[None, :], float("-inf"))
     scores = cb * tl.exp(seg)                                                   # [t, s]
     dxt = _dot_fp32_lhs(tl.trans(scores), dy_low, dxt_state, DOT_DTYPE, DOT_PREC)
