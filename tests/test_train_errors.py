@@ -77,6 +77,29 @@ def test_missing_token_shards_fail_at_start_with_the_command(tmp_path):
         train(cfg)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([], "token shards not found"),
+        (["trainer.devices=3", "+trainer.strategy=ddp"],
+         r"data.batch_size=512 must be a multiple of data.micro_batch_size \* devices = 32 \* 3 = 96"),
+    ],
+)
+def test_data_errors_come_before_the_other_ranks_start(overrides, message, tmp_path, monkeypatch):
+    """With several devices, fit launches the other ranks: missing data or a batch that does not
+    split over the devices must be reported before, in the launching process, not once a rank or
+    as rank 0's error among the others' failed collectives."""
+    import lightning as L
+
+    def launched(*args, **kwargs):
+        raise AssertionError("Trainer.fit was reached with a data error")
+
+    monkeypatch.setattr(L.Trainer, "fit", launched)
+    cfg = compose_cfg(["experiment=lm_130m", *FAST, *TINY_LM, f"data.root={tmp_path}/none", *overrides], tmp_path)
+    with pytest.raises(DataConfigError, match=message):
+        train(cfg)
+
+
 def test_missing_imagenet_fails_at_start(tmp_path):
     overrides = ["experiment=vision_b16", "trainer=cpu", *FAST, *TINY_VISION, f"data.root={tmp_path}/none"]
     cfg = compose_cfg(overrides, tmp_path)

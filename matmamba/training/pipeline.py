@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from matmamba.training.checkpoint import AtomicCheckpointIO
+from matmamba.training.data import NestedDataModule
 from matmamba.training.strategies import gather_full_model, is_fsdp
 from matmamba.training.utils import (
     ConfigError,
@@ -85,6 +86,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print_config(cfg, output_dir)
 
     datamodule, module, trainer, loggers = build(cfg)
+    if isinstance(datamodule, NestedDataModule) and (cfg.get("train", True) or cfg.get("validate", True)):
+        datamodule.check_for(trainer)  # missing data, a batch that does not split: here, once
     status = "failed"
     try:
         for logger in loggers:

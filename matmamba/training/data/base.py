@@ -73,22 +73,38 @@ class NestedDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         self.check_data()
 
+    def check_for(self, trainer: L.Trainer) -> None:
+        """Raise :class:`DataConfigError` for anything :meth:`setup` would reject under ``trainer``:
+        the sampler setting, a batch that does not split over its devices, missing data.
+
+        The training entry point calls this before ``fit``, in the launching process: inside
+        ``fit`` the strategy has already started the other ranks, and one clear message would
+        come out once a rank, or be buried under the others' failed collectives."""
+        self._check_sampler(trainer)
+        self._batch_layout(trainer.world_size)
+        self.check_data()
+
     def setup(self, stage: str | None = None) -> None:
         trainer = self.trainer
         if trainer is not None:
             self.rank, self.world_size = trainer.global_rank, trainer.world_size
-            if self.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
-                raise DataConfigError(
-                    "trainer.use_distributed_sampler must be false: MatMamba's data modules split the "
-                    "data across ranks themselves (set it in the trainer config)"
-                )
-        self._set_batch_layout()
+            self._check_sampler(trainer)
+        self.micro_batch_size, self.accumulate = self._batch_layout(self.world_size)
         if self.train_set is None or self.val_set is None:
             self.check_data()
             self.build_datasets()
 
-    def _set_batch_layout(self) -> None:
-        batch, world = self.hparams.batch_size, self.world_size
+    @staticmethod
+    def _check_sampler(trainer: L.Trainer) -> None:
+        if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise DataConfigError(
+                "trainer.use_distributed_sampler must be false: MatMamba's data modules split the "
+                "data across ranks themselves (set it in the trainer config)"
+            )
+
+    def _batch_layout(self, world: int) -> tuple[int, int]:
+        """(micro-batch per device, micro-batches accumulated per step) over ``world`` devices."""
+        batch = self.hparams.batch_size
         micro = self.hparams.micro_batch_size
         if micro is None:
             if batch % world:
@@ -102,8 +118,7 @@ class NestedDataModule(L.LightningDataModule):
                 f"data.batch_size={batch} must be a multiple of data.micro_batch_size * devices "
                 f"= {micro} * {world} = {micro * world}"
             )
-        self.micro_batch_size = micro
-        self.accumulate = batch // (micro * world)
+        return micro, batch // (micro * world)
 
     # ----------------------------------------------------------------------------- loaders
     @property
