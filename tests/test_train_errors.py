@@ -4,6 +4,7 @@ import pytest
 from training_helpers import FAST, TINY_LM, TINY_VISION, compose_cfg, one_thread, run_train_script
 
 from matmamba.training.data import DataConfigError
+from matmamba.training import pipeline
 from matmamba.training.pipeline import build, metric_value, train
 from matmamba.training.utils import ConfigError
 
@@ -95,9 +96,12 @@ def test_data_errors_come_before_the_other_ranks_start(overrides, message, tmp_p
         raise AssertionError("Trainer.fit was reached with a data error")
 
     monkeypatch.setattr(L.Trainer, "fit", launched)
+    closed = []  # the loggers are still closed, as failed (a W&B run is not left running)
+    monkeypatch.setattr(pipeline, "close_loggers", lambda loggers, status: closed.append(status))
     cfg = compose_cfg(["experiment=lm_130m", *FAST, *TINY_LM, f"data.root={tmp_path}/none", *overrides], tmp_path)
     with pytest.raises(DataConfigError, match=message):
         train(cfg)
+    assert closed == ["failed"]
 
 
 def test_missing_imagenet_fails_at_start(tmp_path):

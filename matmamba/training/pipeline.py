@@ -86,10 +86,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print_config(cfg, output_dir)
 
     datamodule, module, trainer, loggers = build(cfg)
-    if isinstance(datamodule, NestedDataModule) and (cfg.get("train", True) or cfg.get("validate", True)):
-        datamodule.check_for(trainer)  # missing data, a batch that does not split: here, once
     status = "failed"
     try:
+        if isinstance(datamodule, NestedDataModule) and (cfg.get("train", True) or cfg.get("validate", True)):
+            datamodule.check_for(trainer)  # missing data, a batch that does not split: here, once
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         started = time.perf_counter()
