@@ -3,8 +3,8 @@
 import pytest
 from training_helpers import FAST, TINY_LM, TINY_VISION, compose_cfg, one_thread, run_train_script
 
-from matmamba.training.data import DataConfigError
 from matmamba.training import pipeline
+from matmamba.training.data import DataConfigError
 from matmamba.training.pipeline import build, metric_value, train
 from matmamba.training.utils import ConfigError
 
@@ -102,6 +102,17 @@ def test_data_errors_come_before_the_other_ranks_start(overrides, message, tmp_p
     with pytest.raises(DataConfigError, match=message):
         train(cfg)
     assert closed == ["failed"]
+
+
+def test_validate_only_run_needs_only_the_validation_split(tmp_path, monkeypatch):
+    """train=false: the check before fit does not ask for the training images."""
+    import lightning as L
+
+    (tmp_path / "imagenet" / "val" / "n01440764").mkdir(parents=True)
+    monkeypatch.setattr(L.Trainer, "validate", lambda *args, **kwargs: [])
+    overrides = ["experiment=vision_b16", "trainer=cpu", *FAST, *TINY_VISION, f"data.root={tmp_path}/imagenet",
+                 "train=false"]
+    assert train(compose_cfg(overrides, tmp_path)) == {}
 
 
 def test_missing_imagenet_fails_at_start(tmp_path):

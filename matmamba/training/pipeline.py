@@ -88,8 +88,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule, module, trainer, loggers = build(cfg)
     status = "failed"
     try:
-        if isinstance(datamodule, NestedDataModule) and (cfg.get("train", True) or cfg.get("validate", True)):
-            datamodule.check_for(trainer)  # missing data, a batch that does not split: here, once
+        if isinstance(datamodule, NestedDataModule) and cfg.get("train", True):
+            # missing data, a batch that does not split: here, once (a validate-only run needs
+            # only its validation split, which the data module's setup checks for that stage)
+            datamodule.check_for(trainer)
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         started = time.perf_counter()
